@@ -1,0 +1,78 @@
+// Validation and shape logic shared by the CPU and CUDA kernels of the gram family, so both
+// devices reject exactly the same inputs with the same messages.
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+#include <string>
+
+#include "common/checks.h"
+#include "gram/hrgrad_solve.h"
+
+namespace hrgrad_ext {
+
+// J [K, n] or [B, K, n]: returns J viewed as a contiguous [B, K, n] tensor.
+inline at::Tensor as_batched_jacobian(const at::Tensor& J, const char* op) {
+  TORCH_CHECK(J.dim() == 2 || J.dim() == 3, op, ": J must be [K, n] or [B, K, n], got shape ",
+              J.sizes());
+  HRGRAD_CHECK_FLOAT(op, "J", J);
+  const at::Tensor Jb = J.dim() == 2 ? J.unsqueeze(0) : J;
+  TORCH_CHECK(Jb.size(1) > 0, op, ": J has K = 0 tasks (shape ", J.sizes(), ")");
+  TORCH_CHECK(Jb.size(2) > 0, op, ": J has n = 0 parameters (shape ", J.sizes(), ")");
+  return Jb.contiguous();
+}
+
+inline at::ScalarType gram_out_dtype(const at::Tensor& J, std::optional<at::ScalarType> dtype) {
+  const at::ScalarType out = dtype.has_value() ? *dtype : acc_type_of(J.scalar_type());
+  TORCH_CHECK(out == at::kFloat || out == at::kDouble,
+              "gram: dtype must be torch.float32 or torch.float64, got ", out);
+  return out;
+}
+
+// G [K, K] or [B, K, K]: returns a contiguous [B, K, K] view.
+inline at::Tensor as_batched_gram(const at::Tensor& G) {
+  TORCH_CHECK(G.dim() == 2 || G.dim() == 3, "hrgrad_weights: G must be [K, K] or [B, K, K], got shape ",
+              G.sizes());
+  TORCH_CHECK(G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble,
+              "hrgrad_weights: G must be float32 or float64, got ", G.scalar_type());
+  TORCH_CHECK(G.size(-1) == G.size(-2), "hrgrad_weights: G must be square, got shape ", G.sizes());
+  TORCH_CHECK(G.size(-1) > 0, "hrgrad_weights: G has K = 0 tasks");
+  return (G.dim() == 2 ? G.unsqueeze(0) : G).contiguous();
+}
+
+inline int parse_length_model(const std::string& name) {
+  if (name == "projection") return kLengthProjection;
+  if (name == "min") return kLengthMin;
+  if (name == "max") return kLengthMax;
+  if (name == "harmonic") return kLengthHarmonic;
+  if (name == "arithmetic") return kLengthArithmetic;
+  if (name == "geometric") return kLengthGeometric;
+  TORCH_CHECK(false, "hrgrad_weights: unknown length_model '", name,
+              "' (expected projection, min, max, harmonic, arithmetic or geometric)");
+  return -1;
+}
+
+// Default cut-off of the pseudo-inverse, relative to the largest eigenvalue of C: ten times
+// K times the unit round-off of G's dtype (rounding noise in C is of that size).
+inline double resolve_rcond(std::optional<double> rcond, const at::Tensor& G) {
+  if (rcond.has_value()) {
+    TORCH_CHECK(*rcond >= 0.0 && *rcond < 1.0, "hrgrad_weights: rcond must be in [0, 1), got ", *rcond);
+    return *rcond;
+  }
+  const double eps = G.scalar_type() == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-07;
+  return 10.0 * static_cast<double>(G.size(-1)) * eps;
+}
+
+// J [B, K, n] and w [B, K] (or [K] with B == 1) for combine.
+inline at::Tensor check_combine_weights(const at::Tensor& J, const at::Tensor& w, const char* op) {
+  HRGRAD_CHECK_SAME_DEVICE(op, J, "J", w, "w");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble ||
+                  w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16,
+              op, ": w must be a floating tensor, got ", w.scalar_type());
+  TORCH_CHECK(w.dim() == J.dim() - 1, op, ": w must be [..., K] matching J [..., K, n]; got J ",
+              J.sizes(), " and w ", w.sizes());
+  TORCH_CHECK(w.sizes() == J.sizes().slice(0, J.dim() - 1), op, ": w ", w.sizes(),
+              " does not match the leading dimensions of J ", J.sizes());
+  return w;
+}
+
+}  // namespace hrgrad_ext
