@@ -43,6 +43,8 @@ enum SolveStatus : int {
 constexpr double kZeroTaskRelNorm = 1e-12;
 // (C a)_i below this means the pseudo-inverse direction does not improve task i.
 constexpr double kConflictTol = 1e-9;
+// |x|^2 / |a|_1^2 below this counts as total cancellation of the unit gradients.
+constexpr double kCancelTol = 1e-12;
 
 // Doubles of scratch the solve needs for K tasks.
 HRGRAD_HD inline int64_t hrgrad_solve_workspace(int64_t K) { return 2 * K * K + 7 * K; }
@@ -220,8 +222,9 @@ HRGRAD_HD int hrgrad_solve(const in_t* G, int K, int length_model, double rtol, 
     xn2 += a[r] * Ca[r];
     asum += fabs(a[r]);
   }
-  // |x|^2 is tiny relative to |a|^2 only when the unit gradients cancel (the cone is {0}).
-  if (!(xn2 > 1e-24 * asum * asum) || !(asum > 0.0)) return status | kStatusZeroUpdate;
+  // |x| below 1e-6 |a| means the unit gradients cancel to rounding level (e.g. g_2 = -g_1,
+  // whose cosine is -1 only up to round-off): no direction is determined, return zero.
+  if (!(xn2 > kCancelTol * asum * asum) || !(asum > 0.0)) return status | kStatusZeroUpdate;
   const double xn = sqrt(xn2);
 
   double len = 0.0;

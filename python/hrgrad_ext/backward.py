@@ -1,0 +1,124 @@
+"""``hrgrad_ext.backward``: the multi-task counterpart of ``loss.backward()``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from .aggregators import Aggregator, GramianAggregator, HRGrad
+from .ops.gram import Status, combine_into_grads, gram_of_list
+
+__all__ = ["BackwardResult", "backward", "task_diagnostics"]
+
+
+@dataclass
+class BackwardResult:
+    """What one aggregated backward pass did (tensors stay on the device; nothing is synced).
+
+    Attributes:
+        weights: ``[K]`` float64, the update is ``sum_k weights[k] * grad(loss_k)``.
+        gram: ``[K, K]`` float64 Gram matrix of the task gradients.
+        norms: ``[K]`` task gradient norms.
+        cosines: ``[K, K]`` cosines between task gradients (0 where a gradient is zero).
+        update_cosines: ``[K]`` cosine between the update and each task gradient.
+        update_norm: 0-d norm of the update.
+        status: int32 :class:`~hrgrad_ext.ops.Status` flags for HRGrad, else ``None``.
+    """
+
+    weights: Tensor
+    gram: Tensor
+    norms: Tensor
+    cosines: Tensor
+    update_cosines: Tensor
+    update_norm: Tensor
+    status: Tensor | None = None
+
+    @property
+    def fallback_used(self) -> bool:
+        """True when HRGrad had to leave the equal-angle solution (reads the status: syncs)."""
+        return self.status is not None and bool(int(self.status) & int(Status.FALLBACK))
+
+    @property
+    def conflicting(self) -> bool:
+        """True when some pair of task gradients conflicts (negative cosine; syncs)."""
+        return bool((self.cosines < 0).any())
+
+
+def task_diagnostics(G: Tensor, w: Tensor, status: Tensor | None = None) -> BackwardResult:
+    """Cosines and norms of the task gradients and of the update ``J^T w``, from ``G`` alone."""
+    G = G.to(torch.float64)
+    w = w.to(torch.float64)
+    norms = G.diagonal().clamp_min(0).sqrt()
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    cos = G / (safe[:, None] * safe[None, :])
+    cos = torch.where((norms[:, None] > 0) & (norms[None, :] > 0), cos, torch.zeros_like(cos))
+    Gw = G @ w
+    update_norm = (w @ Gw).clamp_min(0).sqrt()
+    denom = safe * torch.where(update_norm > 0, update_norm, torch.ones_like(update_norm))
+    update_cos = torch.where((norms > 0) & (update_norm > 0), Gw / denom, torch.zeros_like(Gw))
+    return BackwardResult(w, G, norms, cos, update_cos, update_norm, status)
+
+
+def backward(
+    losses: Sequence[Tensor] | Tensor,
+    params: Iterable[Tensor],
+    aggregator: Aggregator | None = None,
+    retain_graph: bool = False,
+) -> BackwardResult:
+    """Aggregates the gradients of several task losses into ``.grad``, like ``loss.backward()``.
+
+    Computes each loss's gradient with respect to ``params`` (one reverse pass per loss over
+    the shared graph), combines them with ``aggregator`` (default :class:`HRGrad`), and
+    *accumulates* the result into ``p.grad`` of every parameter. Parameters that a loss does
+    not reach get a zero gradient from it. For a Gramian-based aggregator the per-parameter
+    gradients are never concatenated: the Gram matrix is a sum of per-parameter Gram matrices
+    and the update is written into each ``.grad`` by a fused kernel.
+
+    Args:
+        losses: K scalar losses (a sequence, or a 1-D tensor).
+        params: the parameters to differentiate (e.g. ``model.parameters()``).
+        aggregator: any :class:`~hrgrad_ext.aggregators.Aggregator`.
+        retain_graph: keep the graph after the last reverse pass.
+
+    Returns a :class:`BackwardResult` with the weights and conflict diagnostics.
+    """
+    if isinstance(losses, Tensor):
+        if losses.dim() != 1:
+            raise ValueError(f"backward: a tensor of losses must be 1-D, got shape {tuple(losses.shape)}")
+        losses = list(losses.unbind(0))
+    losses = list(losses)
+    if not losses:
+        raise ValueError("backward: no losses given")
+    for k, loss in enumerate(losses):
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(f"backward: loss {k} must be a scalar tensor")
+        if not loss.requires_grad:
+            raise ValueError(f"backward: loss {k} does not require grad (is it detached from the model?)")
+    params = [p for p in params]
+    if not params:
+        raise ValueError("backward: no parameters given")
+    if any(not p.requires_grad for p in params):
+        raise ValueError("backward: every parameter must require grad")
+    aggregator = aggregator if aggregator is not None else HRGrad()
+
+    K = len(losses)
+    per_task = []
+    for k, loss in enumerate(losses):
+        keep = retain_graph or k < K - 1
+        grads = torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)
+        per_task.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+    jacobians = [torch.stack([per_task[k][i] for k in range(K)]) for i in range(len(params))]
+
+    if isinstance(aggregator, GramianAggregator):
+        G = gram_of_list(jacobians)
+        w = aggregator.weights_from_gram(G)
+    else:
+        J = torch.cat([Jp.reshape(K, -1) for Jp in jacobians], dim=1)
+        G = J.to(torch.float64) @ J.to(torch.float64).T
+        w = aggregator.weights(J)
+    combine_into_grads(jacobians, w, params)
+    status = getattr(aggregator, "last_status", None) if isinstance(aggregator, HRGrad) else None
+    return task_diagnostics(G, w, status)
