@@ -159,3 +159,18 @@ def test_bad_aggregator_inputs():
 def test_cuda_matches_cpu(agg):
     J = full_rank(5, 1000, 4, 10.0).float()
     torch.testing.assert_close(agg(J.cuda()).cpu(), agg(J), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "length_model,cf_name",
+    [("projection", "ProjectionLength"), ("min", "TrackMinimum"), ("max", "TrackMaximum"),
+     ("harmonic", "TrackHarmonicAverage"), ("arithmetic", "TrackArithmeticAverage"), ("geometric", "TrackGeometricAverage")],
+)
+def test_matches_conflictfree_package(length_model, cf_name):
+    conflictfree = pytest.importorskip("conflictfree")
+    from conflictfree.grad_operator import ConFIG_update
+    import conflictfree.length_model as lm
+
+    J = full_rank(5, 200, 11, 30.0, dtype=torch.float32)  # conflictfree works in float32 only
+    expected = ConFIG_update(J, length_model=getattr(lm, cf_name)())
+    torch.testing.assert_close(HRGrad(length_model)(J), expected, rtol=1e-4, atol=1e-5)

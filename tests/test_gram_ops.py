@@ -279,3 +279,12 @@ def test_cuda_large_n_and_device_mismatch():
     torch.testing.assert_close(G, gram_ref(J), rtol=1e-5, atol=1e-2)
     with pytest.raises(ValueError, match="cuda"):
         ops.combine(J, torch.randn(8))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_empty_batch(device):
+    J = torch.randn(0, 3, 10, device=device)
+    assert ops.gram(J).shape == (0, 3, 3)
+    w, status = ops.hrgrad_weights(torch.zeros(0, 3, 3, device=device))
+    assert w.shape == (0, 3) and status.shape == (0,)
+    assert ops.combine(J, torch.zeros(0, 3, device=device)).shape == (0, 10)

@@ -245,7 +245,9 @@ at::Tensor gram_cuda(const at::Tensor& J, std::optional<at::ScalarType> dtype) {
   const at::ScalarType out_dtype = gram_out_dtype(J, dtype);
   const c10::cuda::CUDAGuard guard(Jb.device());
   at::Tensor G;
-  if (Jb.size(1) > 64) {
+  if (Jb.size(0) == 0) {  // empty batch: nothing to launch (a 0-block grid is a CUDA error)
+    G = at::empty({0, Jb.size(1), Jb.size(1)}, Jb.options().dtype(out_dtype));
+  } else if (Jb.size(1) > 64) {
     // Outside the skinny regime a tiled GEMM is the right tool.
     const at::Tensor Ja = Jb.to(out_dtype);
     G = at::matmul(Ja, Ja.transpose(1, 2));
@@ -265,16 +267,21 @@ at::Tensor gram_cuda(const at::Tensor& J, std::optional<at::ScalarType> dtype) {
   return J.dim() == 2 ? G.squeeze(0) : G;
 }
 
-// ---- hrgrad_weights: one thread per batch entry, the same solve as the CPU kernel ---------
+// ---- hrgrad_weights: one block per batch entry, the same solve as the CPU kernel ------------
+// The K x K solve is short, sequential and latency-bound, so one thread does it, with its
+// scratch in shared memory when it fits (48 KB: K <= 52) and in global memory otherwise.
+constexpr int64_t kMaxStaticSmem = 48 * 1024;
+
 template <typename scalar_t>
-__global__ void hrgrad_weights_kernel(const scalar_t* __restrict__ G, int B, int K, int length_model,
-                                      double rtol, scalar_t* __restrict__ w, int* __restrict__ status,
+__global__ void hrgrad_weights_kernel(const scalar_t* __restrict__ G, int K, int length_model, double rtol,
+                                      bool scratch_in_smem, scalar_t* __restrict__ w, int* __restrict__ status,
                                       double* __restrict__ workspace) {
-  const int b = blockIdx.x * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  const int64_t ws = hrgrad_solve_workspace(K);
+  extern __shared__ double smem_scratch[];
+  const int b = blockIdx.x;
+  if (threadIdx.x != 0) return;
+  double* ws = scratch_in_smem ? smem_scratch : workspace + b * hrgrad_solve_workspace(K);
   status[b] = hrgrad_solve<scalar_t, scalar_t>(G + static_cast<int64_t>(b) * K * K, K, length_model, rtol,
-                                               w + static_cast<int64_t>(b) * K, workspace + b * ws);
+                                               w + static_cast<int64_t>(b) * K, ws);
 }
 
 std::tuple<at::Tensor, at::Tensor> hrgrad_weights_cuda(const at::Tensor& G, c10::string_view length_model,
@@ -284,17 +291,19 @@ std::tuple<at::Tensor, at::Tensor> hrgrad_weights_cuda(const at::Tensor& G, c10:
   const double rtol = resolve_rcond(rcond, G);
   const c10::cuda::CUDAGuard guard(Gb.device());
   const int64_t B = Gb.size(0), K = Gb.size(1);
+  TORCH_CHECK(B <= 2147483647LL, "hrgrad_weights: batch size ", B, " exceeds the CUDA grid limit");
   at::Tensor w = at::empty({B, K}, Gb.options());
   at::Tensor status = at::empty({B}, Gb.options().dtype(at::kInt));
-  // Scratch in global memory (cached by L1/L2): the device never waits on the host.
-  at::Tensor workspace = at::empty({B * hrgrad_solve_workspace(K)}, Gb.options().dtype(at::kDouble));
+  const int64_t scratch_bytes = hrgrad_solve_workspace(K) * static_cast<int64_t>(sizeof(double));
+  const bool in_smem = scratch_bytes <= kMaxStaticSmem;
+  // Global scratch only when shared memory is too small; allocated through the caching
+  // allocator, so the device never waits on the host.
+  at::Tensor workspace = at::empty({in_smem ? 1 : B * hrgrad_solve_workspace(K)}, Gb.options().dtype(at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int threads = 64;
-  const int blocks = static_cast<int>((B + threads - 1) / threads);
-  AT_DISPATCH_FLOATING_TYPES(Gb.scalar_type(), "hrgrad_weights_cuda", [&] {
-    hrgrad_weights_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        Gb.const_data_ptr<scalar_t>(), static_cast<int>(B), static_cast<int>(K), lm, rtol,
-        w.mutable_data_ptr<scalar_t>(), status.mutable_data_ptr<int>(), workspace.mutable_data_ptr<double>());
+  if (B > 0) AT_DISPATCH_FLOATING_TYPES(Gb.scalar_type(), "hrgrad_weights_cuda", [&] {
+    hrgrad_weights_kernel<scalar_t><<<static_cast<unsigned>(B), 32, in_smem ? scratch_bytes : 0, stream>>>(
+        Gb.const_data_ptr<scalar_t>(), static_cast<int>(K), lm, rtol, in_smem, w.mutable_data_ptr<scalar_t>(),
+        status.mutable_data_ptr<int>(), workspace.mutable_data_ptr<double>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (G.dim() == 2) return {w.squeeze(0), status.squeeze(0)};
@@ -340,6 +349,7 @@ combine_kernel(const scalar_t* __restrict__ J, const acc_t* __restrict__ w, int 
 template <bool kAccumulate>
 void launch_combine(const at::Tensor& Jb, const at::Tensor& w, at::Tensor& out) {
   const int64_t B = Jb.size(0), K = Jb.size(1), n = Jb.size(2);
+  if (B == 0) return;
   TORCH_CHECK(B <= 65535, "combine: batch size ", B, " exceeds the CUDA grid limit of 65535");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   constexpr int U = 4;
