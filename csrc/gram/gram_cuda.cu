@@ -176,19 +176,25 @@ gram_tiles_kernel(const scalar_t* __restrict__ J, int K, int64_t n, int nblk,
   }
 }
 
-// Sums the per-block partials (fixed order: deterministic) and writes G symmetric.
+// Sums the per-block partials and writes G symmetric. One warp per entry of the upper
+// triangle, lanes striding over the blocks: hundreds of partials are summed in parallel, in
+// a fixed order (deterministic, no atomics).
 template <typename out_t>
 __global__ void gram_finalize_kernel(const double* __restrict__ partial, int K, int nblk,
                                      out_t* __restrict__ G) {
   const int b = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const double* pb = partial + static_cast<int64_t>(b) * nblk * K * K;
-  for (int e = threadIdx.x; e < K * K; e += blockDim.x) {
+  for (int e = warp; e < K * K; e += warps) {
     const int i = e / K, j = e % K;
-    if (i > j) continue;
+    if (i > j) continue;  // uniform across the warp: e is the same for all lanes
     double s = 0.0;
-    for (int blk = 0; blk < nblk; ++blk) s += pb[static_cast<int64_t>(blk) * K * K + e];
-    G[static_cast<int64_t>(b) * K * K + i * K + j] = static_cast<out_t>(s);
-    G[static_cast<int64_t>(b) * K * K + j * K + i] = static_cast<out_t>(s);
+    for (int blk = lane; blk < nblk; blk += 32) s += pb[static_cast<int64_t>(blk) * K * K + e];
+    s = warp_sum(s);
+    if (lane == 0) {
+      G[static_cast<int64_t>(b) * K * K + i * K + j] = static_cast<out_t>(s);
+      G[static_cast<int64_t>(b) * K * K + j * K + i] = static_cast<out_t>(s);
+    }
   }
 }
 

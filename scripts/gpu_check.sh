@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One-shot GPU check for a lent GPU machine (no internet; torch, nvcc, cmake, ninja, pybind11,
+# scikit-build-core preinstalled): build with CUDA for the local architecture, run the CUDA
+# tests and the benchmarks, and leave everything under $OUT (default ./gpu-out).
+#   bash scripts/gpu_check.sh            # full
+#   QUICK=1 bash scripts/gpu_check.sh    # tests + a reduced benchmark set
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$OUT/nvidia-smi.csv"
+python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+cmake --version | head -1
+
+arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')")
+start=$(date +%s)
+CUDAARCHS=$arch HRGRAD_EXT_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL=8 \
+  python3 -m pip install --no-build-isolation --no-deps -q . 2>&1 | tail -20
+echo "build: $(( $(date +%s) - start )) s"
+python3 -c "import hrgrad_ext, json; print(json.dumps(hrgrad_ext.build_info()))" | tee "$OUT/build_info.json"
+
+# CUDA-marked tests first (they are what this machine is for), then the whole suite.
+python3 -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" 2>&1 | tail -40
+python3 -m pytest -q -x -p no:cacheprovider -m "not cuda" --deselect tests/test_train.py 2>&1 | tail -15
+
+if [ "${QUICK:-0}" = 1 ]; then
+  python3 bench/bench_gram.py --device cuda --K 2 8 64 --n 1e6 1e7 --scale-n 2e8 --out "$OUT/bench_gram.json"
+else
+  python3 bench/bench_gram.py --device cuda --scale-n 2e8 --out "$OUT/bench_gram.json"
+fi
+for b in bench/bench_kinetic.py bench/bench_train_step.py; do
+  [ -f "$b" ] && python3 "$b" --device cuda --out "$OUT/$(basename "$b" .py).json"
+done
+echo "done: $(( $(date +%s) - start )) s"
