@@ -2,6 +2,11 @@
 
 Importing this module registers the fake (meta) kernels and the autograd formulas of the
 ops, so they work with ``torch.compile`` and ``torch.autograd``.
+
+- HRGrad kernels (:mod:`.gram`): ``gram``, ``hrgrad_weights``, ``combine``, ``hrgrad`` and the
+  per-parameter ``gram_of_list`` / ``combine_into_grads``.
+- Velocity-space quadrature of the APNN residuals (:mod:`.kinetic`): ``velocity_moments``,
+  ``maxwellian``, ``bgk_residuals``, ``transport_mm_residuals``, plus ``gauss_legendre``.
 """
 
 from .gram import (
@@ -14,14 +19,26 @@ from .gram import (
     hrgrad,
     hrgrad_weights,
 )
+from .kinetic import (
+    bgk_residuals,
+    gauss_legendre,
+    maxwellian,
+    transport_mm_residuals,
+    velocity_moments,
+)
 
 __all__ = [
     "LENGTH_MODELS",
     "Status",
+    "bgk_residuals",
     "combine",
     "combine_into_grads",
+    "gauss_legendre",
     "gram",
     "gram_of_list",
     "hrgrad",
     "hrgrad_weights",
+    "maxwellian",
+    "transport_mm_residuals",
+    "velocity_moments",
 ]

@@ -1,0 +1,662 @@
+// CUDA kernels of the kinetic family (same ops and validation as kinetic_cpu.cpp).
+//
+// Layout: one warp per row, kWarpsPerBlock rows per block, grid over rows. A lane handles the
+// nodes j = lane, lane + 32, ...; the row's velocity sums are reduced with butterfly shuffles
+// (every lane ends with the total, so no shared memory or __syncthreads is needed). Reads of a
+// row by a warp are coalesced (rows are contiguous). Sums are accumulated in acc_t (float for
+// float32, double for float64): a row has at most a few hundred terms.
+//
+// Kernels whose outputs need a row sum before the element-wise results (transport forward and
+// backward, velocity moments) keep the row's values in registers between the two phases when
+// V <= 32 * kMaxPer (template parameter PER = values per lane); for larger V (PER = 0) they
+// re-read the row from global memory (served by L1/L2), so every V works.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "kinetic/kinetic_common.h"
+
+namespace hrgrad_ext {
+namespace kinetic {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 8;
+constexpr int kThreads = kWarp * kWarpsPerBlock;
+constexpr double kInvSqrt2PiD = 0.39894228040143267794;
+
+__device__ __forceinline__ float dexp(float x) { return expf(x); }
+__device__ __forceinline__ double dexp(double x) { return exp(x); }
+__device__ __forceinline__ float drsqrt(float x) { return rsqrtf(x); }
+__device__ __forceinline__ double drsqrt(double x) { return rsqrt(x); }
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Row handled by this warp, or -1. The whole warp leaves together, so full-mask shuffles in
+// the kernels stay valid.
+__device__ __forceinline__ int64_t warp_row(int64_t N) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  return row < N ? row : -1;
+}
+
+inline unsigned row_blocks(int64_t N) { return static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock); }
+
+// Picks PER (values per lane kept in registers) from V: 1, 2, 4 or 0 (re-read from memory).
+template <typename F>
+void with_per(int64_t V, F&& f) {
+  if (V <= 32) f(std::integral_constant<int, 1>{});
+  else if (V <= 64) f(std::integral_constant<int, 2>{});
+  else if (V <= 128) f(std::integral_constant<int, 4>{});
+  else f(std::integral_constant<int, 0>{});
+}
+
+template <int PER>
+__device__ __forceinline__ int lane_iters(int V) {
+  return PER > 0 ? PER : (V + kWarp - 1) / kWarp;
+}
+
+// ---- velocity_moments ---------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t, int PER>
+__global__ void __launch_bounds__(kThreads) velocity_moments_kernel(const scalar_t* __restrict__ F,
+                                                                    const scalar_t* __restrict__ v,
+                                                                    const scalar_t* __restrict__ w, int64_t N, int V,
+                                                                    int K, scalar_t* __restrict__ out) {
+  const int64_t i = warp_row(N);
+  if (i < 0) return;
+  const int lane = threadIdx.x % kWarp;
+  const scalar_t* f = F + i * V;
+  const int iters = lane_iters<PER>(V);
+  acc_t wf[PER > 0 ? PER : 1], vj[PER > 0 ? PER : 1], pw[PER > 0 ? PER : 1];
+  if constexpr (PER > 0) {
+#pragma unroll
+    for (int t = 0; t < PER; ++t) {
+      const int j = lane + kWarp * t;
+      const bool in = j < V;
+      wf[t] = in ? static_cast<acc_t>(w[j]) * static_cast<acc_t>(f[j]) : acc_t(0);
+      vj[t] = in ? static_cast<acc_t>(v[j]) : acc_t(0);
+      pw[t] = acc_t(1);
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    acc_t s = 0;
+    if constexpr (PER > 0) {
+#pragma unroll
+      for (int t = 0; t < PER; ++t) {
+        s += wf[t] * pw[t];
+        pw[t] *= vj[t];
+      }
+    } else {
+      for (int t = 0; t < iters; ++t) {
+        const int j = lane + kWarp * t;
+        if (j < V) {
+          acc_t p = static_cast<acc_t>(w[j]) * static_cast<acc_t>(f[j]);
+          const acc_t x = static_cast<acc_t>(v[j]);
+          for (int q = 0; q < k; ++q) p *= x;
+          s += p;
+        }
+      }
+    }
+    s = warp_sum(s);
+    if (lane == 0) out[i * K + k] = static_cast<scalar_t>(s);
+  }
+}
+
+// Element-wise: dF_ij = w_j sum_k g_ik v_j^k (Horner).
+template <typename scalar_t, typename acc_t>
+__global__ void velocity_moments_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ v,
+                                                 const scalar_t* __restrict__ w, int64_t N, int V, int K,
+                                                 scalar_t* __restrict__ dF) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= N * V) return;
+  const int64_t i = idx / V;
+  const int j = static_cast<int>(idx - i * V);
+  const scalar_t* gi = g + i * K;
+  const acc_t x = static_cast<acc_t>(v[j]);
+  acc_t s = static_cast<acc_t>(gi[K - 1]);
+  for (int k = K - 2; k >= 0; --k) s = s * x + static_cast<acc_t>(gi[k]);
+  dF[idx] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) * s);
+}
+
+at::Tensor velocity_moments_cuda(const at::Tensor& F_, const at::Tensor& v_, const at::Tensor& w_, int64_t order) {
+  check_velocity_moments(F_, v_, w_, order);
+  const c10::cuda::CUDAGuard guard(F_.device());
+  const at::Tensor F = F_.contiguous(), v = v_.contiguous(), w = w_.contiguous();
+  const int64_t N = F.size(0), V = F.size(1), K = order + 1;
+  at::Tensor out = at::empty({N, K}, F.options());
+  if (N == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "velocity_moments_cuda", [&] {
+    using acc_t = scalar_t;
+    with_per(V, [&](auto per) {
+      velocity_moments_kernel<scalar_t, acc_t, decltype(per)::value><<<row_blocks(N), kThreads, 0, stream>>>(
+          F.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), N,
+          static_cast<int>(V), static_cast<int>(K), out.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+at::Tensor velocity_moments_backward_cuda(const at::Tensor& grad_, const at::Tensor& v_, const at::Tensor& w_) {
+  check_velocity_moments_backward(grad_, v_, w_);
+  const c10::cuda::CUDAGuard guard(grad_.device());
+  const at::Tensor grad = grad_.contiguous(), v = v_.contiguous(), w = w_.contiguous();
+  const int64_t N = grad.size(0), K = grad.size(1), V = v.size(0);
+  at::Tensor dF = at::empty({N, V}, grad.options());
+  if (N == 0) return dF;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = (N * V + kThreads - 1) / kThreads;
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "velocity_moments_backward_cuda", [&] {
+    velocity_moments_backward_kernel<scalar_t, scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        grad.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), N,
+        static_cast<int>(V), static_cast<int>(K), dF.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dF;
+}
+
+// ---- maxwellian ---------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+__global__ void maxwellian_kernel(const scalar_t* __restrict__ rho, const scalar_t* __restrict__ u,
+                                  const scalar_t* __restrict__ T, const scalar_t* __restrict__ v, int64_t N, int V,
+                                  scalar_t* __restrict__ M) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= N * V) return;
+  const int64_t i = idx / V;
+  const int j = static_cast<int>(idx - i * V);
+  const acc_t TT = T[i], d = static_cast<acc_t>(v[j]) - static_cast<acc_t>(u[i]);
+  M[idx] = static_cast<scalar_t>(static_cast<acc_t>(rho[i]) * acc_t(kInvSqrt2PiD) * drsqrt(TT) *
+                                 dexp(-d * d / (acc_t(2) * TT)));
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) maxwellian_backward_kernel(
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ rho, const scalar_t* __restrict__ u,
+    const scalar_t* __restrict__ T, const scalar_t* __restrict__ v, int64_t N, int V, scalar_t* __restrict__ drho,
+    scalar_t* __restrict__ du, scalar_t* __restrict__ dT) {
+  const int64_t i = warp_row(N);
+  if (i < 0) return;
+  const int lane = threadIdx.x % kWarp;
+  const acc_t r = rho[i], uu = u[i], TT = T[i];
+  const acc_t c = acc_t(kInvSqrt2PiD) * drsqrt(TT), inv2T = acc_t(0.5) / TT;
+  acc_t s0 = 0, s1 = 0, s2 = 0;
+  for (int j = lane; j < V; j += kWarp) {
+    const acc_t d = static_cast<acc_t>(v[j]) - uu;
+    const acc_t gm0 = static_cast<acc_t>(g[i * V + j]) * c * dexp(-d * d * inv2T);
+    s0 += gm0;
+    s1 += gm0 * d;
+    s2 += gm0 * (d * d - TT);
+  }
+  s0 = warp_sum(s0);
+  s1 = warp_sum(s1);
+  s2 = warp_sum(s2);
+  if (lane == 0) {
+    drho[i] = static_cast<scalar_t>(s0);
+    du[i] = static_cast<scalar_t>(r * s1 / TT);
+    dT[i] = static_cast<scalar_t>(r * s2 * inv2T / TT);
+  }
+}
+
+at::Tensor maxwellian_cuda(const at::Tensor& rho_, const at::Tensor& u_, const at::Tensor& T_, const at::Tensor& v_) {
+  check_maxwellian("maxwellian", rho_, u_, T_, v_);
+  const c10::cuda::CUDAGuard guard(rho_.device());
+  const at::Tensor rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous(), v = v_.contiguous();
+  const int64_t N = rho.size(0), V = v.size(0);
+  at::Tensor M = at::empty({N, V}, rho.options());
+  if (N == 0) return M;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = (N * V + kThreads - 1) / kThreads;
+  AT_DISPATCH_FLOATING_TYPES(rho.scalar_type(), "maxwellian_cuda", [&] {
+    maxwellian_kernel<scalar_t, scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        rho.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(), T.const_data_ptr<scalar_t>(),
+        v.const_data_ptr<scalar_t>(), N, static_cast<int>(V), M.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return M;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> maxwellian_backward_cuda(const at::Tensor& grad_, const at::Tensor& rho_,
+                                                                        const at::Tensor& u_, const at::Tensor& T_,
+                                                                        const at::Tensor& v_) {
+  check_maxwellian_backward(grad_, rho_, u_, T_, v_);
+  const c10::cuda::CUDAGuard guard(rho_.device());
+  const at::Tensor grad = grad_.contiguous(), rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous(),
+                   v = v_.contiguous();
+  const int64_t N = rho.size(0), V = v.size(0);
+  at::Tensor drho = at::empty({N}, rho.options()), du = at::empty({N}, rho.options()),
+             dT = at::empty({N}, rho.options());
+  if (N == 0) return {drho, du, dT};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(rho.scalar_type(), "maxwellian_backward_cuda", [&] {
+    maxwellian_backward_kernel<scalar_t, scalar_t><<<row_blocks(N), kThreads, 0, stream>>>(
+        grad.const_data_ptr<scalar_t>(), rho.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+        T.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), N, static_cast<int>(V),
+        drho.mutable_data_ptr<scalar_t>(), du.mutable_data_ptr<scalar_t>(), dT.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {drho, du, dT};
+}
+
+// ---- bgk_residuals ------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct BgkRows {
+  const scalar_t *rho, *u, *T, *rho_t, *u_t, *T_t, *kn;
+  int64_t kn_stride;
+};
+
+// Single pass: the kinetic residual is element-wise and the six velocity sums only feed the
+// per-row outputs, so nothing has to be kept between phases.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) bgk_forward_kernel(
+    const scalar_t* __restrict__ F, const scalar_t* __restrict__ Ft, const scalar_t* __restrict__ Fx,
+    BgkRows<scalar_t> p, const scalar_t* __restrict__ v, const scalar_t* __restrict__ w, int64_t N, int V,
+    scalar_t* __restrict__ kin, scalar_t* __restrict__ cons, scalar_t* __restrict__ consis) {
+  const int64_t i = warp_row(N);
+  if (i < 0) return;
+  const int lane = threadIdx.x % kWarp;
+  const acc_t r = p.rho[i], uu = p.u[i], TT = p.T[i], k = p.kn[i * p.kn_stride];
+  const acc_t coef = r * acc_t(kInvSqrt2PiD) * drsqrt(TT), inv2T = acc_t(0.5) / TT;
+  const int64_t o = i * V;
+  acc_t sF0 = 0, sF1 = 0, sF2 = 0, sX1 = 0, sX2 = 0, sX3 = 0;
+  for (int j = lane; j < V; j += kWarp) {
+    const acc_t vj = v[j], wj = w[j], fj = F[o + j], ftj = Ft[o + j], fxj = Fx[o + j];
+    const acc_t d = vj - uu;
+    const acc_t M = coef * dexp(-d * d * inv2T);
+    kin[o + j] = static_cast<scalar_t>(k * (ftj + vj * fxj) - (M - fj));
+    const acc_t wf = wj * fj, wx = wj * vj * fxj;
+    sF0 += wf;
+    sF1 += wf * vj;
+    sF2 += wf * vj * vj;
+    sX1 += wx;
+    sX2 += wx * vj;
+    sX3 += wx * vj * vj;
+  }
+  sF0 = warp_sum(sF0);
+  sF1 = warp_sum(sF1);
+  sF2 = warp_sum(sF2);
+  sX1 = warp_sum(sX1);
+  sX2 = warp_sum(sX2);
+  sX3 = warp_sum(sX3);
+  if (lane == 0) {
+    const acc_t rt = p.rho_t[i], ut = p.u_t[i], Tt = p.T_t[i];
+    const acc_t q = uu * uu + TT;
+    cons[3 * i + 0] = static_cast<scalar_t>(rt + sX1);
+    cons[3 * i + 1] = static_cast<scalar_t>(rt * uu + r * ut + sX2);
+    cons[3 * i + 2] = static_cast<scalar_t>(acc_t(0.5) * rt * q + acc_t(0.5) * r * (acc_t(2) * uu * ut + Tt) +
+                                            acc_t(0.5) * sX3);
+    consis[3 * i + 0] = static_cast<scalar_t>(r - sF0);
+    consis[3 * i + 1] = static_cast<scalar_t>(r * uu - sF1);
+    consis[3 * i + 2] = static_cast<scalar_t>(acc_t(0.5) * r * q - acc_t(0.5) * sF2);
+  }
+}
+
+template <typename scalar_t>
+struct BgkGradRows {
+  scalar_t *rho, *u, *T, *rho_t, *u_t, *T_t, *kn;
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) bgk_backward_kernel(
+    const scalar_t* __restrict__ gK, const scalar_t* __restrict__ gC, const scalar_t* __restrict__ gS,
+    const scalar_t* __restrict__ Ft, const scalar_t* __restrict__ Fx, BgkRows<scalar_t> p,
+    const scalar_t* __restrict__ v, const scalar_t* __restrict__ w, int64_t N, int V, scalar_t* __restrict__ dF,
+    scalar_t* __restrict__ dFt, scalar_t* __restrict__ dFx, BgkGradRows<scalar_t> out) {
+  const int64_t i = warp_row(N);
+  if (i < 0) return;
+  const int lane = threadIdx.x % kWarp;
+  const acc_t uu = p.u[i], TT = p.T[i], k = p.kn[i * p.kn_stride];
+  const acc_t c0 = gC[3 * i], c1 = gC[3 * i + 1], c2 = gC[3 * i + 2];
+  const acc_t s0 = gS[3 * i], s1 = gS[3 * i + 1], s2 = gS[3 * i + 2];
+  const acc_t cm = acc_t(kInvSqrt2PiD) * drsqrt(TT), inv2T = acc_t(0.5) / TT;
+  const int64_t o = i * V;
+  acc_t skn = 0, sm0 = 0, sm1 = 0, sm2 = 0;
+  for (int j = lane; j < V; j += kWarp) {
+    const acc_t vj = v[j], wj = w[j], g = gK[o + j];
+    dF[o + j] = static_cast<scalar_t>(g - wj * (s0 + vj * (s1 + acc_t(0.5) * vj * s2)));
+    dFt[o + j] = static_cast<scalar_t>(k * g);
+    dFx[o + j] = static_cast<scalar_t>(k * vj * g + wj * vj * (c0 + vj * (c1 + acc_t(0.5) * vj * c2)));
+    skn += g * (static_cast<acc_t>(Ft[o + j]) + vj * static_cast<acc_t>(Fx[o + j]));
+    const acc_t d = vj - uu;
+    const acc_t gm0 = g * cm * dexp(-d * d * inv2T);  // g * M / rho
+    sm0 += gm0;
+    sm1 += gm0 * d;
+    sm2 += gm0 * (d * d - TT);
+  }
+  skn = warp_sum(skn);
+  sm0 = warp_sum(sm0);
+  sm1 = warp_sum(sm1);
+  sm2 = warp_sum(sm2);
+  if (lane == 0) {
+    const acc_t r = p.rho[i], rt = p.rho_t[i], ut = p.u_t[i], Tt = p.T_t[i];
+    const acc_t q = uu * uu + TT, h = acc_t(0.5);
+    out.rho[i] = static_cast<scalar_t>(-sm0 + c1 * ut + c2 * (uu * ut + h * Tt) + s0 + s1 * uu + h * s2 * q);
+    out.u[i] = static_cast<scalar_t>(-r * sm1 / TT + c1 * rt + c2 * (rt * uu + r * ut) + s1 * r + s2 * r * uu);
+    out.T[i] = static_cast<scalar_t>(-r * sm2 * inv2T / TT + h * c2 * rt + h * s2 * r);
+    out.rho_t[i] = static_cast<scalar_t>(c0 + c1 * uu + h * c2 * q);
+    out.u_t[i] = static_cast<scalar_t>(c1 * r + c2 * r * uu);
+    out.T_t[i] = static_cast<scalar_t>(h * c2 * r);
+    out.kn[i] = static_cast<scalar_t>(skn);
+  }
+}
+
+template <typename scalar_t>
+BgkRows<scalar_t> bgk_rows(const at::Tensor& rho, const at::Tensor& u, const at::Tensor& T, const at::Tensor& rho_t,
+                           const at::Tensor& u_t, const at::Tensor& T_t, const at::Tensor& kn, int64_t ks) {
+  return {rho.const_data_ptr<scalar_t>(),   u.const_data_ptr<scalar_t>(),   T.const_data_ptr<scalar_t>(),
+          rho_t.const_data_ptr<scalar_t>(), u_t.const_data_ptr<scalar_t>(), T_t.const_data_ptr<scalar_t>(),
+          kn.const_data_ptr<scalar_t>(),    ks};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bgk_residuals_cuda(
+    const at::Tensor& F_, const at::Tensor& Ft_, const at::Tensor& Fx_, const at::Tensor& rho_,
+    const at::Tensor& u_, const at::Tensor& T_, const at::Tensor& rho_t_, const at::Tensor& u_t_,
+    const at::Tensor& T_t_, const at::Tensor& v_, const at::Tensor& w_, const at::Tensor& kn_) {
+  const int64_t ks = check_bgk(F_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v_, w_, kn_);
+  const c10::cuda::CUDAGuard guard(F_.device());
+  const at::Tensor F = F_.contiguous(), Ft = Ft_.contiguous(), Fx = Fx_.contiguous(), rho = rho_.contiguous(),
+                   u = u_.contiguous(), T = T_.contiguous(), rho_t = rho_t_.contiguous(),
+                   u_t = u_t_.contiguous(), T_t = T_t_.contiguous(), v = v_.contiguous(), w = w_.contiguous(),
+                   kn = kn_.contiguous();
+  const int64_t N = F.size(0), V = F.size(1);
+  at::Tensor kin = at::empty({N, V}, F.options()), cons = at::empty({N, 3}, F.options()),
+             consis = at::empty({N, 3}, F.options());
+  if (N == 0) return {kin, cons, consis};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "bgk_residuals_cuda", [&] {
+    bgk_forward_kernel<scalar_t, scalar_t><<<row_blocks(N), kThreads, 0, stream>>>(
+        F.const_data_ptr<scalar_t>(), Ft.const_data_ptr<scalar_t>(), Fx.const_data_ptr<scalar_t>(),
+        bgk_rows<scalar_t>(rho, u, T, rho_t, u_t, T_t, kn, ks), v.const_data_ptr<scalar_t>(),
+        w.const_data_ptr<scalar_t>(), N, static_cast<int>(V), kin.mutable_data_ptr<scalar_t>(),
+        cons.mutable_data_ptr<scalar_t>(), consis.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {kin, cons, consis};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+bgk_residuals_backward_cuda(const at::Tensor& gK_, const at::Tensor& gC_, const at::Tensor& gS_,
+                            const at::Tensor& Ft_, const at::Tensor& Fx_, const at::Tensor& rho_,
+                            const at::Tensor& u_, const at::Tensor& T_, const at::Tensor& rho_t_,
+                            const at::Tensor& u_t_, const at::Tensor& T_t_, const at::Tensor& v_,
+                            const at::Tensor& w_, const at::Tensor& kn_) {
+  const int64_t ks = check_bgk_backward(gK_, gC_, gS_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v_, w_, kn_);
+  const c10::cuda::CUDAGuard guard(Ft_.device());
+  const at::Tensor gK = gK_.contiguous(), gC = gC_.contiguous(), gS = gS_.contiguous(), Ft = Ft_.contiguous(),
+                   Fx = Fx_.contiguous(), rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous(),
+                   rho_t = rho_t_.contiguous(), u_t = u_t_.contiguous(), T_t = T_t_.contiguous(),
+                   v = v_.contiguous(), w = w_.contiguous(), kn = kn_.contiguous();
+  const int64_t N = Ft.size(0), V = Ft.size(1);
+  const auto opt = Ft.options();
+  at::Tensor dF = at::empty({N, V}, opt), dFt = at::empty({N, V}, opt), dFx = at::empty({N, V}, opt);
+  at::Tensor r[7];
+  for (auto& t : r) t = at::empty({N}, opt);
+  if (N > 0) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(Ft.scalar_type(), "bgk_residuals_backward_cuda", [&] {
+      BgkGradRows<scalar_t> out{r[0].mutable_data_ptr<scalar_t>(), r[1].mutable_data_ptr<scalar_t>(),
+                                r[2].mutable_data_ptr<scalar_t>(), r[3].mutable_data_ptr<scalar_t>(),
+                                r[4].mutable_data_ptr<scalar_t>(), r[5].mutable_data_ptr<scalar_t>(),
+                                r[6].mutable_data_ptr<scalar_t>()};
+      bgk_backward_kernel<scalar_t, scalar_t><<<row_blocks(N), kThreads, 0, stream>>>(
+          gK.const_data_ptr<scalar_t>(), gC.const_data_ptr<scalar_t>(), gS.const_data_ptr<scalar_t>(),
+          Ft.const_data_ptr<scalar_t>(), Fx.const_data_ptr<scalar_t>(),
+          bgk_rows<scalar_t>(rho, u, T, rho_t, u_t, T_t, kn, ks), v.const_data_ptr<scalar_t>(),
+          w.const_data_ptr<scalar_t>(), N, static_cast<int>(V), dF.mutable_data_ptr<scalar_t>(),
+          dFt.mutable_data_ptr<scalar_t>(), dFx.mutable_data_ptr<scalar_t>(), out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {dF, dFt, dFx, r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
+}
+
+// ---- transport_mm_residuals ---------------------------------------------------------------
+// Per-warp constants of the normalised average (see kinetic_cpu.cpp): W = sum w, vbar = <v>;
+// <v g_x> = sum_j w_j (v_j - vbar) Graw_x,j / W. Each warp recomputes W and vbar from v and w
+// (two extra reductions of data it reads anyway) instead of a separate kernel launch.
+
+template <typename scalar_t, typename acc_t, int PER>
+__global__ void __launch_bounds__(kThreads) transport_forward_kernel(
+    const scalar_t* __restrict__ G, const scalar_t* __restrict__ Gt, const scalar_t* __restrict__ Gx,
+    const scalar_t* __restrict__ rho_t, const scalar_t* __restrict__ rho_x, const scalar_t* __restrict__ v,
+    const scalar_t* __restrict__ w, const scalar_t* __restrict__ eps, int64_t eps_stride, int64_t N, int V,
+    scalar_t* __restrict__ g_out, scalar_t* __restrict__ micro, scalar_t* __restrict__ macro) {
+  const int64_t i = warp_row(N);
+  if (i < 0) return;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t o = i * V;
+  const int iters = lane_iters<PER>(V);
+  constexpr int R = PER > 0 ? PER : 1;
+  acc_t rg[R], rt[R], rx[R];
+  // Phase 1: W = sum w, and the weighted sums of the three fields.
+  acc_t W = 0, sg = 0, st = 0, sx = 0;
+  for (int t = 0; t < iters; ++t) {
+    const int j = lane + kWarp * t;
+    acc_t a_g = 0, a_t = 0, a_x = 0;
+    if (j < V) {
+      const acc_t wj = w[j];
+      a_g = G[o + j];
+      a_t = Gt[o + j];
+      a_x = Gx[o + j];
+      W += wj;
+      sg += wj * a_g;
+      st += wj * a_t;
+      sx += wj * a_x;
+    }
+    if constexpr (PER > 0) {
+      rg[t] = a_g;
+      rt[t] = a_t;
+      rx[t] = a_x;
+    }
+  }
+  W = warp_sum(W);
+  sg = warp_sum(sg);
+  st = warp_sum(st);
+  sx = warp_sum(sx);
+  const acc_t invW = acc_t(1) / W, mg = sg * invW, mt = st * invW, mx = sx * invW;
+  // a = <v g_x> from the centred g_x (one more reduction over the values in registers): the
+  // one-pass form <v Graw_x> - <v><Graw_x> would cancel digits in float32 when the row mean
+  // of Graw_x is large compared with its variation.
+  acc_t a = 0;
+  for (int t = 0; t < iters; ++t) {
+    const int j = lane + kWarp * t;
+    if (j < V) {
+      const acc_t x = PER > 0 ? rx[PER > 0 ? t : 0] : static_cast<acc_t>(Gx[o + j]);
+      a += static_cast<acc_t>(w[j]) * static_cast<acc_t>(v[j]) * (x - mx);
+    }
+  }
+  a = warp_sum(a) * invW;
+  const acc_t e = eps[i * eps_stride], rxi = rho_x[i];
+  // Phase 2: element-wise outputs.
+  for (int t = 0; t < iters; ++t) {
+    const int j = lane + kWarp * t;
+    if (j < V) {
+      acc_t gj, gtj, gxj;
+      if constexpr (PER > 0) {
+        gj = rg[t] - mg;
+        gtj = rt[t] - mt;
+        gxj = rx[t] - mx;
+      } else {
+        gj = static_cast<acc_t>(G[o + j]) - mg;
+        gtj = static_cast<acc_t>(Gt[o + j]) - mt;
+        gxj = static_cast<acc_t>(Gx[o + j]) - mx;
+      }
+      const acc_t vj = v[j];
+      g_out[o + j] = static_cast<scalar_t>(gj);
+      micro[o + j] = static_cast<scalar_t>(e * e * gtj + e * (vj * gxj - a) + vj * rxi + gj);
+    }
+  }
+  if (lane == 0) macro[i] = static_cast<scalar_t>(static_cast<acc_t>(rho_t[i]) + a);
+}
+
+template <typename scalar_t, typename acc_t, int PER>
+__global__ void __launch_bounds__(kThreads) transport_backward_kernel(
+    const scalar_t* __restrict__ gg, const scalar_t* __restrict__ gm, const scalar_t* __restrict__ gc,
+    const scalar_t* __restrict__ Gt, const scalar_t* __restrict__ Gx, const scalar_t* __restrict__ v,
+    const scalar_t* __restrict__ w, const scalar_t* __restrict__ eps, int64_t eps_stride, int64_t N, int V,
+    scalar_t* __restrict__ dG, scalar_t* __restrict__ dGt, scalar_t* __restrict__ dGx,
+    scalar_t* __restrict__ drho_x, scalar_t* __restrict__ deps) {
+  const int64_t i = warp_row(N);
+  if (i < 0) return;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t o = i * V;
+  const int iters = lane_iters<PER>(V);
+  constexpr int R = PER > 0 ? PER : 1;
+  acc_t rgg[R], rm[R], rt[R], rx[R];
+  // Phase 1: sums of the incoming gradients and the forward averages (needed for deps).
+  acc_t W = 0, Wv = 0, Sgm = 0, Sm = 0, Svm = 0, st = 0, sx = 0;
+  for (int t = 0; t < iters; ++t) {
+    const int j = lane + kWarp * t;
+    acc_t a_gg = 0, a_m = 0, a_t = 0, a_x = 0;
+    if (j < V) {
+      const acc_t wj = w[j], vj = v[j];
+      a_gg = gg[o + j];
+      a_m = gm[o + j];
+      a_t = Gt[o + j];
+      a_x = Gx[o + j];
+      W += wj;
+      Wv += wj * vj;
+      Sgm += a_gg + a_m;
+      Sm += a_m;
+      Svm += vj * a_m;
+      st += wj * a_t;
+      sx += wj * a_x;
+    }
+    if constexpr (PER > 0) {
+      rgg[t] = a_gg;
+      rm[t] = a_m;
+      rt[t] = a_t;
+      rx[t] = a_x;
+    }
+  }
+  W = warp_sum(W);
+  Wv = warp_sum(Wv);
+  Sgm = warp_sum(Sgm);
+  Sm = warp_sum(Sm);
+  Svm = warp_sum(Svm);
+  st = warp_sum(st);
+  sx = warp_sum(sx);
+  const acc_t invW = acc_t(1) / W, vbar = Wv * invW, mt = st * invW, mx = sx * invW;
+  // a = <v g_x> from the centred g_x, as in the forward kernel.
+  acc_t a = 0;
+  for (int t = 0; t < iters; ++t) {
+    const int j = lane + kWarp * t;
+    if (j < V) {
+      const acc_t x = PER > 0 ? rx[PER > 0 ? t : 0] : static_cast<acc_t>(Gx[o + j]);
+      a += static_cast<acc_t>(w[j]) * static_cast<acc_t>(v[j]) * (x - mx);
+    }
+  }
+  a = warp_sum(a) * invW;
+  const acc_t e = eps[i * eps_stride], C = gc[i];
+  // Adjoint of the projection P phi = phi - <phi> (see kinetic_cpu.cpp for the derivation).
+  const acc_t B = C - e * Sm, Q = e * Svm + B * vbar;
+  acc_t de = 0;
+  for (int t = 0; t < iters; ++t) {
+    const int j = lane + kWarp * t;
+    if (j < V) {
+      acc_t a_gg, a_m, a_t, a_x;
+      if constexpr (PER > 0) {
+        a_gg = rgg[t];
+        a_m = rm[t];
+        a_t = rt[t];
+        a_x = rx[t];
+      } else {
+        a_gg = gg[o + j];
+        a_m = gm[o + j];
+        a_t = Gt[o + j];
+        a_x = Gx[o + j];
+      }
+      const acc_t vj = v[j], wn = static_cast<acc_t>(w[j]) * invW;
+      dG[o + j] = static_cast<scalar_t>(a_gg + a_m - wn * Sgm);
+      dGt[o + j] = static_cast<scalar_t>(e * e * (a_m - wn * Sm));
+      dGx[o + j] = static_cast<scalar_t>(e * vj * a_m + wn * (B * vj - Q));
+      de += a_m * (acc_t(2) * e * (a_t - mt) + vj * (a_x - mx) - a);
+    }
+  }
+  de = warp_sum(de);
+  if (lane == 0) {
+    drho_x[i] = static_cast<scalar_t>(Svm);
+    deps[i] = static_cast<scalar_t>(de);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> transport_mm_residuals_cuda(
+    const at::Tensor& G_, const at::Tensor& Gt_, const at::Tensor& Gx_, const at::Tensor& rho_t_,
+    const at::Tensor& rho_x_, const at::Tensor& v_, const at::Tensor& w_, const at::Tensor& eps_) {
+  const int64_t es = check_transport(G_, Gt_, Gx_, rho_t_, rho_x_, v_, w_, eps_);
+  const c10::cuda::CUDAGuard guard(G_.device());
+  const at::Tensor G = G_.contiguous(), Gt = Gt_.contiguous(), Gx = Gx_.contiguous(),
+                   rho_t = rho_t_.contiguous(), rho_x = rho_x_.contiguous(), v = v_.contiguous(),
+                   w = w_.contiguous(), eps = eps_.contiguous();
+  const int64_t N = G.size(0), V = G.size(1);
+  at::Tensor g = at::empty({N, V}, G.options()), micro = at::empty({N, V}, G.options()),
+             macro = at::empty({N}, G.options());
+  if (N == 0) return {g, micro, macro};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "transport_mm_residuals_cuda", [&] {
+    with_per(V, [&](auto per) {
+      transport_forward_kernel<scalar_t, scalar_t, decltype(per)::value><<<row_blocks(N), kThreads, 0, stream>>>(
+          G.const_data_ptr<scalar_t>(), Gt.const_data_ptr<scalar_t>(), Gx.const_data_ptr<scalar_t>(),
+          rho_t.const_data_ptr<scalar_t>(), rho_x.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+          w.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), es, N, static_cast<int>(V),
+          g.mutable_data_ptr<scalar_t>(), micro.mutable_data_ptr<scalar_t>(), macro.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {g, micro, macro};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> transport_mm_residuals_backward_cuda(
+    const at::Tensor& gg_, const at::Tensor& gm_, const at::Tensor& gc_, const at::Tensor& Gt_,
+    const at::Tensor& Gx_, const at::Tensor& v_, const at::Tensor& w_, const at::Tensor& eps_) {
+  const int64_t es = check_transport_backward(gg_, gm_, gc_, Gt_, Gx_, v_, w_, eps_);
+  const c10::cuda::CUDAGuard guard(Gt_.device());
+  const at::Tensor gg = gg_.contiguous(), gm = gm_.contiguous(), gc = gc_.contiguous(), Gt = Gt_.contiguous(),
+                   Gx = Gx_.contiguous(), v = v_.contiguous(), w = w_.contiguous(), eps = eps_.contiguous();
+  const int64_t N = Gt.size(0), V = Gt.size(1);
+  const auto opt = Gt.options();
+  at::Tensor dG = at::empty({N, V}, opt), dGt = at::empty({N, V}, opt), dGx = at::empty({N, V}, opt);
+  at::Tensor drho_x = at::empty({N}, opt), deps = at::empty({N}, opt);
+  if (N == 0) return {dG, dGt, dGx, drho_x, deps};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(Gt.scalar_type(), "transport_mm_residuals_backward_cuda", [&] {
+    with_per(V, [&](auto per) {
+      transport_backward_kernel<scalar_t, scalar_t, decltype(per)::value><<<row_blocks(N), kThreads, 0, stream>>>(
+          gg.const_data_ptr<scalar_t>(), gm.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
+          Gt.const_data_ptr<scalar_t>(), Gx.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+          w.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), es, N, static_cast<int>(V),
+          dG.mutable_data_ptr<scalar_t>(), dGt.mutable_data_ptr<scalar_t>(), dGx.mutable_data_ptr<scalar_t>(),
+          drho_x.mutable_data_ptr<scalar_t>(), deps.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {dG, dGt, dGx, drho_x, deps};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hrgrad_ext, CUDA, m) {
+  m.impl("velocity_moments", &velocity_moments_cuda);
+  m.impl("velocity_moments_backward", &velocity_moments_backward_cuda);
+  m.impl("maxwellian", &maxwellian_cuda);
+  m.impl("maxwellian_backward", &maxwellian_backward_cuda);
+  m.impl("bgk_residuals", &bgk_residuals_cuda);
+  m.impl("bgk_residuals_backward", &bgk_residuals_backward_cuda);
+  m.impl("transport_mm_residuals", &transport_mm_residuals_cuda);
+  m.impl("transport_mm_residuals_backward", &transport_mm_residuals_backward_cuda);
+}
+
+}  // namespace kinetic
+}  // namespace hrgrad_ext
