@@ -1,0 +1,187 @@
+"""The ``hrgrad-ext`` command: ``train``, ``compare``, ``demo`` and ``reference``.
+
+    hrgrad-ext train --problem transport --method hrgrad --iters 3000 --out runs/t
+    hrgrad-ext train --config my.toml --set optim.lr=5e-4 --set model.g.width=64
+    hrgrad-ext train --resume runs/t                 # continue an interrupted run
+    hrgrad-ext compare --problem transport --methods hrgrad,sum,pcgrad,config --out runs/cmp
+    hrgrad-ext demo                                  # aggregators on conflicting gradients
+    hrgrad-ext reference ...                         # reference solutions (hrgrad_ext.reference.cli)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["build_parser", "main"]
+
+DEMO_J = [[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]
+
+
+def _eps_list(text: str) -> list[float]:
+    items = [s for s in text.replace(" ", "").split(",") if s]
+    try:
+        return [float(s) for s in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--eps: expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file (default: the problem's defaults, configs/<problem>.toml)")
+    p.add_argument("--problem", choices=("transport", "bgk"), help="kinetic problem (default transport)")
+    p.add_argument("--eps", type=_eps_list, help="task set, comma-separated (eps, or Kn for BGK)")
+    p.add_argument("--iters", type=int, help="optimizer steps")
+    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--dtype", choices=("float32", "float64"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--tasks", choices=("eps", "eps_group"), help="one task per eps, or per (eps, point group)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. optim.lr=5e-4 or model.g.width=64 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hrgrad-ext", description="HRGrad multi-task APNN training for kinetic equations")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train one multi-eps APNN")
+    _add_run_options(tr)
+    tr.add_argument("--method", help="hrgrad (default), sum (plain APNN), mean, pcgrad, config, mgda, upgrad")
+    tr.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+
+    cp = sub.add_parser("compare", help="train several methods with the same seed and budget; markdown table")
+    _add_run_options(cp)
+    cp.add_argument("--methods", default="hrgrad,sum,pcgrad,config", help="comma-separated methods")
+
+    dm = sub.add_parser("demo", help="aggregate two conflicting gradients with every method and print the result")
+    dm.add_argument("--J", default=json.dumps(DEMO_J), help="Jacobian rows as JSON (default %(default)s)")
+
+    try:
+        from .reference import cli as ref_cli
+    except ImportError:
+        ref_cli = None
+    if ref_cli is not None and hasattr(ref_cli, "add_parser"):
+        ref_cli.add_parser(sub)
+    return parser
+
+
+def _resolve_config(args):
+    from .train.config import apply_overrides, default_config, load_config
+
+    if args.config:
+        cfg = load_config(args.config)
+    else:
+        cfg = default_config(args.problem or "transport")
+    over = list(args.set)
+    for key in ("problem", "iters", "device", "dtype", "seed", "tasks", "threads", "out"):
+        val = getattr(args, key, None)
+        if val is not None:
+            over.append(f"{key}={json.dumps(val)}")
+    if getattr(args, "method", None) is not None:
+        over.append(f"method={json.dumps(args.method)}")
+    if args.eps is not None:
+        over.append(f"eps={json.dumps(args.eps)}")
+    if args.no_progress:
+        over.append("log.progress=false")
+    if args.no_plots:
+        over.append("log.plots=false")
+    # overrides replace list values wholesale; a config for one problem has the other's
+    # model keys wrong, so switching problem without a config starts from its defaults
+    cfg = apply_overrides(cfg, over)
+    return cfg.validate()
+
+
+def _print_summary(s: dict) -> None:
+    print(f"\n{s['problem']} / {s['method']}: {s['iters']} steps on {s['device']}, wall time {s['wall_time_s']:.1f} s "
+          f"({s['step_time_ms']:.1f} ms/step)")
+    for eps, errs in s["rel_l2"].items():
+        print(f"  eps={eps:>8}: " + "  ".join(f"{q} {v:.3e}" for q, v in errs.items()))
+
+
+def _train(args) -> int:
+    from .train.trainer import Trainer
+
+    if args.resume:
+        over = list(args.set)
+        for key in ("iters", "threads"):
+            val = getattr(args, key)
+            if val is not None:
+                over.append(f"{key}={val}")
+        if args.no_progress:
+            over.append("log.progress=false")
+        trainer = Trainer.resume(args.resume, over)
+        print(f"resuming {args.resume} at step {trainer.step} of {trainer.cfg.iters}")
+    else:
+        trainer = Trainer(_resolve_config(args))
+    try:
+        summary = trainer.run()
+    except KeyboardInterrupt:
+        return 130
+    _print_summary(summary)
+    print(f"outputs in {trainer.out}")
+    return 0
+
+
+def _compare(args) -> int:
+    from .train.compare import run_compare
+
+    cfg = _resolve_config(args)
+    methods = [m for m in args.methods.replace(" ", "").split(",") if m]
+    table = run_compare(cfg, methods, cfg.out)
+    print(table)
+    print(f"written to {cfg.out}/compare.md")
+    return 0
+
+
+def _demo(args) -> int:
+    import torch
+
+    from .backward import task_diagnostics
+    from .train.config import METHODS
+    from .train.trainer import make_aggregator
+
+    try:
+        J = torch.tensor(json.loads(args.J), dtype=torch.float64)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"--J: expected a JSON matrix, got {args.J!r} ({exc})") from None
+    if J.dim() != 2:
+        raise ValueError(f"--J: expected a matrix (list of rows), got shape {tuple(J.shape)}")
+    print(f"task gradients (rows of J):\n{J.numpy()}")
+    G = J @ J.T
+    print(f"cosine(g_1, g_2) = {float(G[0, 1] / (G[0, 0] * G[1, 1]).sqrt()):.4f}" if J.shape[0] == 2 else "")
+    print(f"{'method':<8} {'update':<34} {'weights':<24} cos(update, g_i)")
+    for m in METHODS:
+        agg = make_aggregator(m)
+        w = agg.weights(J).to(torch.float64)
+        upd = J.T @ w
+        d = task_diagnostics(G, w)
+        fmt = lambda t: "[" + ", ".join(f"{v:8.4f}" for v in t.tolist()) + "]"
+        print(f"{m:<8} {fmt(upd):<34} {fmt(w):<24} {fmt(d.update_cosines)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "demo":
+            return _demo(args)
+        if hasattr(args, "func"):
+            return int(args.func(args) or 0)
+        parser.error(f"no handler for {args.command!r}")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"hrgrad-ext {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""APNN models for the linear transport (micro-macro) and BGK equations with eps as input.
+
+Inputs are rescaled to [-1, 1] inside the models (t over the time window, x over the domain,
+v by the velocity bound), so derivatives with respect to the *physical* t and x come out of
+autograd or forward-mode AD without manual chain rules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bodies import make_body
+from .encoding import EpsEncoding
+
+__all__ = ["APNN", "BGKAPNN", "TransportAPNN"]
+
+
+def _body_args(spec: dict | None, default: dict) -> dict:
+    out = dict(default)
+    if spec:
+        unknown = set(spec) - {"kind", "width", "depth", "activation"}
+        if unknown:
+            raise ValueError(f"unknown network option(s) {sorted(unknown)}; expected kind, width, depth, activation")
+        out.update(spec)
+    return out
+
+
+class APNN(nn.Module):
+    """Common machinery: the eps encoding and the input scaling.
+
+    ``forward(method, *args)`` calls ``getattr(self, method)(*args)`` for one of the names in
+    :attr:`METHODS`; this is the entry point used with :func:`torch.func.functional_call`,
+    which always goes through ``forward``.
+    """
+
+    METHODS: tuple[str, ...] = ()
+
+    def __init__(self, encoding: EpsEncoding, t_range: Sequence[float], x_range: Sequence[float], v_max: float):
+        super().__init__()
+        self.encoding = encoding
+        self.t_range = (float(t_range[0]), float(t_range[1]))
+        self.x_range = (float(x_range[0]), float(x_range[1]))
+        self.v_max = float(v_max)
+        if not self.t_range[1] > self.t_range[0] or not self.x_range[1] > self.x_range[0] or not self.v_max > 0:
+            raise ValueError(f"{type(self).__name__}: empty t/x range or v_max <= 0")
+
+    def forward(self, method: str, *args):
+        if method not in self.METHODS:
+            raise ValueError(f"{type(self).__name__}: unknown method {method!r}; expected one of {self.METHODS}")
+        return getattr(self, method)(*args)
+
+    def _scale(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        t0, t1 = self.t_range
+        x0, x1 = self.x_range
+        return (t - t0) * (2.0 / (t1 - t0)) - 1.0, (x - x0) * (2.0 / (x1 - x0)) - 1.0
+
+    def point_features(self, t: Tensor, x: Tensor, eps: Tensor) -> Tensor:
+        """``[n, 2 + enc]`` network input for points ``t, x, eps`` of shape ``[n]``."""
+        ts, xs = self._scale(t, x)
+        return torch.cat([ts.unsqueeze(-1), xs.unsqueeze(-1), self.encoding(eps.expand_as(t))], -1)
+
+    def grid_features(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor) -> Tensor:
+        """``[n, V, 3 + enc]`` input at every (point, velocity node) pair.
+
+        ``t, x`` are ``[n]`` or already ``[n, V]`` (the latter lets reverse-mode AD give a
+        derivative per node); ``eps`` is ``[n]`` or 0-d, ``v`` is ``[V]``.
+        """
+        n, V = t.shape[0], v.shape[0]
+        ts, xs = self._scale(t, x)
+        ts = ts.unsqueeze(-1).expand(n, V) if ts.dim() == 1 else ts
+        xs = xs.unsqueeze(-1).expand(n, V) if xs.dim() == 1 else xs
+        enc = self.encoding(eps.expand(n)).unsqueeze(1).expand(n, V, self.encoding.out_dim)
+        vs = (v / self.v_max).to(ts.dtype).expand(n, V)
+        return torch.cat([ts.unsqueeze(-1), xs.unsqueeze(-1), vs.unsqueeze(-1), enc], -1)
+
+
+class TransportAPNN(APNN):
+    """Micro-macro APNN for linear transport in diffusive scaling (spec KINETIC.md section 1).
+
+    ``f = rho(t, x, eps) + eps g`` with ``g = g_raw - <g_raw>`` (the average is taken by the loss
+    with the quadrature rule, which makes ``<g> = 0`` exact). Two networks:
+
+    * ``rho(t, x, eps)``: ``[n]`` -> ``[n]``;
+    * ``g_raw(t, x, v, eps)``: ``[n]``, ``[V]`` -> ``[n, V]``.
+
+    Args:
+        encoding: the eps encoding.
+        t_range, x_range: time window and slab (default [0, 0.1] x [0, 1]).
+        rho_net, g_net: dicts with ``kind`` ("mlp"/"resnet"), ``width``, ``depth``, ``activation``.
+    """
+
+    METHODS = ("rho", "g_raw", "macroscopic")
+
+    def __init__(self, encoding: EpsEncoding, t_range=(0.0, 0.1), x_range=(0.0, 1.0),
+                 rho_net: dict | None = None, g_net: dict | None = None):
+        super().__init__(encoding, t_range, x_range, 1.0)
+        default = dict(kind="mlp", width=64, depth=4, activation="tanh")
+        e = encoding.out_dim
+        self.rho_net = make_body(in_dim=2 + e, out_dim=1, **_body_args(rho_net, default))
+        self.g_net = make_body(in_dim=3 + e, out_dim=1, **_body_args(g_net, default))
+
+    def rho(self, t: Tensor, x: Tensor, eps: Tensor) -> Tensor:
+        """Density ``[n]``."""
+        return self.rho_net(self.point_features(t, x, eps)).squeeze(-1)
+
+    def g_raw(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor) -> Tensor:
+        """Un-normalised microscopic part ``[n, V]`` at velocity nodes ``v``."""
+        return self.g_net(self.grid_features(t, x, v, eps)).squeeze(-1)
+
+    def macroscopic(self, t: Tensor, x: Tensor, eps: Tensor) -> dict[str, Tensor]:
+        """The macroscopic quantities scored against references: ``{"rho": [n]}``."""
+        return {"rho": self.rho(t, x, eps)}
+
+
+class BGKAPNN(APNN):
+    """BGK APNN (spec KINETIC.md section 2): ``f(t, x, v, Kn)`` with a softplus output (f > 0)
+    and ``rho, u, T (t, x, Kn)`` with the Dirichlet states built in:
+
+        rho = exp((1-s) log rho_L + s log rho_R + s (1-s) N_rho)
+        u   = (1-s) u_L + s u_R + sqrt(s (1-s)) N_u
+        T   = exp((1-s) log T_L + s log T_R + s (1-s) N_T)
+
+    with ``s = (x - x0) / (x1 - x0)`` (for [-0.5, 0.5]: ``s (1-s) = 0.25 - x^2``).
+
+    Args:
+        encoding: the Knudsen-number encoding.
+        t_range, x_range, v_max: time window, domain and velocity bound.
+        left, right: boundary states (rho, u, T).
+        f_net, macro_net: body options (``kind``, ``width``, ``depth``, ``activation``); the
+            macro options are used for each of the three macro networks.
+    """
+
+    METHODS = ("f", "macro", "macroscopic")
+
+    def __init__(self, encoding: EpsEncoding, t_range=(0.0, 0.1), x_range=(-0.5, 0.5), v_max: float = 10.0,
+                 left=(1.5, 0.0, 1.5), right=(0.625, 0.0, 0.75), f_net: dict | None = None, macro_net: dict | None = None):
+        super().__init__(encoding, t_range, x_range, v_max)
+        if min(left[0], left[2], right[0], right[2]) <= 0:
+            raise ValueError("BGKAPNN: boundary densities and temperatures must be positive")
+        e = encoding.out_dim
+        self.f_net = make_body(in_dim=3 + e, out_dim=1, **_body_args(f_net, dict(kind="resnet", width=128, depth=3, activation="tanh")))
+        mdef = _body_args(macro_net, dict(kind="mlp", width=64, depth=3, activation="tanh"))
+        self.rho_net = make_body(in_dim=2 + e, out_dim=1, **mdef)
+        self.u_net = make_body(in_dim=2 + e, out_dim=1, **mdef)
+        self.T_net = make_body(in_dim=2 + e, out_dim=1, **mdef)
+        self.left = tuple(float(a) for a in left)
+        self.right = tuple(float(a) for a in right)
+
+    def f(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor) -> Tensor:
+        """Distribution function ``[n, V]`` at the velocity nodes (softplus: positive)."""
+        return F.softplus(self.f_net(self.grid_features(t, x, v, eps)).squeeze(-1))
+
+    def macro(self, t: Tensor, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(rho, u, T)``, each ``[n]``, equal to the boundary states at both ends of x."""
+        h = self.point_features(t, x, eps)
+        x0, x1 = self.x_range
+        s = (x - x0) / (x1 - x0)
+        bump = s * (1.0 - s)
+        (rl, ul, Tl), (rr, ur, Tr) = self.left, self.right
+        rho = torch.exp((1.0 - s) * math.log(rl) + s * math.log(rr) + bump * self.rho_net(h).squeeze(-1))
+        u = (1.0 - s) * ul + s * ur + torch.sqrt(bump.clamp_min(0.0)) * self.u_net(h).squeeze(-1)
+        T = torch.exp((1.0 - s) * math.log(Tl) + s * math.log(Tr) + bump * self.T_net(h).squeeze(-1))
+        return rho, u, T
+
+    def macroscopic(self, t: Tensor, x: Tensor, eps: Tensor) -> dict[str, Tensor]:
+        """``{"rho", "u", "T", "momentum", "energy"}``, each ``[n]``."""
+        rho, u, T = self.macro(t, x, eps)
+        return {"rho": rho, "u": u, "T": T, "momentum": rho * u, "energy": 0.5 * rho * (u * u + T)}

@@ -1,0 +1,17 @@
+"""Multi-eps APNN training with segmented task gradients and multi-task aggregation.
+
+* :mod:`.config` - :class:`TrainConfig` (TOML + overrides, validation);
+* :mod:`.losses` - the transport and BGK APNN loss formulations per point group;
+* :mod:`.segmented` - per-task gradients in one backward pass (and the K-pass reference);
+* :mod:`.trainer` - :class:`Trainer` (steps, metrics, evaluation, checkpoints, resume);
+* :mod:`.evaluation`, :mod:`.plots`, :mod:`.compare` - scoring, figures, method comparison.
+"""
+
+from .config import METHODS, PROBLEMS, TrainConfig, apply_overrides, default_config, load_config
+from .losses import BGKFormulation, TransportFormulation
+from .segmented import TaskLayout, segmented_task_gradients, separate_task_gradients
+from .trainer import Trainer, aggregate, make_aggregator, make_formulation
+
+__all__ = ["BGKFormulation", "METHODS", "PROBLEMS", "TaskLayout", "Trainer", "TrainConfig", "TransportFormulation",
+           "aggregate", "apply_overrides", "default_config", "load_config", "make_aggregator", "make_formulation",
+           "segmented_task_gradients", "separate_task_gradients"]

@@ -1,0 +1,295 @@
+"""Training configuration: a dataclass tree read from TOML files and ``key=value`` overrides.
+
+Unknown keys and invalid values raise ``ValueError`` with the offending key named, so a typo in
+a config never silently trains something else.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BUILTIN_DEFAULTS", "METHODS", "PROBLEMS", "TrainConfig", "builtin_config", "default_config", "load_config", "apply_overrides", "to_toml"]
+
+PROBLEMS = ("transport", "bgk")
+#: Aggregation methods accepted by ``method`` (see :func:`hrgrad_ext.train.trainer.make_aggregator`).
+METHODS = ("hrgrad", "sum", "mean", "pcgrad", "config", "mgda", "upgrad")
+_DTYPES = ("float32", "float64")
+_DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule.
+
+    ``schedule``: ``"constant"``, ``"cosine"`` (to ``min_factor * lr`` at the last step),
+    ``"exponential"`` (``gamma`` per ``step_size`` steps, smoothly) or ``"step"`` (``gamma``
+    every ``step_size`` steps); ``warmup`` steps of linear warm-up precede any of them.
+    """
+
+    name: str = "adam"
+    lr: float = 1e-3
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: int = 0
+    min_factor: float = 0.05
+    gamma: float = 0.5
+    step_size: int = 1000
+
+
+@dataclass
+class LogConfig:
+    """Logging, evaluation, checkpointing and plotting cadence (in steps)."""
+
+    log_every: int = 10
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    progress: bool = True
+    plots: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (the resolved config is saved next to its outputs).
+
+    Attributes:
+        problem: ``"transport"`` or ``"bgk"``.
+        method: aggregation method, one of :data:`METHODS` (``"sum"`` is plain APNN training).
+        eps: the task set (eps for transport, Kn for BGK); all > 0, at least one.
+        iters: optimizer steps (>= 1).
+        tasks: ``"eps"`` (one task per eps) or ``"eps_group"`` (one per eps and point group).
+        seed, device, dtype: reproducibility and placement.
+        threads: CPU threads for torch (0: leave torch's default).
+        t_final: end of the time window; ``nv``: velocity nodes (0: the problem's default).
+        case: BGK initial data case ("I" .. "V").
+        points: points per task and group (``interior``, ``boundary``, ``initial``).
+        loss_weights: overrides of the formulation's loss weights.
+        model: ``encoding`` (``fourier``, ``embed_dim``, optional ``log10_min/max``) and the
+            networks (transport ``rho``, ``g``; BGK ``f``, ``macro``) as ``kind``/``width``/
+            ``depth``/``activation``.
+        aggregator: options per method, e.g. ``{hrgrad = {length_model = "min"}}`` (HRGrad
+            ``length_model``, ``rcond``; MGDA ``max_iters``, ``tol``); methods not listed get
+            their defaults, so one config serves every method of a comparison.
+        grad_mode: ``"segmented"`` (per-task gradients in one pass) or ``"separate"`` (K
+            eager backward passes; the baseline).
+        out: output directory.
+    """
+
+    problem: str = "transport"
+    method: str = "hrgrad"
+    eps: list = field(default_factory=lambda: [1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-8])
+    iters: int = 2000
+    tasks: str = "eps"
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 0
+    t_final: float = 0.1
+    nv: int = 0
+    case: str = "IV"
+    points: dict = field(default_factory=lambda: {"interior": 64, "boundary": 16, "initial": 32})
+    loss_weights: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    aggregator: dict = field(default_factory=dict)
+    grad_mode: str = "segmented"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    out: str = "runs/run"
+
+    def validate(self) -> "TrainConfig":
+        """Checks every field; returns ``self`` (raises ``ValueError`` with the key named)."""
+        if self.problem not in PROBLEMS:
+            raise ValueError(f"problem: unknown problem {self.problem!r}; expected one of {PROBLEMS}")
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown method {self.method!r}; expected one of {METHODS}")
+        if not isinstance(self.eps, (list, tuple)) or len(self.eps) == 0:
+            raise ValueError("eps: the task set is empty; give at least one eps value, e.g. eps = [1.0, 1e-3]")
+        try:
+            eps = [float(e) for e in self.eps]
+        except (TypeError, ValueError):
+            raise ValueError(f"eps: values must be numbers, got {self.eps!r}") from None
+        bad = [e for e in eps if not (math.isfinite(e) and e > 0)]
+        if bad:
+            raise ValueError(f"eps: every value must be a finite number > 0, got {bad}")
+        if len(set(eps)) != len(eps):
+            raise ValueError(f"eps: duplicate values in {eps}")
+        self.eps = eps
+        if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
+            raise ValueError(f"iters: must be an integer >= 1, got {self.iters!r}")
+        if self.tasks not in ("eps", "eps_group"):
+            raise ValueError(f"tasks: expected 'eps' or 'eps_group', got {self.tasks!r}")
+        if self.device.split(":")[0] not in _DEVICES:
+            raise ValueError(f"device: expected 'cpu' or 'cuda[:i]', got {self.device!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype: expected one of {_DTYPES}, got {self.dtype!r}")
+        if self.grad_mode not in ("segmented", "separate"):
+            raise ValueError(f"grad_mode: expected 'segmented' or 'separate', got {self.grad_mode!r}")
+        if not self.t_final > 0:
+            raise ValueError(f"t_final: must be > 0, got {self.t_final}")
+        if self.nv < 0 or self.threads < 0:
+            raise ValueError("nv and threads must be >= 0")
+        o = self.optim
+        if o.name not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"optim.name: expected 'adam', 'adamw' or 'sgd', got {o.name!r}")
+        if not o.lr > 0:
+            raise ValueError(f"optim.lr: must be > 0, got {o.lr}")
+        if o.schedule not in ("constant", "cosine", "exponential", "step"):
+            raise ValueError(f"optim.schedule: expected constant, cosine, exponential or step, got {o.schedule!r}")
+        if o.warmup < 0 or o.step_size < 1 or not 0 < o.gamma <= 1 or not 0 <= o.min_factor <= 1:
+            raise ValueError("optim: need warmup >= 0, step_size >= 1, 0 < gamma <= 1, 0 <= min_factor <= 1")
+        if not isinstance(self.aggregator, dict) or any(not isinstance(v, dict) for v in self.aggregator.values()):
+            raise ValueError("aggregator: expected a table of per-method option tables, e.g. aggregator.hrgrad.length_model")
+        unknown = set(self.aggregator) - set(METHODS)
+        if unknown:
+            raise ValueError(f"aggregator: unknown method(s) {sorted(unknown)}; expected some of {METHODS}")
+        lg = self.log
+        for k in ("log_every", "eval_every", "checkpoint_every"):
+            if getattr(lg, k) < 1:
+                raise ValueError(f"log.{k}: must be >= 1, got {getattr(lg, k)}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key {prefix}{key!r}; expected one of {sorted(fields)}")
+        sub = {"optim": OptimConfig, "log": LogConfig}.get(key) if cls is TrainConfig else None
+        kwargs[key] = _from_dict(sub, value, f"{prefix}{key}.") if sub else value
+    return cls(**kwargs)
+
+
+#: The defaults of each problem when ``configs/<problem>.toml`` is not at hand (an installed
+#: wheel); ``tests/test_train.py`` checks that they match the files.
+BUILTIN_DEFAULTS = {
+    "transport": {
+        "problem": "transport", "eps": [1.0, 0.1, 0.01, 0.001, 0.0001, 1e-8], "iters": 3000, "nv": 30,
+        "points": {"interior": 64, "boundary": 16, "initial": 32},
+        "loss_weights": {"micro": 1.0, "macro": 1.0, "bc": 10.0, "ic": 10.0},
+        "model": {"encoding": {"fourier": 2, "embed_dim": 0},
+                  "rho": {"kind": "mlp", "width": 32, "depth": 3, "activation": "tanh"},
+                  "g": {"kind": "mlp", "width": 32, "depth": 3, "activation": "tanh"}},
+        "aggregator": {"hrgrad": {"length_model": "projection"}}, "out": "runs/transport",
+        "optim": {"lr": 0.002, "min_factor": 0.02},
+    },
+    "bgk": {
+        "problem": "bgk", "eps": [1.0, 0.1, 0.01, 0.001], "iters": 2000, "nv": 64, "case": "IV",
+        "points": {"interior": 64, "initial": 32},
+        "loss_weights": {"kinetic": 1.0, "cons_rho": 1.0, "cons_mom": 1.0, "cons_energy": 1.0, "consist_rho": 1.0,
+                         "consist_mom": 1.0, "consist_energy": 1.0, "ic_rho": 10.0, "ic_u": 1.0, "ic_T": 10.0,
+                         "ic_f": 10.0},
+        "model": {"encoding": {"fourier": 2, "embed_dim": 0},
+                  "f": {"kind": "resnet", "width": 32, "depth": 2, "activation": "tanh"},
+                  "macro": {"kind": "mlp", "width": 32, "depth": 3, "activation": "tanh"}},
+        "aggregator": {"hrgrad": {"length_model": "projection"}}, "out": "runs/bgk",
+        "optim": {"lr": 0.002, "min_factor": 0.02},
+    },
+}
+
+
+def builtin_config(problem: str) -> TrainConfig:
+    """The defaults of ``problem`` from :data:`BUILTIN_DEFAULTS`."""
+    if problem not in PROBLEMS:
+        raise ValueError(f"problem: unknown problem {problem!r}; expected one of {PROBLEMS}")
+    return _from_dict(TrainConfig, copy.deepcopy(BUILTIN_DEFAULTS[problem]))
+
+
+def default_config(problem: str = "transport") -> TrainConfig:
+    """The defaults of ``problem``: ``configs/<problem>.toml`` of the source tree when found,
+    else :func:`builtin_config`."""
+    if problem not in PROBLEMS:
+        raise ValueError(f"problem: unknown problem {problem!r}; expected one of {PROBLEMS}")
+    path = _configs_dir() / f"{problem}.toml"
+    if path.is_file():
+        return load_config(path)
+    return builtin_config(problem)
+
+
+def _configs_dir() -> Path:
+    return Path(__file__).resolve().parents[3] / "configs"
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Reads a TOML config and applies ``overrides`` (a nested dict)."""
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    if overrides:
+        data = _merge(data, overrides)
+    return _from_dict(TrainConfig, data)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """A TOML value (``1e-3``, ``[1, 0.1]``, ``true``, ``"x"``), or the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
+    """Applies ``key.sub=value`` strings (values parsed as TOML) and returns a new config."""
+    data = cfg.to_dict()
+    for a in assignments:
+        if "=" not in a:
+            raise ValueError(f"override {a!r}: expected key=value (e.g. optim.lr=5e-4)")
+        key, text = a.split("=", 1)
+        parts = key.strip().split(".")
+        node = {}
+        cur = node
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = parse_value(text.strip())
+        data = _merge(data, node)
+    return _from_dict(TrainConfig, data)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v) if not (isinstance(v, float) and not math.isfinite(v)) else ("inf" if v > 0 else "nan")
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(a) for a in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(a)}" for k, a in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The config as TOML text (readable back with :func:`load_config`)."""
+    data = cfg.to_dict()
+    lines, tables = [], []
+    for k, v in data.items():
+        if isinstance(v, dict) and k in ("optim", "log"):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for name, table in tables:
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"

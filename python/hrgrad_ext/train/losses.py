@@ -1,0 +1,311 @@
+"""APNN loss formulations of the two kinetic problems, written per *point group*.
+
+A formulation (:class:`TransportFormulation`, :class:`BGKFormulation`) knows the domain, the
+velocity quadrature, the initial/boundary data and the loss weights. Its points come in groups
+("interior", "boundary", "initial"); for each group it provides
+
+* ``sample(group, gen, eps)``: points for every task, tensors with a leading task axis K;
+* ``forward(group, call, inputs, deriv)``: the network quantities one task needs on its own
+  points (values and input derivatives). ``call(method, *args)`` evaluates the model, so the
+  same code runs with substituted per-task parameters under ``torch.func.vmap`` or with the
+  model itself; ``deriv`` is ``"jvp"`` (forward mode) or ``"autograd"`` (reverse mode with
+  ``create_graph``, the eager baseline);
+* ``loss(group, out, inputs, K)``: the outputs of all tasks flattened to one batch of ``K*n``
+  rows, the fused residual ops applied to it once, and the per-task group loss ``[K]``
+  (a weighted sum of mean squared residuals over the task's own rows).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vmap
+
+from ..nn import BGKAPNN, EpsEncoding, TransportAPNN
+from .. import ops as kinetic
+
+__all__ = ["BGKFormulation", "Formulation", "TransportFormulation", "gauss_legendre", "value_and_derivatives"]
+
+
+def gauss_legendre(n: int, lo: float, hi: float, dtype=torch.float64) -> tuple[Tensor, Tensor]:
+    """Gauss-Legendre nodes and weights on ``[lo, hi]`` (weights sum to ``hi - lo``)."""
+    import numpy as np
+
+    x, w = np.polynomial.legendre.leggauss(n)
+    half = 0.5 * (hi - lo)
+    return torch.tensor(lo + half * (x + 1.0), dtype=dtype), torch.tensor(half * w, dtype=dtype)
+
+
+def value_and_derivatives(fn: Callable, primals: Sequence[Tensor], wrt: Sequence[int], deriv: str,
+                          grid: int | None = None):
+    """Value of ``fn(*primals)`` and its derivatives with respect to ``primals[i]``, i in ``wrt``.
+
+    Each primal is a ``[n]`` tensor of point coordinates and every output row depends only on
+    its own point, so a directional derivative with a tangent of ones is the per-point
+    derivative. ``fn`` may return a tensor or a tuple of tensors.
+
+    * ``deriv="jvp"``: forward mode. One direction is a plain :func:`torch.func.jvp`; several
+      are one ``jvp`` vmapped over the tangent basis, so the primal is computed once and the
+      tangents in one batched pass (the cost of a forward pass per direction, and no extra
+      reverse pass).
+    * ``deriv="autograd"``: reverse mode, the way an eager APNN code does it; with ``grid = V``
+      the coordinates are expanded to ``[n, V]`` first so that every output node gets its own
+      derivative.
+
+    Returns ``(value, [d/d primals[i] for i in wrt])`` (each like ``value``).
+    """
+    primals = tuple(primals)
+    if deriv == "jvp":
+        def tangents(i_dir):
+            return tuple(torch.ones_like(p) if j == i_dir else torch.zeros_like(p) for j, p in enumerate(primals))
+
+        if len(wrt) == 1:
+            return (lambda r: (r[0], [r[1]]))(jvp(fn, primals, tangents(wrt[0])))
+        basis = [torch.stack(c) for c in zip(*[tangents(i) for i in wrt])]
+        # The primal does not depend on the vmapped tangent: vmap returns it as an expanded
+        # (stride-0) view, computed once; keep the first slice.
+        value, tans = vmap(lambda *tg: jvp(fn, primals, tuple(tg)))(*basis)
+        value = torch.utils._pytree.tree_map(lambda a: a[0], value)
+        split = [torch.utils._pytree.tree_map(lambda a, d=d: a[d], tans) for d in range(len(wrt))]
+        return value, split
+    if deriv == "vjp":
+        args = [p.unsqueeze(-1).expand(p.shape[0], grid) if grid is not None else p for p in primals]
+        value, pullback = torch.func.vjp(fn, *args)
+        if isinstance(value, tuple):
+            raise ValueError("deriv='vjp' needs a single output tensor")
+        cot = pullback(torch.ones_like(value))
+        return value, [cot[i] for i in wrt]
+    if deriv == "autograd":
+        args, leaves = [], []
+        for j, p in enumerate(primals):
+            q = p.unsqueeze(-1).expand(p.shape[0], grid) if grid is not None else p
+            if j in wrt:
+                # coordinates are data: a fresh leaf to differentiate with respect to
+                q = q.detach().clone().requires_grad_(True)
+                leaves.append(q)
+            args.append(q)
+        value = fn(*args)
+        outs = value if isinstance(value, tuple) else (value,)
+        per_out = [torch.autograd.grad(o.sum(), leaves, create_graph=True) for o in outs]
+        if isinstance(value, tuple):
+            return value, [tuple(g[d] for g in per_out) for d in range(len(wrt))]
+        return value, list(per_out[0])
+    raise ValueError(f"unknown derivative mode {deriv!r}; expected 'jvp' or 'autograd'")
+
+
+def pick_mode(deriv: str, directions: int, outputs: int) -> str:
+    """Resolves ``deriv="fast"``: reverse mode (``vjp``) when one output per point needs
+    derivatives in several directions (one pullback gives them all), forward mode (``jvp``)
+    otherwise (one tangent gives every output's derivative). Other modes pass through."""
+    if deriv != "fast":
+        return deriv
+    return "vjp" if outputs == 1 and directions > 1 else "jvp"
+
+
+def _mean_sq(r: Tensor, K: int) -> Tensor:
+    """Per-task mean of squares of a ``[K*n, ...]`` residual: ``[K]``."""
+    return (r * r).reshape(K, -1).mean(1)
+
+
+class Formulation:
+    """Base class: quadrature, loss weights, task eps values, model construction."""
+
+    name = ""
+    groups: tuple[str, ...] = ()
+    quantities: tuple[str, ...] = ()
+    WEIGHTS: dict[str, float] = {}
+
+    def __init__(self, nv: int, v_range: tuple[float, float], t_final: float, x_range: tuple[float, float],
+                 weights: dict | None = None, points: dict | None = None):
+        if t_final <= 0:
+            raise ValueError(f"t_final must be > 0, got {t_final}")
+        if nv < 2:
+            raise ValueError(f"need at least 2 velocity nodes, got {nv}")
+        self.t_range = (0.0, float(t_final))
+        self.x_range = tuple(float(a) for a in x_range)
+        self.v, self.w = gauss_legendre(nv, *v_range)
+        self.weights = dict(self.WEIGHTS)
+        for k, val in (weights or {}).items():
+            if k not in self.WEIGHTS:
+                raise ValueError(f"{self.name}: unknown loss weight {k!r}; expected one of {sorted(self.WEIGHTS)}")
+            self.weights[k] = float(val)
+        self.points = {g: 0 for g in self.groups}
+        for g, n in (points or {}).items():
+            if g not in self.points:
+                raise ValueError(f"{self.name}: unknown point group {g!r}; expected one of {list(self.groups)}")
+            if int(n) < 1:
+                raise ValueError(f"{self.name}: need at least 1 point per task in group {g!r}, got {n}")
+            self.points[g] = int(n)
+        missing = [g for g, n in self.points.items() if n < 1]
+        if missing:
+            raise ValueError(f"{self.name}: no point count given for group(s) {missing}")
+
+    def to(self, device, dtype) -> "Formulation":
+        """Moves the quadrature rule (the only tensors held) to ``device``/``dtype``."""
+        self.v = self.v.to(device=device, dtype=dtype)
+        self.w = self.w.to(device=device, dtype=dtype)
+        return self
+
+    def _uniform(self, gen: torch.Generator, shape, lo: float, hi: float) -> Tensor:
+        return lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64)
+
+    def sample_batch(self, gen: torch.Generator, eps: Tensor, device, dtype) -> dict[str, dict[str, Tensor]]:
+        """Fresh points for every group and task (drawn on the CPU from ``gen`` so runs are
+        reproducible on any device, then moved)."""
+        K = eps.shape[0]
+        out = {}
+        for g in self.groups:
+            pts = self.sample(g, gen, K, self.points[g])
+            pts = {k: v.to(device=device, dtype=dtype) for k, v in pts.items()}
+            pts["eps"] = eps.to(device=device, dtype=dtype)
+            out[g] = pts
+        return out
+
+
+
+class TransportFormulation(Formulation):
+    """Micro-macro APNN for linear transport (spec section 1): x in [0, 1], v in [-1, 1],
+    IC f = 0, inflow f(t,0,v>0) = 1, f(t,1,v<0) = 0; loss 1 micro + 1 macro + 10 bc + 10 ic."""
+
+    name = "transport"
+    groups = ("interior", "boundary", "initial")
+    quantities = ("rho",)
+    WEIGHTS = {"micro": 1.0, "macro": 1.0, "bc": 10.0, "ic": 10.0}
+
+    def __init__(self, t_final: float = 0.1, nv: int = 30, weights=None, points=None):
+        super().__init__(nv, (-1.0, 1.0), t_final, (0.0, 1.0), weights, points)
+
+    def build_model(self, encoding: EpsEncoding, nets: dict) -> TransportAPNN:
+        unknown = set(nets) - {"rho", "g"}
+        if unknown:
+            raise ValueError(f"transport: unknown network(s) {sorted(unknown)}; expected 'rho' and 'g'")
+        return TransportAPNN(encoding, self.t_range, self.x_range, rho_net=nets.get("rho"), g_net=nets.get("g"))
+
+    def sample(self, group: str, gen, K: int, n: int) -> dict[str, Tensor]:
+        t0, t1 = self.t_range
+        if group == "interior":
+            return {"t": self._uniform(gen, (K, n), t0, t1), "x": self._uniform(gen, (K, n), *self.x_range)}
+        if group == "boundary":
+            # alternate the two walls so every task sees both
+            side = (torch.arange(n) % 2).to(torch.float64).expand(K, n)
+            return {"t": self._uniform(gen, (K, n), t0, t1), "x": side.clone()}
+        if group == "initial":
+            return {"t": torch.zeros(K, n, dtype=torch.float64), "x": self._uniform(gen, (K, n), *self.x_range)}
+        raise ValueError(group)
+
+    def forward(self, group: str, call: Callable, inp: dict[str, Tensor], deriv: str) -> dict[str, Tensor]:
+        t, x, eps, v = inp["t"], inp["x"], inp["eps"], self.v
+        if group == "interior":
+            mode = pick_mode(deriv, 2, 1)
+            _, (rho_t, rho_x) = value_and_derivatives(lambda t, x: call("rho", t, x, eps), (t, x), (0, 1), mode)
+            G, (G_t, G_x) = value_and_derivatives(lambda t, x: call("g_raw", t, x, v, eps), (t, x), (0, 1), mode,
+                                                  grid=v.shape[0])
+            return {"rho_t": rho_t, "rho_x": rho_x, "G": G, "G_t": G_t, "G_x": G_x}
+        return {"rho": call("rho", t, x, eps), "G": call("g_raw", t, x, v, eps)}
+
+    def loss(self, group: str, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
+        v, w, W = self.v, self.w, self.weights
+        n = out["G"].shape[0] // K
+        eps_rows = inp["eps"].reshape(K, 1).expand(K, n).reshape(-1)
+        if group == "interior":
+            _, micro, macro = kinetic.transport_mm_residuals(out["G"], out["G_t"], out["G_x"], out["rho_t"],
+                                                             out["rho_x"], v, w, eps_rows)
+            return W["micro"] * _mean_sq(micro, K) + W["macro"] * _mean_sq(macro, K)
+        G = out["G"]
+        g = G - (G @ (w / w.sum()))[:, None]
+        f = out["rho"][:, None] + eps_rows[:, None] * g
+        if group == "initial":
+            return W["ic"] * _mean_sq(f, K)
+        # boundary: inflow data on the incoming half of the velocities only
+        x = inp["x"].reshape(-1, 1)
+        left = x < 0.5
+        incoming = torch.where(left, v > 0, v < 0).to(f.dtype)
+        target = torch.where(left, torch.ones_like(f), torch.zeros_like(f))
+        r = (f - target) * incoming
+        return W["bc"] * (r * r).reshape(K, -1).sum(1) / incoming.reshape(K, -1).sum(1)
+
+
+def _profile(case: str) -> Callable[[Tensor], Tensor]:
+    case = case.upper()
+    if case == "I":
+        return lambda x: 0.5 * (1.0 + torch.sin(math.pi * x))
+    if case == "II":
+        return lambda x: 0.5 * (1.0 + torch.sign(x) * torch.abs(torch.sin(math.pi * x)) ** (3.0 / 7.0))
+    if case == "III":
+        return lambda x: 0.5 * (1.0 + torch.tanh(10.0 * x))
+    if case == "IV":
+        return lambda x: 0.5 * (1.0 + torch.tanh(20.0 * x))
+    if case == "V":
+        return lambda x: (x > 0).to(x.dtype)
+    raise ValueError(f"unknown BGK case {case!r}; expected one of I, II, III, IV, V")
+
+
+class BGKFormulation(Formulation):
+    """BGK APNN (spec section 2): x in [-0.5, 0.5], v in [-10, 10] (64 Gauss-Legendre nodes),
+    residual groups kinetic / conservation / consistency on interior points and the initial
+    data of spec case ``case``; weights kinetic 1, conservation 1,1,1, consistency 1,1,1,
+    IC 10 (rho), 1 (u), 10 (T), 10 (f)."""
+
+    name = "bgk"
+    groups = ("interior", "initial")
+    quantities = ("rho", "u", "T")
+    WEIGHTS = {"kinetic": 1.0, "cons_rho": 1.0, "cons_mom": 1.0, "cons_energy": 1.0, "consist_rho": 1.0,
+               "consist_mom": 1.0, "consist_energy": 1.0, "ic_rho": 10.0, "ic_u": 1.0, "ic_T": 10.0, "ic_f": 10.0}
+    LEFT = (1.5, 0.0, 1.5)
+    RIGHT = (0.625, 0.0, 0.75)
+
+    def __init__(self, case: str = "IV", t_final: float = 0.1, nv: int = 64, weights=None, points=None):
+        super().__init__(nv, (-10.0, 10.0), t_final, (-0.5, 0.5), weights, points)
+        self.case = case.upper()
+        self.profile = _profile(self.case)
+
+    def build_model(self, encoding: EpsEncoding, nets: dict) -> BGKAPNN:
+        unknown = set(nets) - {"f", "macro"}
+        if unknown:
+            raise ValueError(f"bgk: unknown network(s) {sorted(unknown)}; expected 'f' and 'macro'")
+        return BGKAPNN(encoding, self.t_range, self.x_range, 10.0, self.LEFT, self.RIGHT,
+                       f_net=nets.get("f"), macro_net=nets.get("macro"))
+
+    def initial_state(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(rho0, u0, T0)`` at ``x``: ``q_L + (q_R - q_L) s(x)``."""
+        s = self.profile(x)
+        return tuple(a + (b - a) * s for a, b in zip(self.LEFT, self.RIGHT))
+
+    def sample(self, group: str, gen, K: int, n: int) -> dict[str, Tensor]:
+        t0, t1 = self.t_range
+        if group == "interior":
+            return {"t": self._uniform(gen, (K, n), t0, t1), "x": self._uniform(gen, (K, n), *self.x_range)}
+        if group == "initial":
+            return {"t": torch.zeros(K, n, dtype=torch.float64), "x": self._uniform(gen, (K, n), *self.x_range)}
+        raise ValueError(group)
+
+    def forward(self, group: str, call: Callable, inp: dict[str, Tensor], deriv: str) -> dict[str, Tensor]:
+        t, x, eps, v = inp["t"], inp["x"], inp["eps"], self.v
+        if group == "interior":
+            F, (Ft, Fx) = value_and_derivatives(lambda t, x: call("f", t, x, v, eps), (t, x), (0, 1),
+                                                pick_mode(deriv, 2, 1), grid=v.shape[0])
+            (rho, u, T), (dt,) = value_and_derivatives(lambda t: call("macro", t, x, eps), (t,), (0,),
+                                                       pick_mode(deriv, 1, 3))
+            return {"F": F, "Ft": Ft, "Fx": Fx, "rho": rho, "u": u, "T": T, "rho_t": dt[0], "u_t": dt[1], "T_t": dt[2]}
+        rho, u, T = call("macro", t, x, eps)
+        return {"F": call("f", t, x, v, eps), "rho": rho, "u": u, "T": T}
+
+    def loss(self, group: str, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
+        v, w, W = self.v, self.w, self.weights
+        n = out["F"].shape[0] // K
+        if group == "interior":
+            kn_rows = inp["eps"].reshape(K, 1).expand(K, n).reshape(-1)
+            kin, cons, consist = kinetic.bgk_residuals(out["F"], out["Ft"], out["Fx"], out["rho"], out["u"], out["T"],
+                                                       out["rho_t"], out["u_t"], out["T_t"], v, w, kn_rows)
+            L = W["kinetic"] * _mean_sq(kin, K)
+            for j, name in enumerate(("rho", "mom", "energy")):
+                L = L + W["cons_" + name] * _mean_sq(cons[:, j], K) + W["consist_" + name] * _mean_sq(consist[:, j], K)
+            return L
+        x = inp["x"].reshape(-1)
+        rho0, u0, T0 = self.initial_state(x)
+        M0 = kinetic.maxwellian(rho0, u0, T0, v)
+        return (W["ic_rho"] * _mean_sq(out["rho"] - rho0, K) + W["ic_u"] * _mean_sq(out["u"] - u0, K)
+                + W["ic_T"] * _mean_sq(out["T"] - T0, K) + W["ic_f"] * _mean_sq(out["F"] - M0, K))

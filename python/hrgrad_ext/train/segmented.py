@@ -1,0 +1,137 @@
+"""Per-task gradients of segmented APNN losses in one backward pass.
+
+Each task k (an eps value, or an (eps, point group) pair) has its own segment of the batch and
+its own loss L_k. To get every dL_k/dtheta from one reverse pass, the parameters are expanded
+to per-task copies ``P[k] = theta`` (``p.unsqueeze(0).expand(K, ...)``: a view, no copy), the
+network runs on task k's segment with copy k (``torch.func.vmap`` over tasks of
+``torch.func.functional_call``), input derivatives come from ``torch.func`` inside that
+(``deriv="fast"``: a reverse-mode pullback for the scalar-per-node f / g networks, whose t and x
+derivatives it gives in one pass, and forward-mode ``jvp`` for the three macro outputs' time
+derivatives; ``deriv="jvp"``: forward mode throughout), and the outputs of all tasks are flattened to one ``[K*n, ...]`` batch for the fused residual
+ops. Since L_k depends on copy k only, the gradient of ``sum_k L_k`` with respect to the
+expanded copies is the stack of the task gradients: the per-parameter Jacobians ``[K, *p.shape]``.
+
+:func:`separate_task_gradients` computes the same Jacobians the plain way (one eager forward
+with reverse-mode input derivatives and one backward per task); it is the reference for the
+tests and the baseline of the benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from .losses import Formulation
+
+__all__ = ["TASK_MODES", "TaskLayout", "segmented_task_gradients", "separate_task_gradients", "task_losses"]
+
+TASK_MODES = ("eps", "eps_group")
+
+
+@dataclass(frozen=True)
+class TaskLayout:
+    """How tasks map to (eps, group): ``mode="eps"`` gives K tasks (all groups of one eps);
+    ``mode="eps_group"`` gives K*G tasks, task ``k*G + g`` = (eps_k, group g)."""
+
+    eps: tuple[float, ...]
+    groups: tuple[str, ...]
+    mode: str = "eps"
+
+    def __post_init__(self):
+        if self.mode not in TASK_MODES:
+            raise ValueError(f"unknown task mode {self.mode!r}; expected one of {TASK_MODES}")
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.eps) * (len(self.groups) if self.mode == "eps_group" else 1)
+
+    @property
+    def names(self) -> list[str]:
+        if self.mode == "eps":
+            return [f"eps={e:g}" for e in self.eps]
+        return [f"eps={e:g}/{g}" for e in self.eps for g in self.groups]
+
+    def combine(self, group_losses: dict[str, Tensor]) -> Tensor:
+        """Per-group ``[K]`` losses -> task losses ``[num_tasks]``."""
+        stacked = torch.stack([group_losses[g] for g in self.groups], 1)  # [K, G]
+        return stacked.sum(1) if self.mode == "eps" else stacked.reshape(-1)
+
+
+def segmented_task_gradients(model: nn.Module, form: Formulation, batch: dict, layout: TaskLayout,
+                             deriv: str = "fast"):
+    """Task losses and per-parameter Jacobians from one forward and one backward pass.
+
+    Args:
+        model: an APNN with ``forward(method, *args)``.
+        form: the loss formulation.
+        batch: ``form.sample_batch(...)``: per group, tensors with a leading task axis K.
+        layout: the task layout.
+
+    Returns ``(losses [T] detached, group_losses {group: [K] detached}, jacobians)`` with
+    ``jacobians[i]`` of shape ``[T, *params[i].shape]`` for ``params = list(model.parameters())``.
+    """
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    K = len(layout.eps)
+    copies = 1 if layout.mode == "eps" else len(layout.groups)
+    expanded = [[p.unsqueeze(0).expand(K, *p.shape) for p in params] for _ in range(copies)]
+
+    group_losses = {}
+    for gi, group in enumerate(layout.groups):
+        P = dict(zip(names, expanded[0 if copies == 1 else gi]))
+        inputs = batch[group]
+
+        def per_task(Pk, inp, group=group):
+            def call(method, *args):
+                return functional_call(model, Pk, (method, *args))
+
+            return form.forward(group, call, inp, deriv)
+
+        out = vmap(per_task)(P, inputs)
+        flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in out.items()}
+        group_losses[group] = form.loss(group, flat, inputs, K)
+
+    losses = layout.combine(group_losses)
+    leaves = [e for copy in expanded for e in copy]
+    grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+    grads = [torch.zeros_like(e) if g is None else g for g, e in zip(grads, leaves)]
+    n = len(params)
+    if copies == 1:
+        jacobians = grads
+    else:
+        # [G][n] of [K, ...] -> per parameter [K, G, ...] -> [K*G, ...] (task k*G + g)
+        jacobians = [torch.stack([grads[c * n + i] for c in range(copies)], 1).reshape(K * copies, *params[i].shape)
+                     for i in range(n)]
+    return losses.detach(), {g: v.detach() for g, v in group_losses.items()}, jacobians
+
+
+def task_losses(model: nn.Module, form: Formulation, batch: dict, layout: TaskLayout, k: int,
+                deriv: str = "autograd") -> dict[str, Tensor]:
+    """Group losses of eps-task ``k`` alone (0-d each), evaluated eagerly with the model's own
+    parameters: the plain single-task APNN loss."""
+    out = {}
+    for group in layout.groups:
+        inp = {name: t[k] for name, t in batch[group].items()}
+        res = form.forward(group, lambda method, *a: model(method, *a), inp, deriv)
+        one = {name: t.unsqueeze(0) for name, t in inp.items()}
+        out[group] = form.loss(group, res, one, 1)[0]
+    return out
+
+
+def separate_task_gradients(model: nn.Module, form: Formulation, batch: dict, layout: TaskLayout,
+                            deriv: str = "autograd"):
+    """The same as :func:`segmented_task_gradients` the plain way: per task, an eager forward
+    on its segment and its own backward pass (K or K*G backward passes)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses, per_task = [], []
+    for k in range(len(layout.eps)):
+        groups = task_losses(model, form, batch, layout, k, deriv)
+        items = [sum(groups.values())] if layout.mode == "eps" else [groups[g] for g in layout.groups]
+        for j, L in enumerate(items):
+            g = torch.autograd.grad(L, params, allow_unused=True, retain_graph=j < len(items) - 1)
+            per_task.append([torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)])
+            losses.append(L.detach())
+    jacobians = [torch.stack([per_task[t][i] for t in range(len(per_task))]) for i in range(len(params))]
+    return torch.stack(losses), jacobians

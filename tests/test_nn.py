@@ -1,0 +1,140 @@
+"""Tests of hrgrad_ext.nn: eps encoding, bodies, APNN models and input derivatives."""
+
+import math
+
+import pytest
+import torch
+
+from hrgrad_ext.nn import BGKAPNN, MLP, EpsEncoding, ResNet, TransportAPNN, make_body
+from hrgrad_ext.train.losses import value_and_derivatives
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    # finite-difference checks need float64; restore the default for other test modules
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def test_encoding_normalises_log_eps_to_unit_interval():
+    enc = EpsEncoding(-8, 0)
+    z = enc(torch.tensor([1e-8, 1e-4, 1.0]))
+    assert enc.out_dim == 1
+    torch.testing.assert_close(z[:, 0], torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_encoding_fourier_and_embedding_shapes_and_values():
+    enc = EpsEncoding(-3, 0, fourier=2, embed_dim=5)
+    assert enc.out_dim == 1 + 4 + 5
+    eps = torch.tensor([1e-3, 1e-2, 1.0])
+    out = enc(eps)
+    assert out.shape == (3, 10)
+    z = enc.normalised(eps)
+    torch.testing.assert_close(out[:, 1], torch.sin(math.pi * z))
+    torch.testing.assert_close(out[:, 3], torch.cos(math.pi * z))
+    # the learned part is a function of the fixed features and has parameters
+    assert sum(p.numel() for p in enc.parameters()) == 5 * 5 + 5
+    assert torch.all(out[:, 5:].abs() < 1)
+
+
+def test_encoding_single_point_range_and_bad_args():
+    enc = EpsEncoding(-2, -2)
+    assert torch.equal(enc(torch.tensor([0.01])), torch.zeros(1, 1))
+    with pytest.raises(ValueError):
+        EpsEncoding(0, -1)
+    with pytest.raises(ValueError):
+        EpsEncoding(-1, 0, fourier=-1)
+
+
+@pytest.mark.parametrize("kind,cls", [("mlp", MLP), ("resnet", ResNet)])
+@pytest.mark.parametrize("act", ["tanh", "silu", "gelu", "sin", "softplus"])
+def test_bodies(kind, cls, act):
+    net = make_body(kind, 3, 2, width=8, depth=2, activation=act)
+    assert isinstance(net, cls)
+    assert net(torch.randn(4, 5, 3)).shape == (4, 5, 2)
+
+
+def test_body_errors():
+    with pytest.raises(ValueError, match="unknown network body"):
+        make_body("cnn", 3, 1, 8, 2, "tanh")
+    with pytest.raises(ValueError, match="unknown activation"):
+        make_body("mlp", 3, 1, 8, 2, "relu6")
+    with pytest.raises(ValueError):
+        MLP(3, 1, width=0)
+
+
+def _pts(n, x0, x1, t1=0.1):
+    g = torch.Generator().manual_seed(0)
+    return t1 * torch.rand(n, generator=g), x0 + (x1 - x0) * torch.rand(n, generator=g)
+
+
+def test_transport_model_shapes_and_dispatch():
+    m = TransportAPNN(EpsEncoding(-8, 0, 1), rho_net=dict(width=8, depth=2), g_net=dict(kind="resnet", width=8, depth=1))
+    t, x = _pts(7, 0, 1)
+    v = torch.linspace(-1, 1, 6)
+    eps = torch.full((7,), 1e-3)
+    assert m.rho(t, x, eps).shape == (7,)
+    assert m("g_raw", t, x, v, torch.tensor(1e-3)).shape == (7, 6)
+    # [n] and pre-expanded [n, V] coordinates give the same values
+    G1 = m.g_raw(t, x, v, eps)
+    G2 = m.g_raw(t[:, None].expand(7, 6), x[:, None].expand(7, 6), v, eps)
+    torch.testing.assert_close(G1, G2)
+    assert set(m.macroscopic(t, x, eps)) == {"rho"}
+    with pytest.raises(ValueError, match="unknown method"):
+        m("nope", t)
+    with pytest.raises(ValueError, match="unknown network option"):
+        TransportAPNN(EpsEncoding(), rho_net=dict(widht=3))
+
+
+def test_bgk_model_dirichlet_states_and_positive_f():
+    m = BGKAPNN(EpsEncoding(-3, 0), f_net=dict(width=8, depth=1), macro_net=dict(width=8, depth=2))
+    # make the macro networks far from zero so the built-in constraint is what holds the states
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(5.0)
+    t = torch.tensor([0.0, 0.05, 0.1, 0.03])
+    for x_end, state in ((-0.5, m.left), (0.5, m.right)):
+        x = torch.full((4,), x_end)
+        rho, u, T = m.macro(t, x, torch.tensor(1e-2))
+        torch.testing.assert_close(rho, torch.full((4,), state[0]))
+        torch.testing.assert_close(u, torch.full((4,), state[1]))
+        torch.testing.assert_close(T, torch.full((4,), state[2]))
+    t, x = _pts(9, -0.5, 0.5)
+    F = m.f(t, x, torch.linspace(-10, 10, 5), torch.full((9,), 0.1))
+    assert F.shape == (9, 5) and torch.all(F > 0)
+    mac = m.macroscopic(t, x, torch.tensor(1.0))
+    torch.testing.assert_close(mac["energy"], 0.5 * mac["rho"] * (mac["u"] ** 2 + mac["T"]))
+    # the interior is not pinned: the networks change the values there
+    rho0 = m.macro(t, x, torch.tensor(1.0))[0]
+    lin = torch.exp((0.5 - x) * math.log(1.5) + (0.5 + x) * math.log(0.625))
+    assert (rho0 - lin).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("deriv", ["jvp", "vjp", "autograd"])
+def test_input_derivatives_match_finite_differences(deriv):
+    m = TransportAPNN(EpsEncoding(-8, 0), rho_net=dict(width=8, depth=2), g_net=dict(width=8, depth=2))
+    t, x = _pts(5, 0, 1)
+    v = torch.linspace(-1, 1, 4)
+    eps = torch.tensor(0.3)
+    fn = lambda t, x: m.g_raw(t, x, v, eps)
+    G, (Gt, Gx) = value_and_derivatives(fn, (t, x), (0, 1), deriv, grid=4)
+    h = 1e-6
+    torch.testing.assert_close(Gt, (fn(t + h, x) - fn(t - h, x)) / (2 * h), atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(Gx, (fn(t, x + h) - fn(t, x - h)) / (2 * h), atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(G, fn(t, x))
+
+
+@pytest.mark.parametrize("deriv", ["jvp", "autograd"])
+def test_tuple_output_time_derivatives(deriv):
+    m = BGKAPNN(EpsEncoding(-3, 0), f_net=dict(width=8, depth=1), macro_net=dict(width=8, depth=2))
+    t, x = _pts(6, -0.5, 0.5)
+    eps = torch.tensor(0.01)
+    fn = lambda t: m.macro(t, x, eps)
+    val, (dt,) = value_and_derivatives(fn, (t,), (0,), deriv)
+    h = 1e-6
+    for a, ap, am, d in zip(val, fn(t + h), fn(t - h), dt):
+        torch.testing.assert_close(d, (ap - am) / (2 * h), atol=1e-7, rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown derivative mode"):
+        value_and_derivatives(fn, (t,), (0,), "symbolic")
