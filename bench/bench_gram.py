@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 
 import torch
+from timing import median_ms
 
 import hrgrad_ext
 from hrgrad_ext import ops
@@ -51,26 +50,9 @@ def eager_weights(G: torch.Tensor) -> torch.Tensor:
 
 
 def timer(device: torch.device, repeats: int, warmup: int):
-    def run(fn) -> float | None:
+    def run(fn) -> float | str:
         try:
-            for _ in range(warmup):
-                fn()
-            times = []
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                for _ in range(repeats):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-            else:
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
+            return median_ms(fn, device, warmup, repeats)
         except Exception as exc:  # a baseline failing (e.g. cuSOLVER on large n) is a result
             return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
@@ -157,7 +139,7 @@ def main(argv=None) -> int:
                 f"conflictfree {rec.get('conflictfree_ms', '-')!s:.8}) ms",
                 file=sys.stderr,
             )
-            del J, G
+
     scale = None
     if args.scale_n:
         n = int(args.scale_n)

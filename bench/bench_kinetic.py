@@ -22,10 +22,9 @@ import argparse
 import json
 import math
 import platform
-import statistics
-import time
 
 import torch
+from timing import median_ms
 
 import hrgrad_ext
 from hrgrad_ext.ops import kinetic as K
@@ -118,27 +117,7 @@ def make_transport(N, V, dtype, device):
 
 
 def time_step(loss_fn, args, leaves, device, warmup, repeats):
-    def step():
-        torch.autograd.grad(loss_fn(*args), leaves)
-
-    for _ in range(warmup):
-        step()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_ms(lambda: torch.autograd.grad(loss_fn(*args), leaves), device, warmup, repeats)
 
 
 def main():

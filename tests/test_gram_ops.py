@@ -166,6 +166,16 @@ def test_compiles_fullgraph():
     torch.testing.assert_close(compiled(J), step(J))
 
 
+def test_compiles_fullgraph_with_inductor():
+    # the default backend, with surrounding pointwise code that inductor generates itself
+    def step(J, lr):
+        return -lr * hrgrad_ext.hrgrad(J * 2.0)
+
+    J = torch.randn(3, 257)
+    compiled = torch.compile(step, fullgraph=True)
+    torch.testing.assert_close(compiled(J, 0.1), step(J, 0.1))
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "J,exc,match",

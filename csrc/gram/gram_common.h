@@ -75,4 +75,21 @@ inline at::Tensor check_combine_weights(const at::Tensor& J, const at::Tensor& w
   return w;
 }
 
+// combine_accumulate_: out (any shape with n elements, contiguous, J's dtype and device)
+// += J^T w for J [K, ...] with n elements per task. Returns J as a contiguous [1, K, n].
+inline at::Tensor check_combine_accumulate(const at::Tensor& out, const at::Tensor& J, const at::Tensor& w) {
+  constexpr const char* op = "combine_accumulate_";
+  TORCH_CHECK(J.dim() >= 1, op, ": J must have a leading task dimension K");
+  const at::Tensor J2 = J.reshape({J.size(0), -1});
+  const at::Tensor Jb = as_batched_jacobian(J2, op);
+  check_combine_weights(J2, w, op);
+  HRGRAD_CHECK_SAME_DEVICE(op, out, "out", J, "J");
+  TORCH_CHECK(out.scalar_type() == J.scalar_type(), op, ": out has dtype ", out.scalar_type(), " but J has ",
+              J.scalar_type());
+  TORCH_CHECK(out.numel() == Jb.size(2), op, ": out has ", out.numel(), " elements but each row of J has ",
+              Jb.size(2));
+  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
+  return Jb;
+}
+
 }  // namespace hrgrad_ext

@@ -383,16 +383,7 @@ at::Tensor combine_cuda(const at::Tensor& J, const at::Tensor& w) {
 }
 
 void combine_accumulate_cuda(at::Tensor& out, const at::Tensor& J, const at::Tensor& w) {
-  TORCH_CHECK(J.dim() >= 1, "combine_accumulate_: J must have a leading task dimension K");
-  const at::Tensor J2 = J.reshape({J.size(0), -1});
-  const at::Tensor Jb = as_batched_jacobian(J2, "combine_accumulate_");
-  check_combine_weights(J2, w, "combine_accumulate_");
-  HRGRAD_CHECK_SAME_DEVICE("combine_accumulate_", out, "out", J, "J");
-  TORCH_CHECK(out.scalar_type() == J.scalar_type(), "combine_accumulate_: out has dtype ",
-              out.scalar_type(), " but J has ", J.scalar_type());
-  TORCH_CHECK(out.numel() == Jb.size(2), "combine_accumulate_: out has ", out.numel(),
-              " elements but each row of J has ", Jb.size(2));
-  TORCH_CHECK(out.is_contiguous(), "combine_accumulate_: out must be contiguous");
+  const at::Tensor Jb = check_combine_accumulate(out, J, w);
   const c10::cuda::CUDAGuard guard(Jb.device());
   launch_combine<true>(Jb, w, out);
 }
