@@ -113,8 +113,9 @@ def test_bgk_model_dirichlet_states_and_positive_f():
 
 
 @pytest.mark.parametrize("deriv", ["jvp", "vjp", "autograd"])
-def test_input_derivatives_match_finite_differences(deriv):
-    m = TransportAPNN(EpsEncoding(-8, 0), rho_net=dict(width=8, depth=2), g_net=dict(width=8, depth=2))
+@pytest.mark.parametrize("options", [{}, {"reach": 0.2, "half_range": True}])
+def test_input_derivatives_match_finite_differences(deriv, options):
+    m = TransportAPNN(EpsEncoding(-8, 0), rho_net=dict(width=8, depth=2), g_net=dict(width=8, depth=2), **options)
     t, x = _pts(5, 0, 1)
     v = torch.linspace(-1, 1, 4)
     eps = torch.tensor(0.3)
@@ -138,3 +139,37 @@ def test_tuple_output_time_derivatives(deriv):
         torch.testing.assert_close(d, (ap - am) / (2 * h), atol=1e-7, rtol=1e-6)
     with pytest.raises(ValueError, match="unknown derivative mode"):
         value_and_derivatives(fn, (t,), (0,), "symbolic")
+
+
+def test_transport_reach_scales_x_to_the_distance_the_inflow_travels():
+    # eps = 1 at t = 0.1: the solution lives in x < 0.1. With reach = 0.2 the network's x input
+    # spans [-1, 1] over x in [0, 0.2] for eps = 1 (it spanned [-1, -0.6] with the slab
+    # scaling, which smeared the eps = 1 front), and the slab for eps <= 0.2.
+    m = TransportAPNN(EpsEncoding(-8, 0), rho_net=dict(width=4, depth=1), g_net=dict(width=4, depth=1), reach=0.2)
+    t = torch.full((3,), 0.05)
+    x = torch.tensor([0.0, 0.2, 1.0])
+    xs = m.point_features(t, x, torch.tensor(1.0))[:, 1]
+    torch.testing.assert_close(xs, torch.tensor([-1.0, 1.0, 9.0]))
+    for e in (0.2, 1e-2, 1e-8):
+        xs = m.point_features(t, x, torch.tensor(e))[:, 1]
+        torch.testing.assert_close(xs, torch.tensor([-1.0, -0.6, 1.0]))
+    # per-point eps on the velocity grid (the [n, V] layout of reverse-mode derivatives)
+    v = torch.linspace(-1, 1, 4)
+    h = m.grid_features(t.unsqueeze(-1).expand(3, 4), x.unsqueeze(-1).expand(3, 4), v, torch.tensor([1.0, 1.0, 1e-3]))
+    torch.testing.assert_close(h[:, 0, 1], torch.tensor([-1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="reach"):
+        TransportAPNN(EpsEncoding(), reach=-1.0)
+
+
+def test_transport_half_range_lets_g_jump_at_v_zero():
+    # f(t, 0, v) jumps from ~0 (v < 0, outgoing) to 1 (v > 0, inflow) at eps = 1: with sign(v)
+    # as an input, g can jump across v = 0 with no steep slope in v.
+    torch.manual_seed(0)
+    m = TransportAPNN(EpsEncoding(-8, 0), rho_net=dict(width=4, depth=1), g_net=dict(width=8, depth=2), half_range=True)
+    assert m.g_net.net[0].in_features == 3 + m.encoding.out_dim + 1
+    with torch.no_grad():
+        m.g_net.net[0].weight.zero_()
+        m.g_net.net[0].weight[:, -1] = 1.0  # depend on sign(v) only
+    t, x = _pts(2, 0, 1)
+    G = m.g_raw(t, x, torch.tensor([-1e-3, 1e-3]), torch.tensor(1.0))
+    assert (G[:, 1] - G[:, 0]).abs().min() > 1e-2

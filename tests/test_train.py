@@ -14,7 +14,7 @@ from hrgrad_ext.train.segmented import TaskLayout, segmented_task_gradients, sep
 from hrgrad_ext.train.trainer import CHECKPOINT, Trainer, aggregate, make_aggregator, read_metrics
 
 TINY = {
-    "transport": {"rho": {"width": 8, "depth": 2}, "g": {"width": 8, "depth": 2}},
+    "transport": {"rho": {"width": 8, "depth": 2}, "g": {"width": 8, "depth": 2}, "reach": 0.2, "half_range": True},
     "bgk": {"f": {"kind": "resnet", "width": 8, "depth": 1}, "macro": {"width": 8, "depth": 1}},
 }
 # eps sets whose references are cheap: the diffusion-limit series for transport, two BGK runs
@@ -94,6 +94,78 @@ def test_transport_loss_vanishes_on_diffusion_limit_structure(tmp_path):
     # and is O(1) when the closure is wrong
     out["G"] = -out["G"]
     assert form.loss("interior", out, {"eps": torch.tensor([eps], dtype=torch.float64)}, 1).item() > 1e-2
+
+
+def test_front_sampling_puts_points_where_the_inflow_has_reached():
+    from hrgrad_ext.train.losses import TransportFormulation
+
+    form = TransportFormulation(points={"interior": 400, "boundary": 2, "initial": 400}, nv=8, front_fraction=0.5)
+    eps = torch.tensor([1.0, 1e-8], dtype=torch.float64)
+    b = form.sample_batch(torch.Generator().manual_seed(0), eps, "cpu", torch.float64)
+    t, x = b["interior"]["t"], b["interior"]["x"]
+    front = slice(0, 200)
+    # eps = 1: transport at speed <= 1, x < 2 t; eps -> 0: diffusion, x < 2 sqrt(t)
+    assert (x[0, front] <= 2 * t[0, front] + 1e-12).all()
+    assert (x[1, front] <= 2 * t[1, front].sqrt() + 1e-12).all()
+    assert (x >= 0).all() and (x <= 1).all()
+    assert (x[0, 200:] > 0.5).any()  # the rest stays uniform
+    xi = b["initial"]["x"]
+    assert (xi[0, :200] <= 0.2 + 1e-12).all() and (xi[0, 200:] > 0.5).any()
+    # eps = 1 with uniform sampling puts ~1 point in 5 below x = 2 t; the front half at least 1/2
+    assert ((x[0] <= 2 * t[0]).double().mean() > 0.5)
+    with pytest.raises(ValueError, match="front_fraction"):
+        TransportFormulation(points={"interior": 4, "boundary": 2, "initial": 2}, front_fraction=1.5)
+    with pytest.raises(ValueError, match="sampling"):
+        TrainConfig(sampling={"fron": 0.5}).validate()
+
+
+def test_default_transport_model_resolves_the_eps1_front():
+    # Root cause of the eps = 1 failure (rel L2 0.78-0.89 at t = 0.1 for any width or step
+    # count): its solution is a wedge in x < 0.1 that the slab-scaled inputs could not resolve,
+    # and the inflow jump in v at v = 0 that g could not represent. The defaults must keep the
+    # eps-dependent x scale, the half-range input and the front sampling.
+    cfg = default_config("transport")
+    tr = Trainer(apply_overrides(cfg, ["log.progress=false", "log.plots=false"]))
+    m = tr.model
+    assert m.half_range
+    assert float(m.x_length(torch.tensor(1.0))) <= 2 * cfg.t_final * (1 + 1e-6)
+    assert float(m.x_length(torch.tensor(1e-3))) == 1.0
+    assert tr.form.front_fraction > 0
+
+
+def test_ic_corner_ramps_the_initial_residual_in_next_to_the_wall():
+    from hrgrad_ext.train.losses import TransportFormulation
+
+    pts = {"interior": 4, "boundary": 2, "initial": 3}
+    plain = TransportFormulation(points=pts, nv=8)
+    ramped = TransportFormulation(points=pts, nv=8, weights={"ic_corner": 0.1})
+    # f = rho = 1 at x = 0, xi / 2 and 0.5 for eps = 1e-8 (xi = 0.1) and eps = 1 (xi = 0.01 / 1.1)
+    for eps, xi in ((1e-8, 0.1), (1.0, 0.01 / 1.1)):
+        x = torch.tensor([[0.0, xi / 2, 0.5]], dtype=torch.float64)
+        out = {"rho": torch.ones(3, dtype=torch.float64), "G": torch.zeros(3, 8, dtype=torch.float64)}
+        inp = {"x": x, "eps": torch.tensor([eps], dtype=torch.float64)}
+        assert plain.loss("initial", out, inp, 1).item() == pytest.approx(10.0)
+        assert ramped.loss("initial", out, inp, 1).item() == pytest.approx(10.0 * (0 + 0.5 + 1) / 3)
+
+
+def test_transport_reference_must_obey_the_maximum_principle(monkeypatch):
+    # An earlier solve_transport returned densities up to 1.8 / 13 for eps = 1e-3 / 1e-4; a
+    # reference like that must not be scored against silently.
+    import numpy as np
+
+    from hrgrad_ext import reference as R
+    from hrgrad_ext.train import evaluation
+    from hrgrad_ext.train.losses import TransportFormulation
+
+    class Bad:
+        x = np.linspace(0.0, 1.0, 5)
+        rho = np.array([1.0, 1.8, 0.5, 0.2, 0.0])
+
+    monkeypatch.setattr(R, "solve_transport", lambda *a, **k: Bad())
+    monkeypatch.setattr(evaluation, "_REF_CACHE", {})
+    form = TransportFormulation(points={"interior": 4, "boundary": 2, "initial": 2})
+    with pytest.raises(RuntimeError, match="maximum principle"):
+        evaluation.reference_profiles(form, 1e-3)
 
 
 # --- HRGrad vs Sum on conflicting tasks -------------------------------------------------------

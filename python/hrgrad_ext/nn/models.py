@@ -54,14 +54,22 @@ class APNN(nn.Module):
             raise ValueError(f"{type(self).__name__}: unknown method {method!r}; expected one of {self.METHODS}")
         return getattr(self, method)(*args)
 
-    def _scale(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _scale(self, t: Tensor, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
         t0, t1 = self.t_range
-        x0, x1 = self.x_range
-        return (t - t0) * (2.0 / (t1 - t0)) - 1.0, (x - x0) * (2.0 / (x1 - x0)) - 1.0
+        x0, _ = self.x_range
+        length = self.x_length(eps)
+        if isinstance(length, Tensor) and length.dim() == 1 and x.dim() == 2:
+            length = length.unsqueeze(-1)
+        return (t - t0) * (2.0 / (t1 - t0)) - 1.0, (x - x0) * (2.0 / length) - 1.0
+
+    def x_length(self, eps: Tensor | None) -> float | Tensor:
+        """The length that the network's x input is scaled by (x0 + length maps to +1): the
+        domain length here; models whose solutions live on an eps-dependent scale override it."""
+        return self.x_range[1] - self.x_range[0]
 
     def point_features(self, t: Tensor, x: Tensor, eps: Tensor) -> Tensor:
         """``[n, 2 + enc]`` network input for points ``t, x, eps`` of shape ``[n]``."""
-        ts, xs = self._scale(t, x)
+        ts, xs = self._scale(t, x, eps)
         return torch.cat([ts.unsqueeze(-1), xs.unsqueeze(-1), self.encoding(eps.expand_as(t))], -1)
 
     def grid_features(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor) -> Tensor:
@@ -71,7 +79,7 @@ class APNN(nn.Module):
         derivative per node); ``eps`` is ``[n]`` or 0-d, ``v`` is ``[V]``.
         """
         n, V = t.shape[0], v.shape[0]
-        ts, xs = self._scale(t, x)
+        ts, xs = self._scale(t, x, eps.expand(n))
         ts = ts.unsqueeze(-1).expand(n, V) if ts.dim() == 1 else ts
         xs = xs.unsqueeze(-1).expand(n, V) if xs.dim() == 1 else xs
         enc = self.encoding(eps.expand(n)).unsqueeze(1).expand(n, V, self.encoding.out_dim)
@@ -88,21 +96,55 @@ class TransportAPNN(APNN):
     * ``rho(t, x, eps)``: ``[n]`` -> ``[n]``;
     * ``g_raw(t, x, v, eps)``: ``[n]``, ``[V]`` -> ``[n, V]``.
 
+    Two options adapt the inputs to the structure of the inflow problem at eps = O(1), where
+    the data f(0, x, v) = 0 and f(t, 0, v > 0) = 1 are incompatible at the corner (0, 0) and the
+    solution is a transport wedge that has travelled only x < t / eps (eps = 1, t = 0.1: x < 0.1):
+
+    * ``reach`` > 0: x enters the networks scaled by ``L(eps) = min(x1 - x0, reach / eps)``
+      instead of the slab length, so the wedge spans O(1) of the network's input for every eps
+      (with the slab scaling it spans 0.1 of it and smooth networks smear it over its whole
+      width). For eps <= reach / (x1 - x0) nothing changes; ``reach`` is a time window times a
+      safety factor (e.g. 2 t_final).
+    * ``half_range``: g also receives sign(v). At the inflow wall f jumps in v at v = 0
+      (f = 1 for v > 0, the outgoing f(v < 0) is O(eps)-close to 1 for small eps but ~0 for
+      eps = 1); with v alone a smooth g smears that jump and lets f(v < 0) be pulled towards
+      1, which adds spurious inflow. The velocities are quadrature nodes (never 0) and are not
+      differentiated, so the input is exact.
+
+    (An input that is discontinuous in (t, x), such as the exact uncollided flux
+    1[eps x < v t] exp(-x / (eps v)), must not be used: autograd misses the delta of its jump,
+    so the residuals do not see the mass it carries, and training finds spurious solutions
+    with rho ~ 0.)
+
     Args:
         encoding: the eps encoding.
         t_range, x_range: time window and slab (default [0, 0.1] x [0, 1]).
         rho_net, g_net: dicts with ``kind`` ("mlp"/"resnet"), ``width``, ``depth``, ``activation``.
+        reach: eps-dependent x scaling (0: the slab length for every eps).
+        half_range: add sign(v) to the g network's input.
     """
 
     METHODS = ("rho", "g_raw", "macroscopic")
 
     def __init__(self, encoding: EpsEncoding, t_range=(0.0, 0.1), x_range=(0.0, 1.0),
-                 rho_net: dict | None = None, g_net: dict | None = None):
+                 rho_net: dict | None = None, g_net: dict | None = None, reach: float = 0.0,
+                 half_range: bool = False):
         super().__init__(encoding, t_range, x_range, 1.0)
+        if not (math.isfinite(reach) and reach >= 0):
+            raise ValueError(f"TransportAPNN: reach must be a finite number >= 0, got {reach}")
+        self.reach = float(reach)
+        self.half_range = bool(half_range)
         default = dict(kind="mlp", width=64, depth=4, activation="tanh")
         e = encoding.out_dim
         self.rho_net = make_body(in_dim=2 + e, out_dim=1, **_body_args(rho_net, default))
-        self.g_net = make_body(in_dim=3 + e, out_dim=1, **_body_args(g_net, default))
+        self.g_net = make_body(in_dim=3 + e + int(self.half_range), out_dim=1, **_body_args(g_net, default))
+
+    def x_length(self, eps: Tensor | None) -> float | Tensor:
+        """``min(slab length, reach / eps)`` (the slab length when ``reach`` is 0)."""
+        full = self.x_range[1] - self.x_range[0]
+        if self.reach <= 0 or eps is None:
+            return full
+        return (self.reach / eps).clamp(max=full)
 
     def rho(self, t: Tensor, x: Tensor, eps: Tensor) -> Tensor:
         """Density ``[n]``."""
@@ -110,7 +152,11 @@ class TransportAPNN(APNN):
 
     def g_raw(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor) -> Tensor:
         """Un-normalised microscopic part ``[n, V]`` at velocity nodes ``v``."""
-        return self.g_net(self.grid_features(t, x, v, eps)).squeeze(-1)
+        h = self.grid_features(t, x, v, eps)
+        if self.half_range:
+            sv = torch.sign(v).to(h.dtype).expand(*h.shape[:-1])
+            h = torch.cat([h, sv.unsqueeze(-1)], -1)
+        return self.g_net(h).squeeze(-1)
 
     def macroscopic(self, t: Tensor, x: Tensor, eps: Tensor) -> dict[str, Tensor]:
         """The macroscopic quantities scored against references: ``{"rho": [n]}``."""

@@ -71,9 +71,15 @@ class TrainConfig:
         case: BGK initial data case ("I" .. "V").
         points: points per task and group (``interior``, ``boundary``, ``initial``).
         loss_weights: overrides of the formulation's loss weights.
+        sampling: point placement options; transport: ``front`` (fraction of the interior and
+            initial points drawn where the inflow can have reached by time t,
+            x < span min(t / eps, sqrt(t));
+            0 = uniform) and ``span`` (the factor on that reach).
         model: ``encoding`` (``fourier``, ``embed_dim``, optional ``log10_min/max``) and the
             networks (transport ``rho``, ``g``; BGK ``f``, ``macro``) as ``kind``/``width``/
-            ``depth``/``activation``.
+            ``depth``/``activation``; transport also ``reach`` (x input scaled by
+            min(1, reach / eps)) and ``half_range`` (sign(v) as a g input), see
+            :class:`hrgrad_ext.nn.TransportAPNN`.
         aggregator: options per method, e.g. ``{hrgrad = {length_model = "min"}}`` (HRGrad
             ``length_model``, ``rcond``; MGDA ``max_iters``, ``tol``); methods not listed get
             their defaults, so one config serves every method of a comparison.
@@ -96,6 +102,7 @@ class TrainConfig:
     case: str = "IV"
     points: dict = field(default_factory=lambda: {"interior": 64, "boundary": 16, "initial": 32})
     loss_weights: dict = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     aggregator: dict = field(default_factory=dict)
     grad_mode: str = "segmented"
@@ -149,6 +156,11 @@ class TrainConfig:
         unknown = set(self.aggregator) - set(METHODS)
         if unknown:
             raise ValueError(f"aggregator: unknown method(s) {sorted(unknown)}; expected some of {METHODS}")
+        if not isinstance(self.sampling, dict):
+            raise ValueError("sampling: expected a table, e.g. sampling = { front = 0.5, span = 2.0 }")
+        unknown = set(self.sampling) - {"front", "span"}
+        if unknown:
+            raise ValueError(f"sampling: unknown option(s) {sorted(unknown)}; expected 'front' and 'span'")
         lg = self.log
         for k in ("log_every", "eval_every", "checkpoint_every"):
             if getattr(lg, k) < 1:
@@ -176,12 +188,14 @@ def _from_dict(cls, data: dict, prefix: str = ""):
 #: wheel); ``tests/test_train.py`` checks that they match the files.
 BUILTIN_DEFAULTS = {
     "transport": {
-        "problem": "transport", "eps": [1.0, 0.1, 0.01, 0.001, 0.0001, 1e-8], "iters": 3000, "nv": 30,
+        "problem": "transport", "eps": [1.0, 0.1, 0.01, 0.001, 0.0001, 1e-8], "iters": 5000, "nv": 30,
         "points": {"interior": 64, "boundary": 16, "initial": 32},
-        "loss_weights": {"micro": 1.0, "macro": 1.0, "bc": 10.0, "ic": 10.0},
+        "loss_weights": {"micro": 1.0, "macro": 1.0, "bc": 10.0, "ic": 10.0, "ic_corner": 0.0},
+        "sampling": {"front": 0.5, "span": 2.0},
         "model": {"encoding": {"fourier": 2, "embed_dim": 0},
                   "rho": {"kind": "mlp", "width": 32, "depth": 3, "activation": "tanh"},
-                  "g": {"kind": "mlp", "width": 32, "depth": 3, "activation": "tanh"}},
+                  "g": {"kind": "mlp", "width": 32, "depth": 3, "activation": "tanh"},
+                  "reach": 0.2, "half_range": True},
         "aggregator": {"hrgrad": {"length_model": "projection"}}, "out": "runs/transport",
         "optim": {"lr": 0.002, "min_factor": 0.02},
     },

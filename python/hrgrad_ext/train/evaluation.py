@@ -44,7 +44,13 @@ def reference_profiles(form: Formulation, eps: float) -> tuple[np.ndarray, dict[
         eps_min = getattr(RT, "EPS_MIN", 1e-6)
         if eps >= eps_min:
             r = R.solve_transport(float(eps), t_final, store_f=False)
-            out = (np.asarray(r.x), {"rho": np.asarray(r.rho)})
+            rho = np.asarray(r.rho)
+            # 0 <= f <= 1 for this data (inflow 1, initial 0), so rho <= 1; a reference that
+            # breaks that bound is wrong and would make any score meaningless
+            if rho.max() > 1.0 + 1e-6:
+                raise RuntimeError(f"transport reference for eps={eps:g} violates the maximum principle "
+                                   f"(max rho = {rho.max():.3g} > 1); refusing to score against it")
+            out = (np.asarray(r.x), {"rho": rho})
         else:
             # below the solver's range the diffusion limit is the reference (error O(eps))
             nx = getattr(RT, "DEFAULT_NX", 300)

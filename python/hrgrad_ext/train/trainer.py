@@ -62,7 +62,8 @@ def make_formulation(cfg: TrainConfig) -> Formulation:
     if cfg.nv:
         kw["nv"] = cfg.nv
     if cfg.problem == "transport":
-        return TransportFormulation(**kw)
+        sp = cfg.sampling
+        return TransportFormulation(front_fraction=float(sp.get("front", 0.0)), front_span=float(sp.get("span", 2.0)), **kw)
     return BGKFormulation(case=cfg.case, **kw)
 
 
