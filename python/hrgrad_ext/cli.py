@@ -28,7 +28,7 @@ def _eps_list(text: str) -> list[float]:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML config file (default: the problem's defaults, configs/<problem>.toml)")
+    p.add_argument("--config", help="TOML config file (default: the problem's defaults, hrgrad_ext/configs/<problem>.toml)")
     p.add_argument("--problem", choices=("transport", "bgk"), help="kinetic problem (default transport)")
     p.add_argument("--eps", type=_eps_list, help="task set, comma-separated (eps, or Kn for BGK)")
     p.add_argument("--iters", type=int, help="optimizer steps")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUILTIN_DEFAULTS", "METHODS", "PROBLEMS", "TrainConfig", "builtin_config", "default_config", "load_config", "apply_overrides", "to_toml"]
+__all__ = ["METHODS", "PROBLEMS", "TrainConfig", "default_config_path", "default_config", "load_config", "apply_overrides", "to_toml"]
 
 PROBLEMS = ("transport", "bgk")
 #: Aggregation methods accepted by ``method`` (see :func:`hrgrad_ext.train.trainer.make_aggregator`).
@@ -184,56 +184,16 @@ def _from_dict(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-#: The defaults of each problem when ``configs/<problem>.toml`` is not at hand (an installed
-#: wheel); ``tests/test_train.py`` checks that they match the files.
-BUILTIN_DEFAULTS = {
-    "transport": {
-        "problem": "transport", "eps": [1.0, 0.1, 0.01, 0.001, 0.0001, 1e-8], "iters": 5000, "nv": 30,
-        "points": {"interior": 64, "boundary": 16, "initial": 32},
-        "loss_weights": {"micro": 1.0, "macro": 1.0, "bc": 10.0, "ic": 10.0, "ic_corner": 0.0},
-        "sampling": {"front": 0.5, "span": 2.0},
-        "model": {"encoding": {"fourier": 2, "embed_dim": 0},
-                  "rho": {"kind": "mlp", "width": 32, "depth": 3, "activation": "tanh"},
-                  "g": {"kind": "mlp", "width": 32, "depth": 3, "activation": "tanh"},
-                  "reach": 0.2, "half_range": True},
-        "aggregator": {"hrgrad": {"length_model": "projection"}}, "out": "runs/transport",
-        "optim": {"lr": 0.002, "min_factor": 0.02},
-    },
-    "bgk": {
-        "problem": "bgk", "eps": [1.0, 0.1, 0.01, 0.001], "iters": 2000, "nv": 64, "case": "IV",
-        "points": {"interior": 64, "initial": 32},
-        "loss_weights": {"kinetic": 1.0, "cons_rho": 1.0, "cons_mom": 1.0, "cons_energy": 1.0, "consist_rho": 1.0,
-                         "consist_mom": 1.0, "consist_energy": 1.0, "ic_rho": 10.0, "ic_u": 1.0, "ic_T": 10.0,
-                         "ic_f": 10.0},
-        "model": {"encoding": {"fourier": 2, "embed_dim": 0},
-                  "f": {"kind": "resnet", "width": 32, "depth": 2, "activation": "tanh"},
-                  "macro": {"kind": "mlp", "width": 32, "depth": 3, "activation": "tanh"}},
-        "aggregator": {"hrgrad": {"length_model": "projection"}}, "out": "runs/bgk",
-        "optim": {"lr": 0.002, "min_factor": 0.02},
-    },
-}
-
-
-def builtin_config(problem: str) -> TrainConfig:
-    """The defaults of ``problem`` from :data:`BUILTIN_DEFAULTS`."""
-    if problem not in PROBLEMS:
-        raise ValueError(f"problem: unknown problem {problem!r}; expected one of {PROBLEMS}")
-    return _from_dict(TrainConfig, copy.deepcopy(BUILTIN_DEFAULTS[problem]))
-
-
 def default_config(problem: str = "transport") -> TrainConfig:
-    """The defaults of ``problem``: ``configs/<problem>.toml`` of the source tree when found,
-    else :func:`builtin_config`."""
+    """The packaged defaults of ``problem`` (``hrgrad_ext/configs/<problem>.toml``)."""
     if problem not in PROBLEMS:
         raise ValueError(f"problem: unknown problem {problem!r}; expected one of {PROBLEMS}")
-    path = _configs_dir() / f"{problem}.toml"
-    if path.is_file():
-        return load_config(path)
-    return builtin_config(problem)
+    return load_config(default_config_path(problem))
 
 
-def _configs_dir() -> Path:
-    return Path(__file__).resolve().parents[3] / "configs"
+def default_config_path(problem: str) -> Path:
+    """Path of the packaged defaults file of ``problem`` (shipped inside the wheel)."""
+    return Path(__file__).resolve().parents[1] / "configs" / f"{problem}.toml"
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
