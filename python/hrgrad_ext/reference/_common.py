@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +42,8 @@ def output_times(t_final: Any) -> tuple[np.ndarray, bool]:
     try:
         times = np.atleast_1d(np.asarray(t_final, dtype=float))
     except (TypeError, ValueError):
-        raise ValueError(f"t_final must be a number or a sequence of numbers, got {t_final!r}") from None
+        raise ValueError(
+            f"t_final must be a number or a sequence of numbers, got {t_final!r}") from None
     if times.ndim != 1 or times.size == 0:
         raise ValueError(f"t_final must be a number or a non-empty 1-D sequence, got {t_final!r}")
     if not np.all(np.isfinite(times)) or np.any(times < 0):
@@ -55,19 +56,19 @@ def output_times(t_final: Any) -> tuple[np.ndarray, bool]:
 class ResultBase:
     """Mixin for the result dataclasses: flat array storage in ``.npz`` files and in the cache.
 
-    Array fields are stored as they are; the remaining (scalar/string) fields go into one JSON
-    string under the key ``_meta`` so a file round-trips to an equal object.
+    Array fields are stored as they are; the remaining (scalar/string/None) fields go into one
+    JSON string under the key ``_meta`` so a file round-trips to an equal object.
     """
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The fields as a dict of numpy arrays (``None`` fields are left out)."""
+        """The fields as a dict of numpy arrays (non-array fields as JSON under ``_meta``)."""
         arrays: dict[str, np.ndarray] = {}
         meta: dict[str, Any] = {"type": type(self).__name__}
         for fld in dataclasses.fields(self):
             val = getattr(self, fld.name)
             if isinstance(val, np.ndarray):
                 arrays[fld.name] = val
-            elif val is not None:
+            else:
                 meta[fld.name] = val
         arrays["_meta"] = np.array(json.dumps(meta))
         return arrays

@@ -36,7 +36,7 @@ def cache_dir() -> Path:
 
 
 def _canonical(obj: Any) -> Any:
-    """Make ``obj`` JSON-serialisable in a unique way (floats by ``repr`` so 1e-3 != 0.001000001)."""
+    """Make ``obj`` JSON-serialisable in a unique way (floats by ``repr``, exactly)."""
     if isinstance(obj, Mapping):
         return {str(k): _canonical(v) for k, v in sorted(obj.items())}
     if isinstance(obj, np.ndarray):
