@@ -265,21 +265,25 @@ def transport_mm_residuals(
 
 
 def gauss_legendre(
-    n: int, lo: float = -1.0, hi: float = 1.0, *, dtype: torch.dtype = torch.float64, device=None
+    n: int, lo: float = -1.0, hi: float = 1.0, *, dtype: torch.dtype | None = None, device=None
 ) -> tuple[Tensor, Tensor]:
-    """Gauss-Legendre nodes and weights on ``[lo, hi]`` (``sum w = hi - lo``).
+    """``n``-point Gauss-Legendre nodes and weights on ``[lo, hi]`` (``sum w = hi - lo``).
 
     The rules of the anchor papers: 30 nodes on ``[-1, 1]`` for linear transport, 64 nodes on
-    ``[-10, 10]`` for BGK.
+    ``[-10, 10]`` for BGK. Computed in float64 by numpy and then cast, so float32 rules are
+    correctly rounded; ``dtype`` defaults to torch's default dtype.
     """
     import numpy as np
 
-    if n <= 0:
-        raise ValueError(f"gauss_legendre: n must be positive, got {n}")
-    x, wt = np.polynomial.legendre.leggauss(n)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"gauss_legendre: number of nodes must be a positive integer, got {n!r}")
+    if not hi > lo:
+        raise ValueError(f"gauss_legendre: interval must have b > a, got [{lo}, {hi}]")
+    x, wt = np.polynomial.legendre.leggauss(int(n))
     half = 0.5 * (hi - lo)
-    v = torch.tensor(lo + half * (x + 1.0), dtype=dtype, device=device)
-    w = torch.tensor(half * wt, dtype=dtype, device=device)
+    dtype = dtype or torch.get_default_dtype()
+    v = torch.as_tensor(lo + half * (x + 1.0), dtype=dtype, device=device)
+    w = torch.as_tensor(half * wt, dtype=dtype, device=device)
     return v, w
 
 

@@ -9,7 +9,7 @@ Both score a model against the cached reference solutions of :mod:`hrgrad_ext.re
 
 from ._base import KineticProblem, relative_l2
 from .bgk import BGK
-from .quadrature import gauss_legendre
+from ..ops import gauss_legendre
 from .transport import LinearTransport
 
 __all__ = ["BGK", "KineticProblem", "LinearTransport", "gauss_legendre", "relative_l2"]

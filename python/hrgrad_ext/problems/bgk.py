@@ -10,22 +10,9 @@ import torch
 
 from ..reference import bgk as _ref
 from ._base import KineticProblem
-from .quadrature import gauss_legendre
+from ..ops import gauss_legendre
 
 __all__ = ["BGK"]
-
-
-def _profile(case: str, x: torch.Tensor) -> torch.Tensor:
-    """The spec's interpolation profile s(x) in torch (same formulas as the reference solver)."""
-    if case == "I":
-        return 0.5 * (1.0 + torch.sin(math.pi * x))
-    if case == "II":
-        return 0.5 * (1.0 + torch.sign(x) * torch.abs(torch.sin(math.pi * x)) ** (3.0 / 7.0))
-    if case == "III":
-        return 0.5 * (1.0 + torch.tanh(10.0 * x))
-    if case == "IV":
-        return 0.5 * (1.0 + torch.tanh(20.0 * x))
-    return (x > 0).to(x.dtype)            # V: Riemann step
 
 
 class BGK(KineticProblem):
@@ -92,7 +79,7 @@ class BGK(KineticProblem):
     # -- data ----------------------------------------------------------------------------------
     def profile(self, x: torch.Tensor) -> torch.Tensor:
         """The case's interpolation profile s(x) (0 at the left state, 1 at the right)."""
-        return _profile(self.case, x)
+        return _ref.case_profile(self.case)(x)
 
     def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rho0, u0, T0) at points x."""

@@ -9,7 +9,7 @@ import torch
 
 from ..reference import transport as _ref
 from ._base import KineticProblem
-from .quadrature import gauss_legendre
+from ..ops import gauss_legendre
 
 __all__ = ["LinearTransport"]
 

@@ -68,25 +68,36 @@ CASE_NV = {"V": 120}
 DEFAULT_CFL = 0.5
 
 
+# The profiles take numpy arrays (the solver) or torch tensors (problems, APNN initial data):
+# one definition serves both, through the array module of the argument.
+def _xp(x):
+    import torch
+
+    return torch if isinstance(x, torch.Tensor) else np
+
+
 def _s_sin(x):
-    return 0.5 * (1.0 + np.sin(np.pi * x))
+    return 0.5 * (1.0 + _xp(x).sin(np.pi * x))
 
 
 def _s_cusp(x):
-    return 0.5 * (1.0 + np.sign(x) * np.abs(np.sin(np.pi * x)) ** (3.0 / 7.0))
+    xp = _xp(x)
+    return 0.5 * (1.0 + xp.sign(x) * xp.abs(xp.sin(np.pi * x)) ** (3.0 / 7.0))
 
 
 def _s_tanh10(x):
-    return 0.5 * (1.0 + np.tanh(10.0 * x))
+    return 0.5 * (1.0 + _xp(x).tanh(10.0 * x))
 
 
 def _s_tanh20(x):
-    return 0.5 * (1.0 + np.tanh(20.0 * x))
+    return 0.5 * (1.0 + _xp(x).tanh(20.0 * x))
 
 
 def _s_step(x):
     # Riemann step: left state for x < 0, right state for x > 0 (x = 0 is a cell face for even nx).
-    return np.where(np.asarray(x) > 0.0, 1.0, 0.0)
+    xp = _xp(x)
+    x = x if xp is not np else np.asarray(x, dtype=float)
+    return xp.where(x > 0.0, xp.ones_like(x), xp.zeros_like(x))
 
 
 #: case -> (profile s(x), default Kn, default final time), from the spec.
@@ -107,7 +118,7 @@ def _check_case(case) -> str:
     return case.upper()
 
 
-def case_profile(case: str) -> Callable[[np.ndarray], np.ndarray]:
+def case_profile(case: str) -> Callable:
     """The interpolation profile ``s(x)`` of a spec case ("I" .. "V")."""
     return CASES[_check_case(case)][0]
 

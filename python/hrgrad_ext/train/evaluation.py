@@ -1,71 +1,48 @@
-"""Scoring a trained APNN against reference solutions (relative L2 on the reference grid).
+"""Scoring a trained APNN against the reference solutions of :mod:`hrgrad_ext.problems`.
 
-Uses :mod:`hrgrad_ext.problems` when it provides ``evaluate``/``reference`` for the problem,
-else the solvers of :mod:`hrgrad_ext.reference` directly: transport references come from
-``solve_transport`` for eps >= its lower limit and from the diffusion-limit series below it;
-BGK references from ``solve_bgk(case, kn, t_final)``. Both are cached on disk by the reference
-package, so repeated evaluations are cheap.
+Errors are relative L2 at the final time on the reference's own grid (the problems'
+``evaluate``): transport scores the density, BGK the density, momentum and energy. The
+references are cached on disk by :mod:`hrgrad_ext.reference`, and in memory here.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..problems import BGK, KineticProblem, LinearTransport
 from .losses import BGKFormulation, Formulation, TransportFormulation
 
-__all__ = ["evaluate", "predict", "reference_profiles", "rel_l2"]
+__all__ = ["evaluate", "predict", "problem_for", "reference_profiles"]
+
+_PROBLEMS: dict = {}
 
 
-def rel_l2(ref: np.ndarray, pred: np.ndarray) -> float:
-    """``sqrt(sum (ref - pred)^2 / sum ref^2)``."""
-    ref = np.asarray(ref, dtype=float)
-    pred = np.asarray(pred, dtype=float)
-    return float(np.sqrt(np.sum((ref - pred) ** 2) / np.sum(ref ** 2)))
-
-
-_REF_CACHE: dict = {}
+def problem_for(form: Formulation, dtype: torch.dtype = torch.float64, device=None) -> KineticProblem:
+    """The problem definition (reference, scoring) matching a loss formulation."""
+    t_final = form.t_range[1]
+    key = (form.name, getattr(form, "case", None), t_final, dtype, str(device))
+    if key not in _PROBLEMS:
+        if isinstance(form, TransportFormulation):
+            _PROBLEMS[key] = LinearTransport(t_final=t_final, dtype=dtype, device=device)
+        elif isinstance(form, BGKFormulation):
+            _PROBLEMS[key] = BGK(form.case, t_final=t_final, dtype=dtype, device=device)
+        else:
+            raise TypeError(f"no reference for formulation {type(form).__name__}")
+    return _PROBLEMS[key]
 
 
 def reference_profiles(form: Formulation, eps: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``(x, {quantity: values})`` of the reference solution at the final time."""
-    t_final = form.t_range[1]
-    key = (form.name, getattr(form, "case", None), float(eps), t_final)
-    if key in _REF_CACHE:
-        return _REF_CACHE[key]
-    from .. import reference as R
-
+    """``(x, {quantity: values})`` of the reference at the final time, in the formulation's
+    quantities (transport: rho; BGK: rho, u, T)."""
+    ref = problem_for(form).reference(eps)
     if isinstance(form, TransportFormulation):
-        from ..reference import transport as RT
-
-        eps_min = getattr(RT, "EPS_MIN", 1e-6)
-        if eps >= eps_min:
-            r = R.solve_transport(float(eps), t_final, store_f=False)
-            rho = np.asarray(r.rho)
-            # 0 <= f <= 1 for this data (inflow 1, initial 0), so rho <= 1; a reference that
-            # breaks that bound is wrong and would make any score meaningless
-            if rho.max() > 1.0 + 1e-6:
-                raise RuntimeError(f"transport reference for eps={eps:g} violates the maximum principle "
-                                   f"(max rho = {rho.max():.3g} > 1); refusing to score against it")
-            out = (np.asarray(r.x), {"rho": rho})
-        else:
-            # below the solver's range the diffusion limit is the reference (error O(eps))
-            nx = getattr(RT, "DEFAULT_NX", 300)
-            x = (np.arange(nx) + 0.5) / nx
-            out = (x, {"rho": np.asarray(R.diffusion_limit(x, t_final))})
-    elif isinstance(form, BGKFormulation):
-        r = R.solve_bgk(form.case, float(eps), t_final, store_f=False)
-        rho = np.asarray(r.density)
-        u = np.asarray(r.momentum) / rho
-        T = 2.0 * np.asarray(r.energy) / rho - u * u
-        out = (np.asarray(r.x), {"rho": rho, "u": u, "T": T})
-    else:
-        raise TypeError(f"no reference for formulation {type(form).__name__}")
-    _REF_CACHE[key] = out
-    return out
+        return np.asarray(ref.x), {"rho": np.asarray(ref.rho)}
+    rho = np.asarray(ref.density)
+    u = np.asarray(ref.momentum) / rho
+    T = 2.0 * np.asarray(ref.energy) / rho - u * u
+    return np.asarray(ref.x), {"rho": rho, "u": u, "T": T}
 
 
 @torch.no_grad()
@@ -80,15 +57,17 @@ def predict(model: nn.Module, form: Formulation, x: np.ndarray, eps: float) -> d
 
 
 def evaluate(model: nn.Module, form: Formulation, eps_values) -> dict[str, dict[str, float]]:
-    """``{f"{eps:g}": {quantity: rel L2}}`` for every eps and every quantity of the problem."""
+    """``{f"{eps:g}": {quantity: rel L2}}`` for every eps (see the problems' ``evaluate``)."""
+    p = next(model.parameters())
+    problem = problem_for(form, p.dtype, p.device)
+
+    def model_fn(t, x, eps):
+        return model.macroscopic(t, x, torch.tensor(eps, dtype=p.dtype, device=p.device))
+
     was_training = model.training
     model.eval()
     try:
-        result = {}
-        for eps in eps_values:
-            x, ref = reference_profiles(form, eps)
-            pred = predict(model, form, x, eps)
-            result[f"{eps:g}"] = {q: rel_l2(ref[q], pred[q]) for q in form.quantities}
-        return result
+        with torch.no_grad():
+            return {f"{eps:g}": problem.evaluate(model_fn, eps) for eps in eps_values}
     finally:
         model.train(was_training)

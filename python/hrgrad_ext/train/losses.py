@@ -17,7 +17,6 @@ velocity quadrature, the initial/boundary data and the loss weights. Its points 
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
@@ -26,17 +25,9 @@ from torch.func import jvp, vmap
 
 from ..nn import BGKAPNN, EpsEncoding, TransportAPNN
 from .. import ops as kinetic
+from ..reference import bgk as bgk_reference
 
-__all__ = ["BGKFormulation", "Formulation", "TransportFormulation", "gauss_legendre", "value_and_derivatives"]
-
-
-def gauss_legendre(n: int, lo: float, hi: float, dtype=torch.float64) -> tuple[Tensor, Tensor]:
-    """Gauss-Legendre nodes and weights on ``[lo, hi]`` (weights sum to ``hi - lo``)."""
-    import numpy as np
-
-    x, w = np.polynomial.legendre.leggauss(n)
-    half = 0.5 * (hi - lo)
-    return torch.tensor(lo + half * (x + 1.0), dtype=dtype), torch.tensor(half * w, dtype=dtype)
+__all__ = ["BGKFormulation", "Formulation", "TransportFormulation", "value_and_derivatives"]
 
 
 def value_and_derivatives(fn: Callable, primals: Sequence[Tensor], wrt: Sequence[int], deriv: str,
@@ -126,7 +117,8 @@ class Formulation:
             raise ValueError(f"need at least 2 velocity nodes, got {nv}")
         self.t_range = (0.0, float(t_final))
         self.x_range = tuple(float(a) for a in x_range)
-        self.v, self.w = gauss_legendre(nv, *v_range)
+        # float64 rule: the trainer casts the formulation to the run's dtype
+        self.v, self.w = kinetic.gauss_legendre(nv, *v_range, dtype=torch.float64)
         self.weights = dict(self.WEIGHTS)
         for k, val in (weights or {}).items():
             if k not in self.WEIGHTS:
@@ -278,21 +270,6 @@ class TransportFormulation(Formulation):
         return W["bc"] * (r * r).reshape(K, -1).sum(1) / incoming.reshape(K, -1).sum(1)
 
 
-def _profile(case: str) -> Callable[[Tensor], Tensor]:
-    case = case.upper()
-    if case == "I":
-        return lambda x: 0.5 * (1.0 + torch.sin(math.pi * x))
-    if case == "II":
-        return lambda x: 0.5 * (1.0 + torch.sign(x) * torch.abs(torch.sin(math.pi * x)) ** (3.0 / 7.0))
-    if case == "III":
-        return lambda x: 0.5 * (1.0 + torch.tanh(10.0 * x))
-    if case == "IV":
-        return lambda x: 0.5 * (1.0 + torch.tanh(20.0 * x))
-    if case == "V":
-        return lambda x: (x > 0).to(x.dtype)
-    raise ValueError(f"unknown BGK case {case!r}; expected one of I, II, III, IV, V")
-
-
 class BGKFormulation(Formulation):
     """BGK APNN (spec section 2): x in [-0.5, 0.5], v in [-10, 10] (64 Gauss-Legendre nodes),
     residual groups kinetic / conservation / consistency on interior points and the initial
@@ -304,13 +281,13 @@ class BGKFormulation(Formulation):
     quantities = ("rho", "u", "T")
     WEIGHTS = {"kinetic": 1.0, "cons_rho": 1.0, "cons_mom": 1.0, "cons_energy": 1.0, "consist_rho": 1.0,
                "consist_mom": 1.0, "consist_energy": 1.0, "ic_rho": 10.0, "ic_u": 1.0, "ic_T": 10.0, "ic_f": 10.0}
-    LEFT = (1.5, 0.0, 1.5)
-    RIGHT = (0.625, 0.0, 0.75)
+    LEFT = bgk_reference.LEFT_STATE
+    RIGHT = bgk_reference.RIGHT_STATE
 
     def __init__(self, case: str = "IV", t_final: float = 0.1, nv: int = 64, weights=None, points=None):
         super().__init__(nv, (-10.0, 10.0), t_final, (-0.5, 0.5), weights, points)
         self.case = case.upper()
-        self.profile = _profile(self.case)
+        self.profile = bgk_reference.case_profile(self.case)
 
     def build_model(self, encoding: EpsEncoding, nets: dict) -> BGKAPNN:
         unknown = set(nets) - {"f", "macro"}
