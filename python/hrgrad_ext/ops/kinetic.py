@@ -265,13 +265,13 @@ def transport_mm_residuals(
 
 
 def gauss_legendre(
-    n: int, lo: float = -1.0, hi: float = 1.0, *, dtype: torch.dtype | None = None, device=None
+    n: int, lo: float = -1.0, hi: float = 1.0, *, dtype: torch.dtype = torch.float64, device=None
 ) -> tuple[Tensor, Tensor]:
     """``n``-point Gauss-Legendre nodes and weights on ``[lo, hi]`` (``sum w = hi - lo``).
 
     The rules of the anchor papers: 30 nodes on ``[-1, 1]`` for linear transport, 64 nodes on
     ``[-10, 10]`` for BGK. Computed in float64 by numpy and then cast, so float32 rules are
-    correctly rounded; ``dtype`` defaults to torch's default dtype.
+    correctly rounded.
     """
     import numpy as np
 
@@ -281,7 +281,6 @@ def gauss_legendre(
         raise ValueError(f"gauss_legendre: interval must have b > a, got [{lo}, {hi}]")
     x, wt = np.polynomial.legendre.leggauss(int(n))
     half = 0.5 * (hi - lo)
-    dtype = dtype or torch.get_default_dtype()
     v = torch.as_tensor(lo + half * (x + 1.0), dtype=dtype, device=device)
     w = torch.as_tensor(half * wt, dtype=dtype, device=device)
     return v, w
