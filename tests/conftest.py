@@ -14,6 +14,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_reference_cache(tmp_path_factory):
+    # References are computed afresh for the test session (what CI pays), and the user's own
+    # cache (~/.cache/hrgrad_ext) is neither read nor written by the tests.
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HRGRAD_EXT_CACHE", str(tmp_path_factory.mktemp("reference-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)
