@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/cpu_clones.h"
 #include "gram/gram_common.h"
 
 namespace hrgrad_ext {
@@ -17,7 +18,7 @@ constexpr int64_t kChunk = 512;
 
 // Dot product with eight independent lanes: without -ffast-math the compiler may not
 // reorder a single running sum, so spelling out the lanes is what lets it vectorise.
-inline double dot(const double* a, const double* b, int64_t len) {
+HRGRAD_CPU_CLONES double dot(const double* a, const double* b, int64_t len) {
   double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t j = 0;
   for (; j + 8 <= len; j += 8) {
@@ -53,10 +54,7 @@ void gram_cpu_kernel(const scalar_t* J, int64_t B, int64_t K, int64_t n, double*
         }
         for (int64_t i = 0; i < K; ++i) {
           const double* ri = buf.data() + i * kChunk;
-          for (int64_t k = i; k < K; ++k) {
-            const double* rk = buf.data() + k * kChunk;
-            acc[i * K + k] += dot(ri, rk, len);
-          }
+          for (int64_t k = i; k < K; ++k) acc[i * K + k] += dot(ri, buf.data() + k * kChunk, len);
         }
       }
     });

@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/cpu_clones.h"
 #include "kinetic/kinetic_common.h"
 
 namespace hrgrad_ext {
@@ -61,16 +62,8 @@ inline __attribute__((always_inline)) double exp_poly(double x0) {
   return x0 < -708.0 ? 0.0 : (x0 > 709.0 ? std::numeric_limits<double>::infinity() : y);
 }
 
-// The build has no -march flags (the wheel must run on any x86-64), so with GCC on Linux the
-// vectorised loop is compiled for AVX-512, AVX2 and baseline and picked at load time (ifunc).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define HRGRAD_KINETIC_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
-#else
-#define HRGRAD_KINETIC_CLONES
-#endif
-
 // out[j] = exp(-(v[j] - u)^2 * inv2T): the Gaussian factor of the Maxwellian for one row.
-HRGRAD_KINETIC_CLONES void gauss_row(const double* v, double u, double inv2T, double* out, int64_t V) {
+HRGRAD_CPU_CLONES void gauss_row(const double* v, double u, double inv2T, double* out, int64_t V) {
   for (int64_t j = 0; j < V; ++j) {
     const double d = v[j] - u;
     out[j] = exp_poly(-d * d * inv2T);
