@@ -11,7 +11,8 @@ from hrgrad_ext.ops import combine_into_grads
 from hrgrad_ext.train.config import (METHODS, TrainConfig, apply_overrides, default_config_path, default_config,
                                      load_config, to_toml)
 from hrgrad_ext.train.segmented import TaskLayout, segmented_task_gradients, separate_task_gradients
-from hrgrad_ext.train.trainer import CHECKPOINT, Trainer, aggregate, make_aggregator, read_metrics
+from hrgrad_ext.backward import aggregate_jacobians
+from hrgrad_ext.train.trainer import CHECKPOINT, Trainer, make_aggregator, read_metrics
 
 TINY = {
     "transport": {"rho": {"width": 8, "depth": 2}, "g": {"width": 8, "depth": 2}, "reach": 0.2, "half_range": True},
@@ -169,7 +170,7 @@ def test_hrgrad_decreases_every_task_loss_where_sum_lets_one_grow(tmp_path):
         for _ in range(10):
             L, _, J = segmented_task_gradients(model, tr.form, batch, tr.layout)
             hist.append(L)
-            _, w, _ = aggregate(agg, J)
+            _, w, _ = aggregate_jacobians(agg, J)
             opt.zero_grad()
             combine_into_grads(J, w, params)
             opt.step()

@@ -11,7 +11,7 @@ from torch import Tensor
 from .aggregators import Aggregator, GramianAggregator, HRGrad
 from .ops.gram import Status, combine_into_grads, gram_of_list
 
-__all__ = ["BackwardResult", "backward", "task_diagnostics"]
+__all__ = ["BackwardResult", "aggregate_jacobians", "backward", "task_diagnostics"]
 
 
 @dataclass
@@ -112,13 +112,26 @@ def backward(
         per_task.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
     jacobians = [torch.stack([per_task[k][i] for k in range(K)]) for i in range(len(params))]
 
+    G, w, status = aggregate_jacobians(aggregator, jacobians)
+    combine_into_grads(jacobians, w, params)
+    return task_diagnostics(G, w, status)
+
+
+def aggregate_jacobians(aggregator: Aggregator, jacobians: Sequence[Tensor]):
+    """``(G, w, status)`` for per-parameter Jacobians ``[K, *p.shape]``.
+
+    Gramian aggregators work from the sum of per-parameter Gram matrices (``J`` is never
+    concatenated); the others get the concatenated ``J``. ``G`` is float64, ``w`` the weights
+    (``update = J^T w``), ``status`` HRGrad's :class:`~hrgrad_ext.ops.Status` flags or ``None``.
+    """
     if isinstance(aggregator, GramianAggregator):
         G = gram_of_list(jacobians)
         w = aggregator.weights_from_gram(G)
     else:
+        K = jacobians[0].shape[0]
         J = torch.cat([Jp.reshape(K, -1) for Jp in jacobians], dim=1)
-        G = J.to(torch.float64) @ J.to(torch.float64).T
+        J64 = J.to(torch.float64)
+        G = J64 @ J64.T
         w = aggregator.weights(J)
-    combine_into_grads(jacobians, w, params)
-    status = getattr(aggregator, "last_status", None) if isinstance(aggregator, HRGrad) else None
-    return task_diagnostics(G, w, status)
+    status = aggregator.last_status if isinstance(aggregator, HRGrad) else None
+    return G, w, status

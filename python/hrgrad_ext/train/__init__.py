@@ -10,8 +10,8 @@
 from .config import METHODS, PROBLEMS, TrainConfig, apply_overrides, default_config, load_config
 from .losses import BGKFormulation, TransportFormulation
 from .segmented import TaskLayout, segmented_task_gradients, separate_task_gradients
-from .trainer import Trainer, aggregate, make_aggregator, make_formulation
+from .trainer import Trainer, make_aggregator, make_formulation
 
 __all__ = ["BGKFormulation", "METHODS", "PROBLEMS", "TaskLayout", "Trainer", "TrainConfig", "TransportFormulation",
-           "aggregate", "apply_overrides", "default_config", "load_config", "make_aggregator", "make_formulation",
+           "apply_overrides", "default_config", "load_config", "make_aggregator", "make_formulation",
            "segmented_task_gradients", "separate_task_gradients"]

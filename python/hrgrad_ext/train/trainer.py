@@ -19,16 +19,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..aggregators import MGDA, Aggregator, ConFIG, GramianAggregator, HRGrad, Mean, PCGrad, Sum, UPGrad
-from ..backward import task_diagnostics
+from ..aggregators import MGDA, Aggregator, ConFIG, HRGrad, Mean, PCGrad, Sum, UPGrad
+from ..backward import aggregate_jacobians, task_diagnostics
 from ..nn import EpsEncoding
-from ..ops import combine_into_grads, gram_of_list
+from ..ops import combine_into_grads
 from .config import TrainConfig, load_config, to_toml
 from .evaluation import evaluate
 from .losses import BGKFormulation, Formulation, TransportFormulation
 from .segmented import TaskLayout, segmented_task_gradients, separate_task_gradients
 
-__all__ = ["Trainer", "aggregate", "make_aggregator", "make_formulation", "CHECKPOINT", "METRICS", "SUMMARY", "CONFIG"]
+__all__ = ["Trainer", "make_aggregator", "make_formulation", "CHECKPOINT", "METRICS", "SUMMARY", "CONFIG"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -82,22 +82,6 @@ def make_encoding(cfg: TrainConfig) -> EpsEncoding:
     logs = [math.log10(e) for e in cfg.eps]
     return EpsEncoding(float(opts.get("log10_min", min(logs))), float(opts.get("log10_max", max(logs))),
                        int(opts.get("fourier", 0)), int(opts.get("embed_dim", 0)))
-
-
-def aggregate(aggregator: Aggregator, jacobians: list[torch.Tensor]):
-    """``(G, w, status)`` for per-parameter Jacobians ``[T, *p.shape]``: from the Gram matrix
-    for Gramian aggregators (no concatenation), else from the concatenated ``J``."""
-    if isinstance(aggregator, GramianAggregator):
-        G = gram_of_list(jacobians)
-        w = aggregator.weights_from_gram(G)
-    else:
-        T = jacobians[0].shape[0]
-        J = torch.cat([Jp.reshape(T, -1) for Jp in jacobians], 1)
-        J64 = J.to(torch.float64)
-        G = J64 @ J64.T
-        w = aggregator.weights(J)
-    status = aggregator.last_status if isinstance(aggregator, HRGrad) else None
-    return G, w, status
 
 
 class _Schedule:
@@ -189,7 +173,7 @@ class Trainer:
         ``(losses [T], G [T, T], w [T], status)`` (tensors on the device, not synced)."""
         batch = self.form.sample_batch(self.gen, self.eps_tensor, self.device, self.dtype)
         losses, jac = self.task_gradients(batch)
-        G, w, status = aggregate(self.aggregator, jac)
+        G, w, status = aggregate_jacobians(self.aggregator, jac)
         self.optimizer.zero_grad(set_to_none=True)
         combine_into_grads(jac, w, self.params)
         self.optimizer.step()
