@@ -307,6 +307,16 @@ class _Factorisations:
         return lu
 
 
+def _prepare(eps, t_final, nx, nv, dt, dt_max, first_collision, store_f):
+    """Checked arguments of the implicit solvers, the first-collision choice, the default
+    ordinate count that goes with it, and the cache-key parameters."""
+    eps, times, scalar, nx, nv, dt, dt_max = _check_args(eps, t_final, nx, nv, dt, dt_max)
+    fc = _use_first_collision(first_collision, eps, times, nx)
+    nv = nv if nv is not None else (DEFAULT_NV_FRONTS if fc else DEFAULT_NV)
+    params = dict(eps=eps, t=times, nx=nx, nv=nv, dt=dt, dt_max=dt_max, fc=fc, store_f=bool(store_f))
+    return eps, times, scalar, nx, nv, dt, dt_max, fc, params
+
+
 def _shift(nx: int, k: int) -> sp.spmatrix:
     """nx x nx matrix with ones on diagonal ``k`` (k = -1: picks cell i-1 for row i)."""
     return sp.eye(nx, k=k, format="csr")
@@ -379,11 +389,8 @@ def solve_transport(eps: float, t_final=0.1, *, nx: int = DEFAULT_NX, nv: Option
     (ahead of fronts) it undershoots by up to ~7e-4 (eps = 0.1, t = 0.01), 1.5e-4 (eps = 1) and
     3e-5 (diffusive regime).
     """
-    eps, times, scalar, nx, nv, dt, dt_max = _check_args(eps, t_final, nx, nv, dt, dt_max)
-    fc = _use_first_collision(first_collision, eps, times, nx)
-    nv = nv if nv is not None else (DEFAULT_NV_FRONTS if fc else DEFAULT_NV)
-    params = dict(eps=eps, t=times, nx=nx, nv=nv, dt=dt, dt_max=dt_max, fc=fc,
-                  store_f=bool(store_f))
+    eps, times, scalar, nx, nv, dt, dt_max, fc, params = _prepare(
+        eps, t_final, nx, nv, dt, dt_max, first_collision, store_f)
 
     def compute() -> TransportResult:
         mu, w = ordinates(nv)
@@ -471,11 +478,8 @@ def solve_transport_ld(eps: float, t_final=0.1, *, nx: int = DEFAULT_NX, nv: Opt
     shares only the equation, the ordinates and the step-size plan with the main solver; it is
     used by the tests to confirm the main solver at eps = 1 and eps = 1e-3.
     """
-    eps, times, scalar, nx, nv, dt, dt_max = _check_args(eps, t_final, nx, nv, dt, dt_max)
-    fc = _use_first_collision(first_collision, eps, times, nx)
-    nv = nv if nv is not None else (DEFAULT_NV_FRONTS if fc else DEFAULT_NV)
-    params = dict(eps=eps, t=times, nx=nx, nv=nv, dt=dt, dt_max=dt_max, fc=fc,
-                  store_f=bool(store_f))
+    eps, times, scalar, nx, nv, dt, dt_max, fc, params = _prepare(
+        eps, t_final, nx, nv, dt, dt_max, first_collision, store_f)
 
     def compute() -> TransportResult:
         mu, w = ordinates(nv)

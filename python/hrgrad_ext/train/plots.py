@@ -44,6 +44,16 @@ def plot_profiles(model, form, eps_values, path: Path) -> None:
     plt.close(fig)
 
 
+def _finish(plt, fig, ax, ylabel: str, path: Path) -> None:
+    """Labels a curve-over-steps plot, writes it and frees the figure."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_losses(records: list[dict], names: list[str], path: Path) -> None:
     """Per-task loss curves (log scale)."""
     plt = _plt()
@@ -55,12 +65,7 @@ def plot_losses(records: list[dict], names: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, name in enumerate(names):
         ax.semilogy(steps, L[:, k], label=name, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("task loss")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, "task loss", path)
 
 
 def plot_errors(records: list[dict], path: Path) -> None:
@@ -74,12 +79,7 @@ def plot_errors(records: list[dict], path: Path) -> None:
     for eps in ev[-1]["rel_l2"]:
         for q in ev[-1]["rel_l2"][eps]:
             ax.semilogy(steps, [r["rel_l2"][eps][q] for r in ev], marker="o", ms=3, lw=1, label=f"eps={eps} {q}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("relative L2 error")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, "relative L2 error", path)
 
 
 def plot_cosines(records: list[dict], names: list[str], path: Path, snapshots: int = 4) -> None:
