@@ -338,3 +338,119 @@ def test_packaged_defaults_load_and_validate(problem):
 def test_all_methods_construct():
     for m in METHODS:
         assert make_aggregator(m) is not None
+
+
+# --- per-task time windows and the parameter average -------------------------------------------
+
+
+def test_time_windows_lookup_and_vmap():
+    from hrgrad_ext.nn import TimeWindows
+
+    w = TimeWindows([1.0, 1e-1, 1e-8], [1.0, 0.1, 0.1])
+    e = torch.tensor([1.0, 1e-1, 1e-8, 0.5, 1e-3, 1e-12], dtype=torch.float64)
+    # the task's own window, else the window of the task nearest in log10 eps
+    assert w(e).tolist() == [1.0, 0.1, 0.1, 1.0, 0.1, 0.1]
+    assert [w.end(v) for v in (1.0, 0.5, 0.2, 1e-9)] == [1.0, 1.0, 0.1, 0.1]
+    assert torch.func.vmap(w)(e).tolist() == w(e).tolist()
+    assert w(e.float()).dtype == torch.float32
+    same = TimeWindows([1.0, 1e-3], 0.1)
+    assert same.constant == 0.1 and same(e) == 0.1 and same.end(3.0) == 0.1
+    with pytest.raises(ValueError, match="one per eps"):
+        TimeWindows([1.0, 1e-3], [1.0])
+    with pytest.raises(ValueError, match="> 0"):
+        TimeWindows([1.0, 1e-3], [1.0, 0.0])
+
+
+def test_per_task_time_windows_sampling_scaling_and_scoring(tmp_path):
+    from hrgrad_ext.problems import LinearTransport
+    from hrgrad_ext.train.evaluation import evaluate
+
+    # the diffusion-limit references are cheap at any time
+    cfg = tiny_config(tmp_path, t_final=[0.3, 0.1], iters=2)
+    tr = Trainer(cfg)
+    assert tr.form.t_range == (0.0, 0.3) and tr.form.t_final_for(1e-8) == 0.3 and tr.form.t_final_for(1e-7) == 0.1
+    b = tr.form.sample_batch(torch.Generator().manual_seed(0), tr.eps_tensor, "cpu", torch.float64)
+    for group in ("interior", "boundary"):
+        t = b[group]["t"]
+        assert t[0].max() > 0.2 and t[0].max() <= 0.3 and t[1].max() <= 0.1
+    # each task's window maps onto the whole time input [-1, 1]
+    m = tr.model
+    for eps, t1 in ((1e-8, 0.3), (1e-7, 0.1)):
+        ts, _ = m._scale(torch.tensor([0.0, t1]), torch.tensor([0.5, 0.5]), torch.tensor(eps))
+        torch.testing.assert_close(ts, torch.tensor([-1.0, 1.0]))
+    # scored at the end of each task's own window
+    ev = evaluate(tr.model, tr.form, cfg.eps)
+    for eps, t1 in ((1e-8, 0.3), (1e-7, 0.1)):
+        want = LinearTransport(t_final=t1).evaluate(lambda t, x, e: tr.model.macroscopic(t.float(), x.float(), torch.tensor(e)), eps)
+        assert ev[f"{eps:g}"]["rho"] == pytest.approx(want["rho"], rel=1e-5)
+    tr.run()
+    # the per-task gradients stay exact with windows in the model
+    tr64 = Trainer(tiny_config(tmp_path, eps=[1.0, 1e-2], t_final=[1.0, 0.1], dtype="float64"))
+    batch = tr64.form.sample_batch(tr64.gen, tr64.eps_tensor, "cpu", torch.float64)
+    L_ref, J_ref = separate_task_gradients(tr64.model, tr64.form, batch, tr64.layout)
+    L, _, J = segmented_task_gradients(tr64.model, tr64.form, batch, tr64.layout)
+    torch.testing.assert_close(L, L_ref, rtol=1e-12, atol=0)
+    scale = torch.sqrt(sum((j ** 2).sum() for j in J_ref))
+    assert max((a - b).abs().max() for a, b in zip(J, J_ref)) <= 1e-12 * scale
+    with pytest.raises(ValueError, match="t_final"):
+        Trainer(tiny_config(tmp_path, t_final=[0.1, 0.1, 0.1]))
+    with pytest.raises(ValueError, match="t_final"):
+        Trainer(tiny_config(tmp_path, t_final=[0.1, -1.0]))
+
+
+def test_parameter_average_is_evaluated_checkpointed_and_resumed(tmp_path):
+    base = tiny_config(tmp_path, iters=6)
+    base.optim.ema = 0.9
+    base.log.checkpoint_every = 100
+    full = copy.deepcopy(base)
+    full.out = str(tmp_path / "full")
+    t_full = Trainer(full)
+    t_full.run()
+    live = [p.detach().clone() for p in t_full.params]
+    assert any(not torch.equal(a, p) for a, p in zip(t_full.ema, live))
+    with t_full.averaged_weights() as model:
+        assert all(torch.equal(a, p) for a, p in zip(t_full.ema, model.parameters()))
+    # the live parameters come back after the block
+    assert all(torch.equal(a, p) for a, p in zip(live, t_full.params))
+    summary = json.loads((Path(full.out) / "summary.json").read_text())
+    assert "ema" in summary["weights_evaluated"]
+
+    cut = copy.deepcopy(base)
+    cut.out = str(tmp_path / "cut")
+    assert Trainer(cut).run(max_steps=3) is None
+    resumed = Trainer.resume(cut.out)
+    resumed.run()
+    for a, b in zip(t_full.ema, resumed.ema):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="ema"):
+        _bad_ema(tmp_path)
+
+
+def _bad_ema(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.optim.ema = 1.0
+    Trainer(cfg)
+
+
+def test_compiled_segmented_losses_give_the_eager_gradients(tmp_path):
+    # torch.compile of the segmented forward (inductor on the CPU here, with CUDA graphs on a GPU
+    # in "reduce-overhead" mode); the backward is autograd.grad through the compiled graph
+    from hrgrad_ext.train.segmented import SegmentedLosses
+
+    torch._dynamo.reset()
+    cfg = tiny_config(tmp_path, "transport", eps=[1.0, 1e-8], dtype="float64", compile="default")
+    tr = Trainer(cfg)
+    assert tr.losses_fn.compile == "default"
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    eager = SegmentedLosses(tr.model, tr.form, tr.layout)
+    L_ref, _, J_ref = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, losses_fn=eager)
+    L, _, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, losses_fn=tr.losses_fn)
+    torch.testing.assert_close(L, L_ref, rtol=1e-10, atol=0)
+    scale = torch.sqrt(sum((j ** 2).sum() for j in J_ref))
+    assert max((a - b).abs().max() for a, b in zip(J, J_ref)) <= 1e-10 * scale
+    tr.run()  # a compiled run trains (2 more steps, same shapes: no recompilation)
+    assert tr.step == cfg.iters
+    with pytest.raises(ValueError, match="compile"):
+        Trainer(tiny_config(tmp_path, compile="fast"))
+    with pytest.raises(ValueError, match="segmented"):
+        Trainer(tiny_config(tmp_path, compile="default", grad_mode="separate"))

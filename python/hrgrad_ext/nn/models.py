@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .bodies import make_body
 from .encoding import EpsEncoding
+from .windows import TimeWindows
 
 __all__ = ["APNN", "BGKAPNN", "TransportAPNN"]
 
@@ -40,9 +41,13 @@ class APNN(nn.Module):
 
     METHODS: tuple[str, ...] = ()
 
-    def __init__(self, encoding: EpsEncoding, t_range: Sequence[float], x_range: Sequence[float], v_max: float):
+    def __init__(self, encoding: EpsEncoding, t_range: Sequence[float], x_range: Sequence[float], v_max: float,
+                 time_windows: TimeWindows | None = None):
         super().__init__()
         self.encoding = encoding
+        # per-task window ends (None: every task uses t_range); time is scaled by the task's own
+        # window so that each task spans the whole time input
+        self.time_windows = time_windows
         self.t_range = (float(t_range[0]), float(t_range[1]))
         self.x_range = (float(x_range[0]), float(x_range[1]))
         self.v_max = float(v_max)
@@ -56,10 +61,16 @@ class APNN(nn.Module):
 
     def _scale(self, t: Tensor, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
         t0, t1 = self.t_range
+        if self.time_windows is not None and eps is not None:
+            t1 = self.time_windows(eps)
         x0, _ = self.x_range
         length = self.x_length(eps)
-        if isinstance(length, Tensor) and length.dim() == 1 and x.dim() == 2:
-            length = length.unsqueeze(-1)
+
+        def per_row(a):
+            # a per-point [n] scale against [n, V] grid coordinates
+            return a.unsqueeze(-1) if isinstance(a, Tensor) and a.dim() == 1 and x.dim() == 2 else a
+
+        t1, length = per_row(t1), per_row(length)
         return (t - t0) * (2.0 / (t1 - t0)) - 1.0, (x - x0) * (2.0 / length) - 1.0
 
     def x_length(self, eps: Tensor | None) -> float | Tensor:
@@ -122,14 +133,15 @@ class TransportAPNN(APNN):
         rho_net, g_net: dicts with ``kind`` ("mlp"/"resnet"), ``width``, ``depth``, ``activation``.
         reach: eps-dependent x scaling (0: the slab length for every eps).
         half_range: add sign(v) to the g network's input.
+        time_windows: per-task time windows (:class:`TimeWindows`; None: ``t_range`` for all).
     """
 
     METHODS = ("rho", "g_raw", "macroscopic")
 
     def __init__(self, encoding: EpsEncoding, t_range=(0.0, 0.1), x_range=(0.0, 1.0),
                  rho_net: dict | None = None, g_net: dict | None = None, reach: float = 0.0,
-                 half_range: bool = False):
-        super().__init__(encoding, t_range, x_range, 1.0)
+                 half_range: bool = False, time_windows: TimeWindows | None = None):
+        super().__init__(encoding, t_range, x_range, 1.0, time_windows)
         if not (math.isfinite(reach) and reach >= 0):
             raise ValueError(f"TransportAPNN: reach must be a finite number >= 0, got {reach}")
         self.reach = float(reach)
@@ -179,13 +191,15 @@ class BGKAPNN(APNN):
         left, right: boundary states (rho, u, T).
         f_net, macro_net: body options (``kind``, ``width``, ``depth``, ``activation``); the
             macro options are used for each of the three macro networks.
+        time_windows: per-task time windows (:class:`TimeWindows`; None: ``t_range`` for all).
     """
 
     METHODS = ("f", "macro", "macroscopic")
 
     def __init__(self, encoding: EpsEncoding, t_range=(0.0, 0.1), x_range=(-0.5, 0.5), v_max: float = 10.0,
-                 left=(1.5, 0.0, 1.5), right=(0.625, 0.0, 0.75), f_net: dict | None = None, macro_net: dict | None = None):
-        super().__init__(encoding, t_range, x_range, v_max)
+                 left=(1.5, 0.0, 1.5), right=(0.625, 0.0, 0.75), f_net: dict | None = None, macro_net: dict | None = None,
+                 time_windows: TimeWindows | None = None):
+        super().__init__(encoding, t_range, x_range, v_max, time_windows)
         if min(left[0], left[2], right[0], right[2]) <= 0:
             raise ValueError("BGKAPNN: boundary densities and temperatures must be positive")
         e = encoding.out_dim

@@ -20,6 +20,8 @@ PROBLEMS = ("transport", "bgk")
 #: Aggregation methods accepted by ``method`` (see :func:`hrgrad_ext.train.trainer.make_aggregator`).
 METHODS = ("hrgrad", "sum", "mean", "pcgrad", "config", "mgda", "upgrad")
 _DTYPES = ("float32", "float64")
+#: ``compile`` values: off, or a torch.compile mode for the segmented loss function.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _DEVICES = ("cpu", "cuda")
 
 
@@ -30,6 +32,10 @@ class OptimConfig:
     ``schedule``: ``"constant"``, ``"cosine"`` (to ``min_factor * lr`` at the last step),
     ``"exponential"`` (``gamma`` per ``step_size`` steps, smoothly) or ``"step"`` (``gamma``
     every ``step_size`` steps); ``warmup`` steps of linear warm-up precede any of them.
+    ``ema``: decay of an exponential moving average of the parameters (0 = off), used for
+    evaluation, plots and the summary. Collocation training with fresh random points each
+    step is noisy (the errors of one run move by ~2x between evaluations); the average
+    smooths that out at the cost of one parameter copy.
     """
 
     name: str = "adam"
@@ -42,6 +48,7 @@ class OptimConfig:
     min_factor: float = 0.05
     gamma: float = 0.5
     step_size: int = 1000
+    ema: float = 0.0
 
 
 @dataclass
@@ -67,7 +74,10 @@ class TrainConfig:
         tasks: ``"eps"`` (one task per eps) or ``"eps_group"`` (one per eps and point group).
         seed, device, dtype: reproducibility and placement.
         threads: CPU threads for torch (0: leave torch's default).
-        t_final: end of the time window; ``nv``: velocity nodes (0: the problem's default).
+        t_final: end of the time window: one number, or one per eps (per-task windows, e.g.
+            the anchor's [0, 1] for transport at eps = 1 and [0, 0.1] below; each task's points
+            and its scoring time follow its window); ``nv``: velocity nodes (0: the problem's
+            default).
         case: BGK initial data case ("I" .. "V").
         points: points per task and group (``interior``, ``boundary``, ``initial``).
         loss_weights: overrides of the formulation's loss weights.
@@ -85,6 +95,10 @@ class TrainConfig:
             their defaults, so one config serves every method of a comparison.
         grad_mode: ``"segmented"`` (per-task gradients in one pass) or ``"separate"`` (K
             eager backward passes; the baseline).
+        compile: ``"off"`` or a :func:`torch.compile` mode (``"default"``,
+            ``"reduce-overhead"``: CUDA graphs on a GPU, ``"max-autotune"``,
+            ``"max-autotune-no-cudagraphs"``) for the segmented loss function (forward and its
+            backward graph); the first step pays the compilation (about a minute).
         out: output directory.
     """
 
@@ -97,7 +111,7 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 0
-    t_final: float = 0.1
+    t_final: float | list = 0.1
     nv: int = 0
     case: str = "IV"
     points: dict = field(default_factory=lambda: {"interior": 64, "boundary": 16, "initial": 32})
@@ -106,6 +120,7 @@ class TrainConfig:
     model: dict = field(default_factory=dict)
     aggregator: dict = field(default_factory=dict)
     grad_mode: str = "segmented"
+    compile: str = "off"
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
     out: str = "runs/run"
@@ -138,8 +153,20 @@ class TrainConfig:
             raise ValueError(f"dtype: expected one of {_DTYPES}, got {self.dtype!r}")
         if self.grad_mode not in ("segmented", "separate"):
             raise ValueError(f"grad_mode: expected 'segmented' or 'separate', got {self.grad_mode!r}")
-        if not self.t_final > 0:
-            raise ValueError(f"t_final: must be > 0, got {self.t_final}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile: expected one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.compile != "off" and self.grad_mode != "segmented":
+            raise ValueError("compile: only the segmented gradient path is compiled; set grad_mode = 'segmented'")
+        ends = self.t_final if isinstance(self.t_final, (list, tuple)) else [self.t_final]
+        if isinstance(self.t_final, (list, tuple)) and len(ends) != len(eps):
+            raise ValueError(f"t_final: give one number or one per eps ({len(eps)} values), got {len(ends)}")
+        try:
+            ends = [float(t) for t in ends]
+        except (TypeError, ValueError):
+            raise ValueError(f"t_final: expected a number or a list of numbers, got {self.t_final!r}") from None
+        if any(not (math.isfinite(t) and t > 0) for t in ends):
+            raise ValueError(f"t_final: every window end must be a finite number > 0, got {self.t_final}")
+        self.t_final = ends if isinstance(self.t_final, (list, tuple)) else ends[0]
         if self.nv < 0 or self.threads < 0:
             raise ValueError("nv and threads must be >= 0")
         o = self.optim
@@ -151,6 +178,8 @@ class TrainConfig:
             raise ValueError(f"optim.schedule: expected constant, cosine, exponential or step, got {o.schedule!r}")
         if o.warmup < 0 or o.step_size < 1 or not 0 < o.gamma <= 1 or not 0 <= o.min_factor <= 1:
             raise ValueError("optim: need warmup >= 0, step_size >= 1, 0 < gamma <= 1, 0 <= min_factor <= 1")
+        if not 0.0 <= o.ema < 1.0:
+            raise ValueError(f"optim.ema: the decay must be in [0, 1) (0 = off), got {o.ema}")
         if not isinstance(self.aggregator, dict) or any(not isinstance(v, dict) for v in self.aggregator.values()):
             raise ValueError("aggregator: expected a table of per-method option tables, e.g. aggregator.hrgrad.length_model")
         unknown = set(self.aggregator) - set(METHODS)

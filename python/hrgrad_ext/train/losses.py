@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from ..nn import BGKAPNN, EpsEncoding, TransportAPNN
+from ..nn import BGKAPNN, EpsEncoding, TimeWindows, TransportAPNN
 from .. import ops as kinetic
 from ..reference import bgk as bgk_reference
 
@@ -109,13 +109,21 @@ class Formulation:
     quantities: tuple[str, ...] = ()
     WEIGHTS: dict[str, float] = {}
 
-    def __init__(self, nv: int, v_range: tuple[float, float], t_final: float, x_range: tuple[float, float],
-                 weights: dict | None = None, points: dict | None = None):
-        if t_final <= 0:
-            raise ValueError(f"t_final must be > 0, got {t_final}")
+    def __init__(self, nv: int, v_range: tuple[float, float], t_final: float | Sequence[float],
+                 x_range: tuple[float, float], weights: dict | None = None, points: dict | None = None,
+                 eps: Sequence[float] | None = None):
         if nv < 2:
             raise ValueError(f"need at least 2 velocity nodes, got {nv}")
-        self.t_range = (0.0, float(t_final))
+        if isinstance(t_final, (int, float)):
+            if not t_final > 0:
+                raise ValueError(f"t_final must be > 0, got {t_final}")
+            self.windows = TimeWindows(eps, t_final) if eps else None
+        else:
+            if not eps:
+                raise ValueError("t_final: one window per task needs the task eps values")
+            self.windows = TimeWindows(eps, t_final)
+        # t_range: the longest window; task k's points lie in [0, t_final_for(eps_k)]
+        self.t_range = (0.0, self.windows.longest if self.windows is not None else float(t_final))
         self.x_range = tuple(float(a) for a in x_range)
         # float64 rule: the trainer casts the formulation to the run's dtype
         self.v, self.w = kinetic.gauss_legendre(nv, *v_range, dtype=torch.float64)
@@ -134,6 +142,23 @@ class Formulation:
         missing = [g for g, n in self.points.items() if n < 1]
         if missing:
             raise ValueError(f"{self.name}: no point count given for group(s) {missing}")
+
+    def t_final_for(self, eps: float) -> float:
+        """The end of the time window of task ``eps`` (scoring and plots use it)."""
+        return self.windows.end(eps) if self.windows is not None else self.t_range[1]
+
+    def window_ends(self, eps: Tensor) -> Tensor:
+        """``[K, 1]`` float64 window ends of the tasks ``eps`` (``[K]``), for sampling."""
+        e = eps.reshape(-1, 1).double()
+        if self.windows is None or self.windows.constant is not None:
+            return torch.full_like(e, self.t_range[1])
+        return self.windows.to(torch.float64)(e)
+
+    def model_windows(self) -> TimeWindows | None:
+        """A copy of the windows for the model (None when all tasks share ``t_range``)."""
+        if self.windows is None or self.windows.constant is not None:
+            return None
+        return TimeWindows(self.windows.eps, self.windows.ends)
 
     def to(self, device, dtype) -> "Formulation":
         """Moves the quadrature rule (the only tensors held) to ``device``/``dtype``."""
@@ -177,9 +202,9 @@ class TransportFormulation(Formulation):
     quantities = ("rho",)
     WEIGHTS = {"micro": 1.0, "macro": 1.0, "bc": 10.0, "ic": 10.0, "ic_corner": 0.0}
 
-    def __init__(self, t_final: float = 0.1, nv: int = 30, weights=None, points=None,
-                 front_fraction: float = 0.0, front_span: float = 2.0):
-        super().__init__(nv, (-1.0, 1.0), t_final, (0.0, 1.0), weights, points)
+    def __init__(self, t_final: float | Sequence[float] = 0.1, nv: int = 30, weights=None, points=None,
+                 front_fraction: float = 0.0, front_span: float = 2.0, eps: Sequence[float] | None = None):
+        super().__init__(nv, (-1.0, 1.0), t_final, (0.0, 1.0), weights, points, eps)
         if not 0.0 <= front_fraction <= 1.0 or not front_span > 0:
             raise ValueError(f"transport: need 0 <= front_fraction <= 1 and front_span > 0, got {front_fraction}, {front_span}")
         self.front_fraction = float(front_fraction)
@@ -190,7 +215,8 @@ class TransportFormulation(Formulation):
         if unknown:
             raise ValueError(f"transport: unknown network or model option(s) {sorted(unknown)}; expected 'rho', 'g', 'reach', 'half_range'")
         return TransportAPNN(encoding, self.t_range, self.x_range, rho_net=nets.get("rho"), g_net=nets.get("g"),
-                             reach=float(nets.get("reach", 0.0)), half_range=bool(nets.get("half_range", False)))
+                             reach=float(nets.get("reach", 0.0)), half_range=bool(nets.get("half_range", False)),
+                             time_windows=self.model_windows())
 
     def sample(self, group: str, gen, K: int, n: int, eps: Tensor | None = None) -> dict[str, Tensor]:
         """Uniform points, except that with ``front_fraction > 0`` that fraction of the interior
@@ -199,7 +225,8 @@ class TransportFormulation(Formulation):
         (initial), see :meth:`reach`. The solution (and the incompatibility of the initial and
         inflow data at the corner t = x = 0) lives there; uniform points put most of their
         budget where it is still 0 (eps = 1 at t_final = 0.1: x < 0.1, 1 point in 10)."""
-        t0, t1 = self.t_range
+        t0 = self.t_range[0]
+        t1 = self.window_ends(eps) if eps is not None else self.t_range[1]
         if group == "interior":
             t = self._uniform(gen, (K, n), t0, t1)
             x = self._uniform(gen, (K, n), *self.x_range)
@@ -215,7 +242,7 @@ class TransportFormulation(Formulation):
             x = self._uniform(gen, (K, n), *self.x_range)
             m = self._front_count(n, eps)
             if m:
-                reach = self.reach(torch.full((K, 1), t1, dtype=torch.float64), eps)
+                reach = self.reach(torch.as_tensor(t1, dtype=torch.float64).expand(K, 1), eps)
                 x[:, :m] = self.x_range[0] + reach * torch.rand((K, m), generator=gen, dtype=torch.float64)
             return {"t": torch.zeros(K, n, dtype=torch.float64), "x": x}
         raise ValueError(group)
@@ -284,8 +311,9 @@ class BGKFormulation(Formulation):
     LEFT = bgk_reference.LEFT_STATE
     RIGHT = bgk_reference.RIGHT_STATE
 
-    def __init__(self, case: str = "IV", t_final: float = 0.1, nv: int = 64, weights=None, points=None):
-        super().__init__(nv, (-10.0, 10.0), t_final, (-0.5, 0.5), weights, points)
+    def __init__(self, case: str = "IV", t_final: float | Sequence[float] = 0.1, nv: int = 64, weights=None,
+                 points=None, eps: Sequence[float] | None = None):
+        super().__init__(nv, (-10.0, 10.0), t_final, (-0.5, 0.5), weights, points, eps)
         self.case = case.upper()
         self.profile = bgk_reference.case_profile(self.case)
 
@@ -294,7 +322,7 @@ class BGKFormulation(Formulation):
         if unknown:
             raise ValueError(f"bgk: unknown network(s) {sorted(unknown)}; expected 'f' and 'macro'")
         return BGKAPNN(encoding, self.t_range, self.x_range, 10.0, self.LEFT, self.RIGHT,
-                       f_net=nets.get("f"), macro_net=nets.get("macro"))
+                       f_net=nets.get("f"), macro_net=nets.get("macro"), time_windows=self.model_windows())
 
     def initial_state(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(rho0, u0, T0)`` at ``x``: ``q_L + (q_R - q_L) s(x)``."""
@@ -302,7 +330,8 @@ class BGKFormulation(Formulation):
         return tuple(a + (b - a) * s for a, b in zip(self.LEFT, self.RIGHT))
 
     def sample(self, group: str, gen, K: int, n: int, eps: Tensor | None = None) -> dict[str, Tensor]:
-        t0, t1 = self.t_range
+        t0 = self.t_range[0]
+        t1 = self.window_ends(eps) if eps is not None else self.t_range[1]
         if group == "interior":
             return {"t": self._uniform(gen, (K, n), t0, t1), "x": self._uniform(gen, (K, n), *self.x_range)}
         if group == "initial":

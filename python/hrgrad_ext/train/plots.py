@@ -35,10 +35,10 @@ def plot_profiles(model, form, eps_values, path: Path) -> None:
             ax.plot(x, ref[q], "k-", lw=1.5, label="reference")
             ax.plot(x, pred[q], "r--", lw=1.2, label="APNN")
             err = np.sqrt(np.sum((ref[q] - pred[q]) ** 2) / np.sum(ref[q] ** 2))
-            ax.set_title(f"eps={eps:g}  {q}  relL2 {err:.1e}", fontsize=8)
+            ax.set_title(f"eps={eps:g} t={form.t_final_for(eps):g}  {q}  relL2 {err:.1e}", fontsize=8)
             ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"{form.name}: t = {form.t_range[1]:g}", fontsize=9)
+    fig.suptitle(f"{form.name}: profiles at the end of each task's time window", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -112,7 +112,8 @@ def write_plots(trainer) -> list[Path]:
     records = read_metrics(out)
     names = trainer.layout.names
     paths = [out / "profiles.png", out / "losses.png", out / "errors.png", out / "cosines.png"]
-    plot_profiles(trainer.model, trainer.form, trainer.cfg.eps, paths[0])
+    with trainer.averaged_weights() as model:
+        plot_profiles(model, trainer.form, trainer.cfg.eps, paths[0])
     plot_losses(records, names, paths[1])
     plot_errors(records, paths[2])
     plot_cosines(records, names, paths[3])

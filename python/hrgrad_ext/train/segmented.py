@@ -26,7 +26,7 @@ from torch.func import functional_call, vmap
 
 from .losses import Formulation
 
-__all__ = ["TASK_MODES", "TaskLayout", "segmented_task_gradients", "separate_task_gradients", "task_losses"]
+__all__ = ["TASK_MODES", "SegmentedLosses", "TaskLayout", "segmented_task_gradients", "separate_task_gradients", "task_losses"]
 
 TASK_MODES = ("eps", "eps_group")
 
@@ -60,8 +60,53 @@ class TaskLayout:
         return stacked.sum(1) if self.mode == "eps" else stacked.reshape(-1)
 
 
+class SegmentedLosses:
+    """The per-task losses as a function of the per-task parameter copies:
+    ``fn(expanded, batch) -> (losses [T], {group: [K]})``, where ``expanded[c]`` lists the
+    trainable parameters expanded to ``[K, *p.shape]`` (copy ``c`` per point group in
+    ``"eps_group"`` mode, one copy otherwise).
+
+    With ``compile`` set (a :func:`torch.compile` mode: ``"default"``, ``"reduce-overhead"``
+    (CUDA graphs on a GPU), ``"max-autotune"``, ...) this forward function is compiled; the
+    backward pass stays outside, a plain ``torch.autograd.grad`` through the compiled graph
+    (AOTAutograd), whose gradients agree with the eager ones to rounding. (Compiling the
+    ``autograd.grad`` call itself together with the forward gave wrong gradients with torch
+    2.14, so it is not done.) Shapes are fixed within a run, so it compiles once.
+    """
+
+    def __init__(self, model: nn.Module, form: Formulation, layout: TaskLayout, deriv: str = "fast",
+                 compile: str | None = None):
+        self.model, self.form, self.layout, self.deriv = model, form, layout, deriv
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.copies = 1 if layout.mode == "eps" else len(layout.groups)
+        self.compile = compile or None
+        self._fn = torch.compile(self._losses, mode=None if compile == "default" else compile) if self.compile else self._losses
+
+    def _losses(self, expanded: list[list[Tensor]], batch: dict):
+        model, form, layout = self.model, self.form, self.layout
+        K = len(layout.eps)
+        group_losses = {}
+        for gi, group in enumerate(layout.groups):
+            P = dict(zip(self.names, expanded[0 if self.copies == 1 else gi]))
+            inputs = batch[group]
+
+            def per_task(Pk, inp, group=group):
+                def call(method, *args):
+                    return functional_call(model, Pk, (method, *args))
+
+                return form.forward(group, call, inp, self.deriv)
+
+            out = vmap(per_task)(P, inputs)
+            flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in out.items()}
+            group_losses[group] = form.loss(group, flat, inputs, K)
+        return layout.combine(group_losses), group_losses
+
+    def __call__(self, expanded: list[list[Tensor]], batch: dict):
+        return self._fn(expanded, batch)
+
+
 def segmented_task_gradients(model: nn.Module, form: Formulation, batch: dict, layout: TaskLayout,
-                             deriv: str = "fast"):
+                             deriv: str = "fast", losses_fn: SegmentedLosses | None = None):
     """Task losses and per-parameter Jacobians from one forward and one backward pass.
 
     Args:
@@ -69,31 +114,20 @@ def segmented_task_gradients(model: nn.Module, form: Formulation, batch: dict, l
         form: the loss formulation.
         batch: ``form.sample_batch(...)``: per group, tensors with a leading task axis K.
         layout: the task layout.
+        deriv: input-derivative mode (see :func:`hrgrad_ext.train.losses.value_and_derivatives`).
+        losses_fn: a :class:`SegmentedLosses` to reuse (e.g. a compiled one); built from the
+            other arguments when omitted.
 
     Returns ``(losses [T] detached, group_losses {group: [K] detached}, jacobians)`` with
     ``jacobians[i]`` of shape ``[T, *params[i].shape]`` for ``params = list(model.parameters())``.
     """
-    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    if losses_fn is None:
+        losses_fn = SegmentedLosses(model, form, layout, deriv)
+    params = [p for p in model.parameters() if p.requires_grad]
     K = len(layout.eps)
-    copies = 1 if layout.mode == "eps" else len(layout.groups)
+    copies = losses_fn.copies
     expanded = [[p.unsqueeze(0).expand(K, *p.shape) for p in params] for _ in range(copies)]
-
-    group_losses = {}
-    for gi, group in enumerate(layout.groups):
-        P = dict(zip(names, expanded[0 if copies == 1 else gi]))
-        inputs = batch[group]
-
-        def per_task(Pk, inp, group=group):
-            def call(method, *args):
-                return functional_call(model, Pk, (method, *args))
-
-            return form.forward(group, call, inp, deriv)
-
-        out = vmap(per_task)(P, inputs)
-        flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in out.items()}
-        group_losses[group] = form.loss(group, flat, inputs, K)
-
-    losses = layout.combine(group_losses)
+    losses, group_losses = losses_fn(expanded, batch)
     leaves = [e for copy in expanded for e in copy]
     grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
     grads = [torch.zeros_like(e) if g is None else g for g, e in zip(grads, leaves)]

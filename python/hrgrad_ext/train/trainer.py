@@ -8,6 +8,7 @@ resume, Ctrl-C handling, summary and plots.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from ..ops import combine_into_grads
 from .config import TrainConfig, load_config, to_toml
 from .evaluation import evaluate
 from .losses import BGKFormulation, Formulation, TransportFormulation
-from .segmented import TaskLayout, segmented_task_gradients, separate_task_gradients
+from .segmented import SegmentedLosses, TaskLayout, segmented_task_gradients, separate_task_gradients
 
 __all__ = ["Trainer", "make_aggregator", "make_formulation", "CHECKPOINT", "METRICS", "SUMMARY", "CONFIG"]
 
@@ -58,7 +59,7 @@ def make_aggregator(method: str, options: dict | None = None, seed: int = 0) -> 
 
 def make_formulation(cfg: TrainConfig) -> Formulation:
     """The loss formulation of ``cfg.problem``."""
-    kw = dict(t_final=cfg.t_final, weights=cfg.loss_weights, points=_points(cfg))
+    kw = dict(t_final=cfg.t_final, weights=cfg.loss_weights, points=_points(cfg), eps=cfg.eps)
     if cfg.nv:
         kw["nv"] = cfg.nv
     if cfg.problem == "transport":
@@ -147,8 +148,12 @@ class Trainer:
             self.optimizer = cls(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _Schedule(o.schedule, cfg.iters, o.warmup, o.min_factor, o.gamma, o.step_size))
+        # the parameter average that evaluation uses (optim.ema > 0)
+        self.ema = [p.detach().clone() for p in self.params] if o.ema > 0 else None
         self.aggregator = make_aggregator(cfg.method, cfg.aggregator.get(cfg.method), cfg.seed)
         self.layout = TaskLayout(tuple(cfg.eps), self.form.groups, cfg.tasks)
+        self.losses_fn = SegmentedLosses(self.model, self.form, self.layout,
+                                         compile=None if cfg.compile == "off" else cfg.compile)
         self.eps_tensor = torch.tensor(cfg.eps, dtype=torch.float64)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
@@ -163,7 +168,8 @@ class Trainer:
     def task_gradients(self, batch: dict):
         """``(losses [T], jacobians)`` for a batch, by the configured gradient mode."""
         if self.cfg.grad_mode == "segmented":
-            losses, _, jac = segmented_task_gradients(self.model, self.form, batch, self.layout)
+            losses, _, jac = segmented_task_gradients(self.model, self.form, batch, self.layout,
+                                                      losses_fn=self.losses_fn)
         else:
             losses, jac = separate_task_gradients(self.model, self.form, batch, self.layout)
         return losses, jac
@@ -178,7 +184,30 @@ class Trainer:
         combine_into_grads(jac, w, self.params)
         self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            # warm-up of the decay (as in TensorFlow's ExponentialMovingAverage), so that the
+            # average does not hold on to the random initialisation for ~1/(1-decay) steps
+            decay = min(self.cfg.optim.ema, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - decay)
         return losses, G, w, status
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Within the block the model holds the parameter average (no-op without ``optim.ema``)."""
+        if self.ema is None:
+            yield self.model
+            return
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, a in zip(self.params, self.ema):
+                p.copy_(a)
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -190,6 +219,7 @@ class Trainer:
             "running": self.running,
             "last_eval": self.last_eval,
             "model": self.model.state_dict(),
+            "ema": self.ema,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler_rng": self.gen.get_state(),
@@ -208,6 +238,12 @@ class Trainer:
         self.running = state["running"]
         self.last_eval = state["last_eval"]
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            saved = state.get("ema")
+            if saved is None:
+                raise ValueError("resume: optim.ema is on but the checkpoint holds no parameter average")
+            for a, b in zip(self.ema, saved):
+                a.copy_(b)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.gen.set_state(state["sampler_rng"])
@@ -279,8 +315,10 @@ class Trainer:
         }
 
     def evaluate(self) -> dict:
-        """Relative L2 errors per eps and quantity against the references."""
-        return evaluate(self.model, self.form, self.cfg.eps)
+        """Relative L2 errors per eps and quantity against the references (with the parameter
+        average when ``optim.ema`` is on)."""
+        with self.averaged_weights() as model:
+            return evaluate(model, self.form, self.cfg.eps)
 
     def run(self, max_steps: int | None = None, callback: Callable[["Trainer"], None] | None = None) -> dict | None:
         """Trains until ``cfg.iters`` (or ``max_steps``, then checkpoints and returns ``None``).
@@ -361,6 +399,7 @@ class Trainer:
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
             "dtype": self.cfg.dtype,
             "grad_mode": self.cfg.grad_mode,
+            "weights_evaluated": f"parameter average (ema {self.cfg.optim.ema:g})" if self.ema is not None else "last step",
             "parameters": sum(p.numel() for p in self.params),
             "wall_time_s": self.wall_time,
             "train_time_s": self.train_time,
