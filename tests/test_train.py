@@ -122,16 +122,19 @@ def test_front_sampling_puts_points_where_the_inflow_has_reached():
 
 def test_default_transport_model_resolves_the_eps1_front():
     # Root cause of the eps = 1 failure (rel L2 0.78-0.89 at t = 0.1 for any width or step
-    # count): its solution is a wedge in x < 0.1 that the slab-scaled inputs could not resolve,
-    # and the inflow jump in v at v = 0 that g could not represent. The defaults must keep the
-    # eps-dependent x scale, the half-range input and the front sampling.
+    # count): at t = 0.1 its solution is a wedge in x < 0.1, behind the incompatible corner of
+    # the data, which smooth networks smear, plus the inflow jump in v at v = 0 that g could
+    # not represent. The defaults give eps = 1 the anchor's window [0, 1] (the solution then
+    # fills the slab), keep the half-range input and the front sampling, and every smaller eps
+    # the window [0, 0.1].
     cfg = default_config("transport")
     tr = Trainer(apply_overrides(cfg, ["log.progress=false", "log.plots=false"]))
     m = tr.model
     assert m.half_range
-    assert float(m.x_length(torch.tensor(1.0))) <= 2 * cfg.t_final * (1 + 1e-6)
-    assert float(m.x_length(torch.tensor(1e-3))) == 1.0
+    assert tr.form.t_final_for(1.0) == 1.0 and all(tr.form.t_final_for(e) == 0.1 for e in cfg.eps[1:])
+    assert float(m.time_windows(torch.tensor(1.0))) == 1.0 and float(m.time_windows(torch.tensor(1e-8))) == pytest.approx(0.1)
     assert tr.form.front_fraction > 0
+    assert tr.ema is not None
 
 
 def test_ic_corner_ramps_the_initial_residual_in_next_to_the_wall():
@@ -341,6 +344,22 @@ def test_all_methods_construct():
 
 
 # --- per-task time windows and the parameter average -------------------------------------------
+
+
+def test_time_window_tables_in_configs(tmp_path):
+    from hrgrad_ext.train.config import task_windows
+
+    cfg = apply_overrides(tiny_config(tmp_path), ['t_final={"1" = 1.0, "0.1" = 0.1}', "eps=[1.0, 0.5, 0.01]"])
+    assert task_windows(cfg.validate()) == [1.0, 1.0, 0.1]  # nearest key in log10 eps
+    p = tmp_path / "w.toml"
+    p.write_text(to_toml(cfg))
+    assert load_config(p).validate().t_final == {"1": 1.0, "0.1": 0.1}
+    # an override replaces a table as a whole
+    assert apply_overrides(cfg, ['t_final={"1e-3" = 0.2}']).validate().t_final == {"1e-3": 0.2}
+    assert apply_overrides(cfg, ["t_final=0.2"]).validate().t_final == 0.2
+    for bad in ('t_final={"x" = 1.0}', 't_final={"1" = -1.0}', "t_final={}", 't_final="long"'):
+        with pytest.raises(ValueError, match="t_final"):
+            apply_overrides(cfg, [bad]).validate()
 
 
 def test_time_windows_lookup_and_vmap():

@@ -74,10 +74,12 @@ class TrainConfig:
         tasks: ``"eps"`` (one task per eps) or ``"eps_group"`` (one per eps and point group).
         seed, device, dtype: reproducibility and placement.
         threads: CPU threads for torch (0: leave torch's default).
-        t_final: end of the time window: one number, or one per eps (per-task windows, e.g.
-            the anchor's [0, 1] for transport at eps = 1 and [0, 0.1] below; each task's points
-            and its scoring time follow its window); ``nv``: velocity nodes (0: the problem's
-            default).
+        t_final: end of the time window: one number; or per-task windows, as one number per
+            eps or as a table eps -> window end (each task takes the window of the nearest key
+            in log10 eps, so the table survives a change of the eps list), e.g. the anchor's
+            [0, 1] for transport at eps = 1 and [0, 0.1] below: ``{"1" = 1.0, "0.1" = 0.1}``.
+            Each task's points, time input scaling and scoring time follow its window.
+            ``nv``: velocity nodes (0: the problem's default).
         case: BGK initial data case ("I" .. "V").
         points: points per task and group (``interior``, ``boundary``, ``initial``).
         loss_weights: overrides of the formulation's loss weights.
@@ -111,7 +113,7 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 0
-    t_final: float | list = 0.1
+    t_final: float | list | dict = 0.1
     nv: int = 0
     case: str = "IV"
     points: dict = field(default_factory=lambda: {"interior": 64, "boundary": 16, "initial": 32})
@@ -157,16 +159,7 @@ class TrainConfig:
             raise ValueError(f"compile: expected one of {COMPILE_MODES}, got {self.compile!r}")
         if self.compile != "off" and self.grad_mode != "segmented":
             raise ValueError("compile: only the segmented gradient path is compiled; set grad_mode = 'segmented'")
-        ends = self.t_final if isinstance(self.t_final, (list, tuple)) else [self.t_final]
-        if isinstance(self.t_final, (list, tuple)) and len(ends) != len(eps):
-            raise ValueError(f"t_final: give one number or one per eps ({len(eps)} values), got {len(ends)}")
-        try:
-            ends = [float(t) for t in ends]
-        except (TypeError, ValueError):
-            raise ValueError(f"t_final: expected a number or a list of numbers, got {self.t_final!r}") from None
-        if any(not (math.isfinite(t) and t > 0) for t in ends):
-            raise ValueError(f"t_final: every window end must be a finite number > 0, got {self.t_final}")
-        self.t_final = ends if isinstance(self.t_final, (list, tuple)) else ends[0]
+        self.t_final = _check_windows(self.t_final, eps)
         if self.nv < 0 or self.threads < 0:
             raise ValueError("nv and threads must be >= 0")
         o = self.optim
@@ -198,6 +191,45 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_windows(t_final, eps: list[float]):
+    """Validates ``t_final`` (a number, one number per eps, or a table eps -> window end) and
+    returns it normalised (floats; table keys as written)."""
+    if isinstance(t_final, dict):
+        if not t_final:
+            raise ValueError("t_final: the table of windows is empty")
+        try:
+            keys = [float(k) for k in t_final]
+            ends = [float(v) for v in t_final.values()]
+        except (TypeError, ValueError):
+            raise ValueError(f"t_final: a table maps eps to window ends, e.g. {{\"1\" = 1.0, \"0.1\" = 0.1}}; got {t_final!r}") from None
+        if any(not (math.isfinite(k) and k > 0) for k in keys):
+            raise ValueError(f"t_final: table keys must be eps values > 0, got {list(t_final)}")
+    else:
+        ends = t_final if isinstance(t_final, (list, tuple)) else [t_final]
+        if isinstance(t_final, (list, tuple)) and len(ends) != len(eps):
+            raise ValueError(f"t_final: give one number, one per eps ({len(eps)} values) or a table eps -> end, got {len(ends)} values")
+        try:
+            ends = [float(t) for t in ends]
+        except (TypeError, ValueError):
+            raise ValueError(f"t_final: expected a number, a list of numbers or a table, got {t_final!r}") from None
+    if any(not (math.isfinite(t) and t > 0) for t in ends):
+        raise ValueError(f"t_final: every window end must be a finite number > 0, got {t_final}")
+    if isinstance(t_final, dict):
+        return {str(k): e for k, e in zip(t_final, ends)}
+    return ends if isinstance(t_final, (list, tuple)) else ends[0]
+
+
+def task_windows(cfg: "TrainConfig") -> float | list[float]:
+    """``cfg.t_final`` resolved for the task set: a number, or one window end per eps (a table
+    gives each eps the window of its nearest key in log10 eps)."""
+    if isinstance(cfg.t_final, dict):
+        from ..nn import TimeWindows
+
+        table = TimeWindows([float(k) for k in cfg.t_final], list(cfg.t_final.values()))
+        return [table.end(e) for e in cfg.eps]
+    return cfg.t_final
 
 
 def _from_dict(cls, data: dict, prefix: str = ""):
@@ -265,7 +297,11 @@ def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
         for p in parts[:-1]:
             cur = cur.setdefault(p, {})
         cur[parts[-1]] = parse_value(text.strip())
-        data = _merge(data, node)
+        if parts == ["t_final"]:
+            # a window table is a value, replaced as a whole (merging could not drop a key)
+            data["t_final"] = node["t_final"]
+        else:
+            data = _merge(data, node)
     return _from_dict(TrainConfig, data)
 
 
@@ -279,7 +315,8 @@ def _toml_value(v) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(a) for a in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(a)}" for k, a in v.items()) + "}"
+        # quoted keys: a bare "0.1" would be read back as a dotted key
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(a)}" for k, a in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 

@@ -24,7 +24,7 @@ from ..aggregators import MGDA, Aggregator, ConFIG, HRGrad, Mean, PCGrad, Sum, U
 from ..backward import aggregate_jacobians, task_diagnostics
 from ..nn import EpsEncoding
 from ..ops import combine_into_grads
-from .config import TrainConfig, load_config, to_toml
+from .config import TrainConfig, load_config, task_windows, to_toml
 from .evaluation import evaluate
 from .losses import BGKFormulation, Formulation, TransportFormulation
 from .segmented import SegmentedLosses, TaskLayout, segmented_task_gradients, separate_task_gradients
@@ -59,7 +59,7 @@ def make_aggregator(method: str, options: dict | None = None, seed: int = 0) -> 
 
 def make_formulation(cfg: TrainConfig) -> Formulation:
     """The loss formulation of ``cfg.problem``."""
-    kw = dict(t_final=cfg.t_final, weights=cfg.loss_weights, points=_points(cfg), eps=cfg.eps)
+    kw = dict(t_final=task_windows(cfg), weights=cfg.loss_weights, points=_points(cfg), eps=cfg.eps)
     if cfg.nv:
         kw["nv"] = cfg.nv
     if cfg.problem == "transport":
