@@ -63,7 +63,7 @@ def test_segmented_gradients_equal_separate_backward_passes(tmp_path, problem, m
         assert (J[0][0] - J[0][1]).abs().max() > 0
 
 
-@pytest.mark.parametrize("opts", BGK_FORMS[1:], ids=lambda o: f"hard_ic={o['hard_ic']}-{o['f_form']}")
+@pytest.mark.parametrize("opts", BGK_FORMS[2:], ids=lambda o: f"hard_ic={o['hard_ic']}-{o['f_form']}")
 def test_bgk_parametrisations_segmented_gradients_equal_separate_backward_passes(tmp_path, opts):
     cfg = tiny_config(tmp_path, "bgk", eps=[1.0, 1e-1, 1e-3], dtype="float64")
     cfg.model = {**cfg.model, **opts}
@@ -98,6 +98,13 @@ def test_bgk_maxwellian_interior_forward_equals_differentiating_f(tmp_path):
                                    "interior", call, inp, "fast")
     for k in fast:
         torch.testing.assert_close(fast[k], plain[k], rtol=1e-12, atol=1e-12)
+
+
+def test_default_bgk_model_is_the_maxwellian_form():
+    # With the spec's free softplus f the BGK defaults did not learn the velocity (momentum rel
+    # L2 0.6-1.0 at 1500 steps); f = M[rho, u, T] exp(N_f) did (docs/RESULTS.md). Keep it.
+    tr = Trainer(apply_overrides(default_config("bgk"), ["log.progress=false", "log.plots=false"]))
+    assert tr.model.f_form == "maxwellian" and tr.form.f_form == "maxwellian" and not tr.model.hard_ic
 
 
 def test_bgk_model_option_validation(tmp_path):
@@ -261,7 +268,7 @@ def test_bgk_runs_with_each_method(tmp_path, method):
     assert all(v == v for d in s["rel_l2"].values() for v in d.values())
 
 
-@pytest.mark.parametrize("opts", BGK_FORMS[1:], ids=lambda o: f"hard_ic={o['hard_ic']}-{o['f_form']}")
+@pytest.mark.parametrize("opts", [BGK_FORMS[1], BGK_FORMS[3]], ids=lambda o: f"hard_ic={o['hard_ic']}-{o['f_form']}")
 def test_bgk_runs_with_each_parametrisation(tmp_path, opts):
     cfg = tiny_config(tmp_path, "bgk", iters=3)
     cfg.model = {**cfg.model, **opts}
