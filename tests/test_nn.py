@@ -173,3 +173,90 @@ def test_transport_half_range_lets_g_jump_at_v_zero():
     t, x = _pts(2, 0, 1)
     G = m.g_raw(t, x, torch.tensor([-1e-3, 1e-3]), torch.tensor(1.0))
     assert (G[:, 1] - G[:, 0]).abs().min() > 1e-2
+
+
+# --- BGK parametrisations: hard initial data, f as a Maxwellian times a learned deviation ----
+
+
+def _bgk_model(case="IV", **opts):
+    from hrgrad_ext.reference.bgk import case_profile
+
+    m = BGKAPNN(EpsEncoding(-3, 0, 1), f_net=dict(width=8, depth=1), macro_net=dict(width=8, depth=1),
+                initial_profile=case_profile(case), **opts)
+    # networks far from zero, so the parametrisation (not small outputs) is what holds the data
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(5.0)
+    return m
+
+
+@pytest.mark.parametrize("f_form", ["free", "maxwellian"])
+def test_bgk_hard_ic_gives_the_initial_state_and_the_wall_states(f_form):
+    from hrgrad_ext.ops import maxwellian
+
+    m = _bgk_model("III", hard_ic=True, f_form=f_form)
+    x = torch.cat([torch.linspace(-0.5, 0.5, 11), _pts(9, -0.5, 0.5)[1]])
+    n = x.shape[0]
+    v = torch.linspace(-10, 10, 12)
+    for kn in (1.0, 1e-3):
+        eps = torch.tensor(kn)
+        rho, u, T = m.macro(torch.zeros(n), x, eps)
+        rho0, u0, T0 = m.initial_state(x)
+        torch.testing.assert_close(rho, rho0, rtol=1e-14, atol=0)
+        torch.testing.assert_close(u, u0, rtol=0, atol=1e-15)
+        torch.testing.assert_close(T, T0, rtol=1e-14, atol=0)
+        F0 = m.f(torch.zeros(n), x, v, eps)
+        if f_form == "maxwellian":  # f(0) = f0 = M[rho0, u0, T0] exactly
+            torch.testing.assert_close(F0, maxwellian(rho0, u0, T0, v), rtol=1e-13, atol=1e-300)
+        # walls: q0(-+0.5), within 1e-4 of the Dirichlet states (case III: tanh(5) = 1 - 9e-5)
+        t = torch.tensor([0.0, 0.03, 0.1])
+        for x_end, state in ((-0.5, m.left), (0.5, m.right)):
+            got = m.macro(t, torch.full((3,), x_end), eps)
+            for q, s in zip(got, state):
+                torch.testing.assert_close(q, torch.full((3,), s), rtol=0, atol=1e-4)
+        # the interior moves away from the initial data at t > 0
+        rho1 = m.macro(torch.full((n,), 0.1), x, eps)[0]
+        assert (rho1 - rho0).abs().max() > 1e-2
+        t, x2 = _pts(9, -0.5, 0.5)
+        assert torch.all(m.f(t, x2, v, eps) > 0)
+    # cases I, II, IV: the walls are the Dirichlet states (IV within 2e-9)
+    for case in ("I", "II", "IV"):
+        m = _bgk_model(case, hard_ic=True)
+        for x_end, state in ((-0.5, m.left), (0.5, m.right)):
+            for q, s in zip(m.macro(torch.tensor([0.05]), torch.tensor([x_end]), torch.tensor(0.1)), state):
+                assert abs(q.item() - s) < 1e-8
+
+
+def test_bgk_maxwellian_f_is_m_times_exp_deviation_and_its_derivatives_are_exact():
+    from hrgrad_ext.ops import maxwellian
+
+    m = _bgk_model(f_form="maxwellian")
+    t, x = _pts(6, -0.5, 0.5)
+    v = torch.linspace(-10, 10, 7)
+    eps = torch.tensor(0.1)
+    rho, u, T = m.macro(t, x, eps)
+    F = m.f(t, x, v, eps)
+    assert torch.all(F > 0)
+    torch.testing.assert_close(F, maxwellian(rho, u, T, v) * torch.exp(m.f_dev(t, x, v, eps)))
+    # per-node [n, V] coordinates (reverse-mode layout) give the same values
+    torch.testing.assert_close(m.f(t[:, None].expand(6, 7), x[:, None].expand(6, 7), v, eps), F)
+    # the chain rule used by the formulation equals finite differences of f
+    from hrgrad_ext.nn import maxwellian_exp_derivatives
+
+    (r, uu, TT), (dt, dx) = value_and_derivatives(lambda t, x: m.macro(t, x, eps), (t, x), (0, 1), "jvp")
+    D, (Dt, Dx) = value_and_derivatives(lambda t, x: m.f_dev(t, x, v, eps), (t, x), (0, 1), "vjp", grid=7)
+    F2, (Ft, Fx) = maxwellian_exp_derivatives(r, uu, TT, (dt, dx), D, (Dt, Dx), v)
+    fn = lambda t, x: m.f(t, x, v, eps)
+    h = 1e-6
+    torch.testing.assert_close(F2, F)
+    torch.testing.assert_close(Ft, (fn(t + h, x) - fn(t - h, x)) / (2 * h), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(Fx, (fn(t, x + h) - fn(t, x - h)) / (2 * h), atol=1e-6, rtol=1e-6)
+
+
+def test_bgk_model_option_errors():
+    with pytest.raises(ValueError, match="f_form"):
+        BGKAPNN(EpsEncoding(), f_form="gaussian")
+    with pytest.raises(ValueError, match="initial profile"):
+        BGKAPNN(EpsEncoding(), hard_ic=True)
+    with pytest.raises(ValueError, match="hard_ic"):
+        BGKAPNN(EpsEncoding(), hard_ic="yes")

@@ -9,7 +9,8 @@ Every model takes the small parameter eps (Knudsen number) as an input through a
 
 from .bodies import ACTIVATIONS, MLP, ResNet, make_body
 from .encoding import EpsEncoding
-from .models import APNN, BGKAPNN, TransportAPNN
+from .models import APNN, BGKAPNN, TransportAPNN, log_maxwellian, maxwellian_exp_derivatives
 from .windows import TimeWindows
 
-__all__ = ["ACTIVATIONS", "APNN", "BGKAPNN", "EpsEncoding", "MLP", "ResNet", "TimeWindows", "TransportAPNN", "make_body"]
+__all__ = ["ACTIVATIONS", "APNN", "BGKAPNN", "EpsEncoding", "MLP", "ResNet", "TimeWindows", "TransportAPNN",
+           "log_maxwellian", "make_body", "maxwellian_exp_derivatives"]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from ..nn import BGKAPNN, EpsEncoding, TimeWindows, TransportAPNN
+from ..nn import BGKAPNN, EpsEncoding, TimeWindows, TransportAPNN, maxwellian_exp_derivatives
 from .. import ops as kinetic
 from ..reference import bgk as bgk_reference
 
@@ -301,7 +301,15 @@ class BGKFormulation(Formulation):
     """BGK APNN (spec section 2): x in [-0.5, 0.5], v in [-10, 10] (64 Gauss-Legendre nodes),
     residual groups kinetic / conservation / consistency on interior points and the initial
     data of spec case ``case``; weights kinetic 1, conservation 1,1,1, consistency 1,1,1,
-    IC 10 (rho), 1 (u), 10 (T), 10 (f)."""
+    IC 10 (rho), 1 (u), 10 (T), 10 (f).
+
+    The model options ``hard_ic`` and ``f_form`` (see :class:`hrgrad_ext.nn.BGKAPNN`) are set
+    by :meth:`build_model`, which records ``f_form``: for ``"maxwellian"`` the interior
+    forward differentiates the macro networks (forward mode, per point) and the log deviation
+    ``D`` (per node) separately and combines them by the chain rule, instead of
+    differentiating ``f`` on the ``[n, V]`` grid (which would run the three macro networks at
+    every node; both give the same numbers). With ``hard_ic`` the IC terms of rho, u, T (and,
+    with the maxwellian form, of f) are identically zero and stay in the loss harmlessly."""
 
     name = "bgk"
     groups = ("interior", "initial")
@@ -317,12 +325,25 @@ class BGKFormulation(Formulation):
         self.case = case.upper()
         self.profile = bgk_reference.case_profile(self.case)
 
+    #: the f form of the model built by :meth:`build_model` (selects the interior forward)
+    f_form = "free"
+
     def build_model(self, encoding: EpsEncoding, nets: dict) -> BGKAPNN:
-        unknown = set(nets) - {"f", "macro"}
+        """The model from the ``model`` table: networks ``f``, ``macro`` and the options
+        ``hard_ic`` (bool) and ``f_form`` (``"free"`` or ``"maxwellian"``)."""
+        unknown = set(nets) - {"f", "macro", "hard_ic", "f_form"}
         if unknown:
-            raise ValueError(f"bgk: unknown network(s) {sorted(unknown)}; expected 'f' and 'macro'")
-        return BGKAPNN(encoding, self.t_range, self.x_range, 10.0, self.LEFT, self.RIGHT,
-                       f_net=nets.get("f"), macro_net=nets.get("macro"), time_windows=self.model_windows())
+            raise ValueError(f"bgk: unknown network or model option(s) {sorted(unknown)}; "
+                             "expected 'f', 'macro', 'hard_ic', 'f_form'")
+        hard_ic = nets.get("hard_ic", False)
+        if hard_ic is True and self.case == "V":
+            raise ValueError("bgk: hard_ic needs continuous initial data; case V (Riemann step) is not")
+        model = BGKAPNN(encoding, self.t_range, self.x_range, 10.0, self.LEFT, self.RIGHT,
+                        f_net=nets.get("f"), macro_net=nets.get("macro"), hard_ic=hard_ic,
+                        f_form=nets.get("f_form", "free"), initial_profile=self.profile,
+                        time_windows=self.model_windows())
+        self.f_form = model.f_form
+        return model
 
     def initial_state(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(rho0, u0, T0)`` at ``x``: ``q_L + (q_R - q_L) s(x)``."""
@@ -340,6 +361,15 @@ class BGKFormulation(Formulation):
 
     def forward(self, group: str, call: Callable, inp: dict[str, Tensor], deriv: str) -> dict[str, Tensor]:
         t, x, eps, v = inp["t"], inp["x"], inp["eps"], self.v
+        if group == "interior" and self.f_form == "maxwellian":
+            # f = M[rho, u, T] exp(D): macro values and (t, x) derivatives once per point, D per
+            # node, combined by the chain rule (the same numbers as differentiating call("f"))
+            (rho, u, T), (dt, dx) = value_and_derivatives(lambda t, x: call("macro", t, x, eps), (t, x), (0, 1),
+                                                          pick_mode(deriv, 2, 3))
+            D, (Dt, Dx) = value_and_derivatives(lambda t, x: call("f_dev", t, x, v, eps), (t, x), (0, 1),
+                                                pick_mode(deriv, 2, 1), grid=v.shape[0])
+            F, (Ft, Fx) = maxwellian_exp_derivatives(rho, u, T, (dt, dx), D, (Dt, Dx), v)
+            return {"F": F, "Ft": Ft, "Fx": Fx, "rho": rho, "u": u, "T": T, "rho_t": dt[0], "u_t": dt[1], "T_t": dt[2]}
         if group == "interior":
             F, (Ft, Fx) = value_and_derivatives(lambda t, x: call("f", t, x, v, eps), (t, x), (0, 1),
                                                 pick_mode(deriv, 2, 1), grid=v.shape[0])
