@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--macro-depth", type=int, default=3)
     p.add_argument("--modes", nargs="+", default=["single", "separate", "segmented", "compiled", "cudagraphs"],
                    choices=["single", "separate", "segmented", "compiled", "cudagraphs"])
+    p.add_argument("--compiled-K", type=int, nargs="+", default=None,
+                   help="K values for the compiled / cudagraphs modes (default: --K); each compiles for about a minute")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--threads", type=int, default=0)
@@ -94,6 +96,7 @@ def main(argv=None) -> int:
             runs.append(("separate", K, "hrgrad", "separate"))
         if "segmented" in args.modes:
             runs.append(("segmented", K, "hrgrad", "segmented"))
+    for K in args.compiled_K or args.K:
         if "compiled" in args.modes:
             runs.append(("compiled", K, "hrgrad", "segmented"))
         if "cudagraphs" in args.modes and args.device.startswith("cuda"):

@@ -72,6 +72,26 @@ def test_compare_writes_markdown_table(tmp_path):
     assert main(["compare", "--methods", "hrgrad,bogus", "--out", str(out)]) == 2
 
 
+def test_compare_over_seeds_reports_median_and_range(tmp_path):
+    from hrgrad_ext.train.compare import markdown_table
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--problem", "transport", "--methods", "sum", "--seeds", "3,4", "--iters", "2",
+                 "--out", str(out), *TINY]) == 0
+    runs = json.loads((out / "compare.json").read_text())["sum"]
+    assert [r["seed"] for r in runs] == [3, 4] and (out / "sum" / "seed4" / "summary.json").is_file()
+    # two seeds train differently, and the cell is their median with the range
+    a, b = (r["rel_l2"]["1e-08"]["rho"] for r in runs)
+    assert a != b
+    md = (out / "compare.md").read_text()
+    assert "seeds 3, 4" in md and f"{(a + b) / 2:.2e} [{min(a, b):.1e}, {max(a, b):.1e}]" in md
+    # by hand: three seeds -> the median is the middle value
+    fake = [{**runs[0], "seed": s, "rel_l2": {"1e-08": {"rho": v}, "1e-07": {"rho": v}}} for s, v in ((0, 0.3), (1, 0.1), (2, 0.2))]
+    assert "| sum | 2.00e-01 [1.0e-01, 3.0e-01] |" in markdown_table({"sum": fake})
+    assert main(["compare", "--methods", "sum", "--seeds", "1,x", "--out", str(out)]) == 2
+    assert main(["compare", "--methods", "sum", "--seeds", "1,1", "--out", str(out)]) == 2
+
+
 def test_reference_subcommand_registered_when_available():
     try:
         from hrgrad_ext.reference import cli as ref_cli  # noqa: F401

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="train several methods with the same seed and budget; markdown table")
     _add_run_options(cp)
     cp.add_argument("--methods", default="hrgrad,sum,pcgrad,config", help="comma-separated methods")
+    cp.add_argument("--seeds", help="comma-separated seeds (default: --seed); the table then shows the "
+                                    "median and range over them")
 
     dm = sub.add_parser("demo", help="aggregate two conflicting gradients with every method and print the result")
     dm.add_argument("--J", default=json.dumps(DEMO_J), help="Jacobian rows as JSON (default %(default)s)")
@@ -131,7 +133,13 @@ def _compare(args) -> int:
 
     cfg = _resolve_config(args)
     methods = [m for m in args.methods.replace(" ", "").split(",") if m]
-    table = run_compare(cfg, methods, cfg.out)
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = [int(v) for v in args.seeds.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    table = run_compare(cfg, methods, cfg.out, seeds)
     print(table)
     print(f"written to {cfg.out}/compare.md")
     return 0

@@ -102,6 +102,11 @@ class SegmentedLosses:
         return layout.combine(group_losses), group_losses
 
     def __call__(self, expanded: list[list[Tensor]], batch: dict):
+        if self.compile in ("reduce-overhead", "max-autotune"):
+            # CUDA-graph modes: outputs live in graph-owned memory that the next replay
+            # overwrites; one call per training step, and everything derived from it (losses,
+            # Jacobians, the update) is consumed before the next call
+            torch.compiler.cudagraph_mark_step_begin()
         return self._fn(expanded, batch)
 
 

@@ -393,6 +393,7 @@ class Trainer:
             "problem": self.cfg.problem,
             "case": self.cfg.case if self.cfg.problem == "bgk" else None,
             "method": self.cfg.method,
+            "seed": self.cfg.seed,
             "tasks": self.layout.names,
             "eps": self.cfg.eps,
             "iters": self.step,
