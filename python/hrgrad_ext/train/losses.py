@@ -152,7 +152,7 @@ class Formulation:
         e = eps.reshape(-1, 1).double()
         if self.windows is None or self.windows.constant is not None:
             return torch.full_like(e, self.t_range[1])
-        return self.windows.to(torch.float64)(e)
+        return self.windows(e)  # the formulation's own windows stay float64 on the CPU
 
     def model_windows(self) -> TimeWindows | None:
         """A copy of the windows for the model (None when all tasks share ``t_range``)."""
