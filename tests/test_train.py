@@ -558,3 +558,21 @@ def test_bgk_per_task_windows_keep_the_task_gradients_exact(tmp_path):
     torch.testing.assert_close(L, L_ref, rtol=1e-12, atol=0)
     scale = torch.sqrt(sum((j ** 2).sum() for j in J_ref))
     assert max((a - b).abs().max() for a, b in zip(J, J_ref)) <= 1e-12 * scale
+
+
+def test_update_clipping(tmp_path):
+    cfg = tiny_config(tmp_path, iters=1, method="sum")
+    cfg.optim.clip_norm = 1e-6
+    cfg.optim.name = "sgd"
+    cfg.optim.momentum = 0.0
+    cfg.optim.lr = 1.0
+    tr = Trainer(cfg)
+    before = [p.detach().clone() for p in tr.params]
+    tr.train_step()
+    # SGD with lr 1: the step is the clipped update itself
+    step = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(tr.params, before)))
+    assert 0 < step <= 1e-6 * (1 + 1e-4)
+    bad = tiny_config(tmp_path)
+    bad.optim.clip_norm = -1.0
+    with pytest.raises(ValueError, match="clip_norm"):
+        Trainer(bad)

@@ -36,6 +36,9 @@ class OptimConfig:
     evaluation, plots and the summary. Collocation training with fresh random points each
     step is noisy (the errors of one run move by ~2x between evaluations); the average
     smooths that out at the cost of one parameter copy.
+    ``clip_norm``: the aggregated update is rescaled to at most this 2-norm before the optimizer
+    step (0 = off); collocation losses can spike by 100x within a few steps (seen on BGK late
+    in a run), and one huge step also poisons Adam's moment estimates.
     """
 
     name: str = "adam"
@@ -49,6 +52,7 @@ class OptimConfig:
     gamma: float = 0.5
     step_size: int = 1000
     ema: float = 0.0
+    clip_norm: float = 0.0
 
 
 @dataclass
@@ -171,6 +175,8 @@ class TrainConfig:
             raise ValueError(f"optim.schedule: expected constant, cosine, exponential or step, got {o.schedule!r}")
         if o.warmup < 0 or o.step_size < 1 or not 0 < o.gamma <= 1 or not 0 <= o.min_factor <= 1:
             raise ValueError("optim: need warmup >= 0, step_size >= 1, 0 < gamma <= 1, 0 <= min_factor <= 1")
+        if not (math.isfinite(o.clip_norm) and o.clip_norm >= 0):
+            raise ValueError(f"optim.clip_norm: must be a finite number >= 0 (0 = off), got {o.clip_norm}")
         if not 0.0 <= o.ema < 1.0:
             raise ValueError(f"optim.ema: the decay must be in [0, 1) (0 = off), got {o.ema}")
         if not isinstance(self.aggregator, dict) or any(not isinstance(v, dict) for v in self.aggregator.values()):

@@ -182,6 +182,9 @@ class Trainer:
         G, w, status = aggregate_jacobians(self.aggregator, jac)
         self.optimizer.zero_grad(set_to_none=True)
         combine_into_grads(jac, w, self.params)
+        if self.cfg.optim.clip_norm > 0:
+            # foreach implementation, no host sync
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_norm)
         self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
