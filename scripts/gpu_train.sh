@@ -19,7 +19,7 @@ timeout -s INT "$RUN_S" hrgrad-ext train --problem transport "${common[@]}" --it
   --set model.rho.width=64 --set model.g.width=64 --set points.interior=256 \
   --set log.eval_every=2000 --set log.checkpoint_every=2000 --out "$RUNS/transport"
 timeout -s INT "$RUN_S" hrgrad-ext train --problem bgk "${common[@]}" --iters 10000 \
-  --set model.f.width=64 --set model.macro.width=64 --set points.interior=256 \
+  --set model.f.width=64 --set model.macro.width=64 --set points.interior=256 --set optim.clip_norm=5.0 \
   --set log.eval_every=2000 --set log.checkpoint_every=2000 --out "$RUNS/bgk"
 for d in transport bgk; do
   [ -f "$RUNS/$d/summary.json" ] && cp "$RUNS/$d/summary.json" "$OUT/${d}_summary.json" && cat "$RUNS/$d/summary.json"
