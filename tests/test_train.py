@@ -38,6 +38,18 @@ def tiny_config(tmp_path, problem="transport", method="hrgrad", iters=3, **kw) -
     return cfg
 
 
+def assert_same_task_gradients(L, J, L_ref, J_ref, rtol=1e-12):
+    """Task losses to ``rtol`` and every Jacobian row to ``rtol`` of the Jacobians' overall
+    scale (some biases have zero true gradient, g = g_raw - <g_raw>, so an elementwise
+    relative test would divide by ~0); the rows differ between tasks."""
+    torch.testing.assert_close(L, L_ref, rtol=rtol, atol=0)
+    scale = torch.sqrt(sum((j ** 2).sum() for j in J_ref))
+    for a, b in zip(J, J_ref):
+        assert a.shape == b.shape and a.shape[0] == L_ref.shape[0]
+        assert (a - b).abs().max() <= rtol * scale
+    assert (J[0][0] - J[0][1]).abs().max() > 0
+
+
 # --- per-segment gradients --------------------------------------------------------------------
 
 
@@ -53,14 +65,8 @@ def test_segmented_gradients_equal_separate_backward_passes(tmp_path, problem, m
     assert T == len(eps) * (len(tr.form.groups) if mode == "eps_group" else 1)
     for deriv in ("fast", "jvp"):
         L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, deriv)
-        torch.testing.assert_close(L, L_ref, rtol=1e-12, atol=0)
-        scale = torch.sqrt(sum((j ** 2).sum() for j in J_ref))
-        for a, b in zip(J, J_ref):
-            assert a.shape == b.shape and a.shape[0] == T
-            # some biases have zero true gradient (g = g_raw - <g_raw>), so compare to the scale of J
-            assert (a - b).abs().max() <= 1e-12 * scale
-        # each task's gradient is its own: rows differ between tasks
-        assert (J[0][0] - J[0][1]).abs().max() > 0
+        assert J[0].shape[0] == T
+        assert_same_task_gradients(L, J, L_ref, J_ref)
 
 
 @pytest.mark.parametrize("opts", BGK_FORMS[2:], ids=lambda o: f"hard_ic={o['hard_ic']}-{o['f_form']}")
@@ -73,11 +79,7 @@ def test_bgk_parametrisations_segmented_gradients_equal_separate_backward_passes
     L_ref, J_ref = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
     for deriv in ("fast", "jvp"):
         L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, deriv)
-        torch.testing.assert_close(L, L_ref, rtol=1e-12, atol=0)
-        scale = torch.sqrt(sum((j ** 2).sum() for j in J_ref))
-        for a, b in zip(J, J_ref):
-            assert a.shape == b.shape and (a - b).abs().max() <= 1e-12 * scale
-        assert (J[0][0] - J[0][1]).abs().max() > 0
+        assert_same_task_gradients(L, J, L_ref, J_ref)
         if opts == {"hard_ic": True, "f_form": "maxwellian"}:
             # every initial-data term vanishes identically
             assert groups["initial"].abs().max() < 1e-24
@@ -480,9 +482,7 @@ def test_per_task_time_windows_sampling_scaling_and_scoring(tmp_path):
     batch = tr64.form.sample_batch(tr64.gen, tr64.eps_tensor, "cpu", torch.float64)
     L_ref, J_ref = separate_task_gradients(tr64.model, tr64.form, batch, tr64.layout)
     L, _, J = segmented_task_gradients(tr64.model, tr64.form, batch, tr64.layout)
-    torch.testing.assert_close(L, L_ref, rtol=1e-12, atol=0)
-    scale = torch.sqrt(sum((j ** 2).sum() for j in J_ref))
-    assert max((a - b).abs().max() for a, b in zip(J, J_ref)) <= 1e-12 * scale
+    assert_same_task_gradients(L, J, L_ref, J_ref)
     with pytest.raises(ValueError, match="t_final"):
         Trainer(tiny_config(tmp_path, t_final=[0.1, 0.1, 0.1]))
     with pytest.raises(ValueError, match="t_final"):
@@ -536,9 +536,7 @@ def test_compiled_segmented_losses_give_the_eager_gradients(tmp_path):
     eager = SegmentedLosses(tr.model, tr.form, tr.layout)
     L_ref, _, J_ref = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, losses_fn=eager)
     L, _, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, losses_fn=tr.losses_fn)
-    torch.testing.assert_close(L, L_ref, rtol=1e-10, atol=0)
-    scale = torch.sqrt(sum((j ** 2).sum() for j in J_ref))
-    assert max((a - b).abs().max() for a, b in zip(J, J_ref)) <= 1e-10 * scale
+    assert_same_task_gradients(L, J, L_ref, J_ref, rtol=1e-10)
     tr.run()  # a compiled run trains (2 more steps, same shapes: no recompilation)
     assert tr.step == cfg.iters
     with pytest.raises(ValueError, match="compile"):
@@ -555,9 +553,7 @@ def test_bgk_per_task_windows_keep_the_task_gradients_exact(tmp_path):
     assert batch["interior"]["t"][0].max() <= 0.05 < batch["interior"]["t"][1].max()
     L_ref, J_ref = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
     L, _, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout)
-    torch.testing.assert_close(L, L_ref, rtol=1e-12, atol=0)
-    scale = torch.sqrt(sum((j ** 2).sum() for j in J_ref))
-    assert max((a - b).abs().max() for a, b in zip(J, J_ref)) <= 1e-12 * scale
+    assert_same_task_gradients(L, J, L_ref, J_ref)
 
 
 def test_update_clipping(tmp_path):
