@@ -307,17 +307,22 @@ def test_outputs_and_plots(tmp_path, problem):
     assert load_config(out / "config.toml").to_dict() == cfg.to_dict()
 
 
+def run_dir_copy(cfg: TrainConfig, tmp_path, name: str) -> TrainConfig:
+    """A copy of ``cfg`` writing to ``tmp_path / name`` (an uninterrupted and a resumed run)."""
+    out = copy.deepcopy(cfg)
+    out.out = str(tmp_path / name)
+    return out
+
+
 def test_resume_after_ctrl_c_equals_uninterrupted_run(tmp_path):
     base = tiny_config(tmp_path, "transport", "pcgrad", iters=6)  # PCGrad: the aggregator has RNG state
     base.log.log_every = 1
     base.log.checkpoint_every = 100
-    full = copy.deepcopy(base)
-    full.out = str(tmp_path / "full")
+    full = run_dir_copy(base, tmp_path, "full")
     t_full = Trainer(full)
     t_full.run()
 
-    cut = copy.deepcopy(base)
-    cut.out = str(tmp_path / "cut")
+    cut = run_dir_copy(base, tmp_path, "cut")
 
     def interrupt(tr):
         if tr.step == 3:
@@ -495,8 +500,7 @@ def test_parameter_average_is_evaluated_checkpointed_and_resumed(tmp_path):
     base = tiny_config(tmp_path, iters=6)
     base.optim.ema = 0.9
     base.log.checkpoint_every = 100
-    full = copy.deepcopy(base)
-    full.out = str(tmp_path / "full")
+    full = run_dir_copy(base, tmp_path, "full")
     t_full = Trainer(full)
     t_full.run()
     live = [p.detach().clone() for p in t_full.params]
@@ -508,8 +512,7 @@ def test_parameter_average_is_evaluated_checkpointed_and_resumed(tmp_path):
     summary = json.loads((Path(full.out) / "summary.json").read_text())
     assert "ema" in summary["weights_evaluated"]
 
-    cut = copy.deepcopy(base)
-    cut.out = str(tmp_path / "cut")
+    cut = run_dir_copy(base, tmp_path, "cut")
     assert Trainer(cut).run(max_steps=3) is None
     resumed = Trainer.resume(cut.out)
     resumed.run()

@@ -200,31 +200,25 @@ class TrainConfig:
 
 
 def _check_windows(t_final, eps: list[float]):
-    """Validates ``t_final`` (a number, one number per eps, or a table eps -> window end) and
-    returns it normalised (floats; table keys as written)."""
-    if isinstance(t_final, dict):
-        if not t_final:
-            raise ValueError("t_final: the table of windows is empty")
-        try:
-            keys = [float(k) for k in t_final]
-            ends = [float(v) for v in t_final.values()]
-        except (TypeError, ValueError):
-            raise ValueError(f"t_final: a table maps eps to window ends, e.g. {{\"1\" = 1.0, \"0.1\" = 0.1}}; got {t_final!r}") from None
-        if any(not (math.isfinite(k) and k > 0) for k in keys):
-            raise ValueError(f"t_final: table keys must be eps values > 0, got {list(t_final)}")
-    else:
-        ends = t_final if isinstance(t_final, (list, tuple)) else [t_final]
-        if isinstance(t_final, (list, tuple)) and len(ends) != len(eps):
-            raise ValueError(f"t_final: give one number, one per eps ({len(eps)} values) or a table eps -> end, got {len(ends)} values")
-        try:
-            ends = [float(t) for t in ends]
-        except (TypeError, ValueError):
-            raise ValueError(f"t_final: expected a number, a list of numbers or a table, got {t_final!r}") from None
-    if any(not (math.isfinite(t) and t > 0) for t in ends):
-        raise ValueError(f"t_final: every window end must be a finite number > 0, got {t_final}")
-    if isinstance(t_final, dict):
-        return {str(k): e for k, e in zip(t_final, ends)}
-    return ends if isinstance(t_final, (list, tuple)) else ends[0]
+    """Validates ``t_final`` (a number, one number per eps, or a table eps -> window end) by
+    building the windows it describes, and returns it normalised (floats; table keys as
+    written)."""
+    from ..nn import TimeWindows
+
+    table = isinstance(t_final, dict)
+    try:
+        if table:
+            TimeWindows([float(k) for k in t_final], list(t_final.values()))
+        else:
+            TimeWindows(eps, t_final)
+    except (TypeError, ValueError) as exc:
+        msg = str(exc)
+        if not msg.startswith("t_final"):
+            msg = f"t_final: expected a number > 0, one per eps, or a table eps -> window end such as {{\"1\" = 1.0, \"0.1\" = 0.1}} ({msg})"
+        raise ValueError(msg) from None
+    if table:
+        return {str(k): float(v) for k, v in t_final.items()}
+    return [float(t) for t in t_final] if isinstance(t_final, (list, tuple)) else float(t_final)
 
 
 def task_windows(cfg: "TrainConfig") -> float | list[float]:

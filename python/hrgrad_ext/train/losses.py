@@ -155,7 +155,8 @@ class Formulation:
         return self.windows(e)  # the formulation's own windows stay float64 on the CPU
 
     def model_windows(self) -> TimeWindows | None:
-        """A copy of the windows for the model (None when all tasks share ``t_range``)."""
+        """A copy of the windows for the model (None when all tasks share ``t_range``): the
+        model casts its buffers to the run's dtype, while sampling keeps the float64 ends."""
         if self.windows is None or self.windows.constant is not None:
             return None
         return TimeWindows(self.windows.eps, self.windows.ends)
