@@ -137,14 +137,103 @@ HRGRAD_INLINE void store_partial(T* p, Vec v, int64_t n) {
   std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(T));
 }
 
-// x in every lane (not `Vec{} + x`: adding +0.0 cannot be folded away, it changes -0.0).
+// The first n (< lanes) elements with masked moves where the instruction set has them (no
+// call to memcpy with a variable length, which costs more than the arithmetic of a vector).
+template <int B>
+HRGRAD_INLINE typename V<B>::f32 load_n(const float* p, int64_t n) {
+  return load_partial<typename V<B>::f32>(p, n);
+}
+template <int B>
+HRGRAD_INLINE typename V<B>::f64 load_n(const double* p, int64_t n) {
+  return load_partial<typename V<B>::f64>(p, n);
+}
+template <int B>
+HRGRAD_INLINE void store_n(float* p, typename V<B>::f32 v, int64_t n) {
+  store_partial(p, v, n);
+}
+template <int B>
+HRGRAD_INLINE void store_n(double* p, typename V<B>::f64 v, int64_t n) {
+  store_partial(p, v, n);
+}
+
+#if HRGRAD_SIMD_X86
+// Explicit specialisations compiled for their instruction set: not always_inline (GCC refuses
+// to force a target-specific body into a generic caller), inlined once their always_inline
+// callers have been inlined into the dispatch functions of that instruction set.
+template <>
+HRGRAD_TARGET_AVX512 inline V<64>::f32 load_n<64>(const float* p, int64_t n) {
+  return reinterpret_cast<V<64>::f32>(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p));
+}
+template <>
+HRGRAD_TARGET_AVX512 inline V<64>::f64 load_n<64>(const double* p, int64_t n) {
+  return reinterpret_cast<V<64>::f64>(_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p));
+}
+template <>
+HRGRAD_TARGET_AVX512 inline void store_n<64>(float* p, V<64>::f32 v, int64_t n) {
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512>(v));
+}
+template <>
+HRGRAD_TARGET_AVX512 inline void store_n<64>(double* p, V<64>::f64 v, int64_t n) {
+  _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), reinterpret_cast<__m512d>(v));
+}
+HRGRAD_TARGET_AVX2 inline __m256i avx2_mask32(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+HRGRAD_TARGET_AVX2 inline __m256i avx2_mask64(int64_t n) {
+  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+template <>
+HRGRAD_TARGET_AVX2 inline V<32>::f32 load_n<32>(const float* p, int64_t n) {
+  return reinterpret_cast<V<32>::f32>(_mm256_maskload_ps(p, avx2_mask32(n)));
+}
+template <>
+HRGRAD_TARGET_AVX2 inline V<32>::f64 load_n<32>(const double* p, int64_t n) {
+  return reinterpret_cast<V<32>::f64>(_mm256_maskload_pd(p, avx2_mask64(n)));
+}
+template <>
+HRGRAD_TARGET_AVX2 inline void store_n<32>(float* p, V<32>::f32 v, int64_t n) {
+  _mm256_maskstore_ps(p, avx2_mask32(n), reinterpret_cast<__m256>(v));
+}
+template <>
+HRGRAD_TARGET_AVX2 inline void store_n<32>(double* p, V<32>::f64 v, int64_t n) {
+  _mm256_maskstore_pd(p, avx2_mask64(n), reinterpret_cast<__m256d>(v));
+}
+#endif
+
+// x in every lane. Spelled as a lane-0 insert and a shuffle (or the broadcast intrinsic):
+// GCC 12 expands the obvious `Vec{x, x, ...}` (and `x - Vec{}`) for 512-bit vectors into one
+// masked broadcast per lane.
+namespace detail {
+template <class Vec, class E, size_t... I>
+HRGRAD_INLINE Vec broadcast_lane0(Vec v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, ((void)I, 0)...);
+}
+template <class Vec, class E>
+HRGRAD_INLINE Vec broadcast(const Vec*, E x) {
+  Vec v = {};
+  v[0] = x;
+  return broadcast_lane0<Vec, E>(v, std::make_index_sequence<sizeof(Vec) / sizeof(E)>());
+}
+#if HRGRAD_SIMD_X86
+HRGRAD_TARGET_AVX512 inline V<64>::f32 broadcast(const V<64>::f32*, float x) {
+  return reinterpret_cast<V<64>::f32>(_mm512_set1_ps(x));
+}
+HRGRAD_TARGET_AVX512 inline V<64>::f64 broadcast(const V<64>::f64*, double x) {
+  return reinterpret_cast<V<64>::f64>(_mm512_set1_pd(x));
+}
+HRGRAD_TARGET_AVX2 inline V<32>::f32 broadcast(const V<32>::f32*, float x) {
+  return reinterpret_cast<V<32>::f32>(_mm256_set1_ps(x));
+}
+HRGRAD_TARGET_AVX2 inline V<32>::f64 broadcast(const V<32>::f64*, double x) {
+  return reinterpret_cast<V<32>::f64>(_mm256_set1_pd(x));
+}
+#endif
+}  // namespace detail
+
 template <class Vec, class T>
 HRGRAD_INLINE Vec splat(T x) {
   using E = std::remove_reference_t<decltype(Vec{}[0])>;
-  constexpr int n = sizeof(Vec) / sizeof(E);
-  Vec v;
-  for (int l = 0; l < n; ++l) v[l] = static_cast<E>(x);
-  return v;
+  return detail::broadcast(static_cast<const Vec*>(nullptr), static_cast<E>(x));
 }
 
 // ---- float <-> double ----------------------------------------------------------------------
@@ -207,12 +296,61 @@ HRGRAD_TARGET_AVX512 inline V<64>::f32 to_f32<64>(V<64>::f64 lo, V<64>::f64 hi) 
 
 // ---- reductions ----------------------------------------------------------------------------
 
+namespace detail {
+template <class E, int Bytes>
+struct VecOf {
+  typedef E type __attribute__((vector_size(Bytes)));
+};
+}  // namespace detail
+
+// Sum of the lanes, halving the vector at each step (log2(lanes) adds).
 template <class Vec>
 HRGRAD_INLINE auto hsum(Vec v) {
-  constexpr int n = sizeof(Vec) / sizeof(v[0]);
-  auto s = v[0];
-  for (int l = 1; l < n; ++l) s += v[l];
-  return s;
+  using E = std::remove_reference_t<decltype(v[0])>;
+  constexpr int n = sizeof(Vec) / sizeof(E);
+  if constexpr (n == 1) {
+    return v[0];
+  } else if constexpr (n == 2) {
+    return v[0] + v[1];
+  } else {
+    using H = typename detail::VecOf<E, sizeof(Vec) / 2>::type;
+    const H lo = detail::pick<H>(v, std::make_index_sequence<n / 2>(), std::integral_constant<size_t, 0>());
+    const H hi = detail::pick<H>(v, std::make_index_sequence<n / 2>(), std::integral_constant<size_t, 1>());
+    return hsum(lo + hi);
+  }
+}
+
+// Lane sums of n vectors of n lanes at once: out[r] = sum of the lanes of v[r]. Pairs of
+// vectors are folded level by level (blocks of 1, 2, 4, ... lanes interleaved and added), so
+// the n sums cost n - 1 adds and 2 (n - 1) shuffles instead of n (log2 n) of each.
+namespace detail {
+// Output lane l of the fold of a and b at block size s: lo takes the even blocks of a and b
+// interleaved, hi the odd ones.
+constexpr int fold_index(int n, int s, int l, bool hi) {
+  const int blk = l / s, within = l % s, src = 2 * (blk / 2) + (hi ? 1 : 0);
+  return (blk % 2 == 0 ? 0 : n) + src * s + within;
+}
+template <class Vec, int n, int s, size_t... I>
+HRGRAD_INLINE Vec fold(Vec a, Vec b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, fold_index(n, s, static_cast<int>(I), false)...) +
+         __builtin_shufflevector(a, b, fold_index(n, s, static_cast<int>(I), true)...);
+}
+template <class Vec, int n, int s, int count>
+HRGRAD_INLINE Vec fold_all(Vec* v) {
+  if constexpr (count == 1) {
+    return v[0];
+  } else {
+    for (int r = 0; r < count / 2; ++r) v[r] = fold<Vec, n, s>(v[2 * r], v[2 * r + 1], std::make_index_sequence<n>());
+    return fold_all<Vec, n, 2 * s, count / 2>(v);
+  }
+}
+}  // namespace detail
+
+// v: as many vectors as lanes (overwritten). Returns the vector of their lane sums, in order.
+template <class Vec>
+HRGRAD_INLINE Vec hsums(Vec* v) {
+  constexpr int n = sizeof(Vec) / sizeof(v[0][0]);
+  return detail::fold_all<Vec, n, 1, n>(v);
 }
 
 // ---- exp -----------------------------------------------------------------------------------
@@ -234,20 +372,13 @@ HRGRAD_INLINE typename V<B>::f64 exp(typename V<B>::f64 x0) {
   const vd kd = x * 1.4426950408889634074 + shifter;
   const vd k = kd - shifter;  // in [-1021, 1024]
   const vd r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
-  vd p = splat<vd>(1.0 / 6227020800.0);
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
+  // Estrin's scheme (chain of 4 multiply-adds instead of 13).
+  const vd r2 = r * r, r4 = r2 * r2, r8 = r4 * r4;
+  const vd p01 = r + 1.0, p23 = r * (1.0 / 6.0) + 0.5, p45 = r * (1.0 / 120.0) + 1.0 / 24.0,
+           p67 = r * (1.0 / 5040.0) + 1.0 / 720.0, p89 = r * (1.0 / 362880.0) + 1.0 / 40320.0,
+           pab = r * (1.0 / 39916800.0) + 1.0 / 3628800.0, pcd = r * (1.0 / 6227020800.0) + 1.0 / 479001600.0;
+  const vd q0 = p23 * r2 + p01, q1 = p67 * r2 + p45, q2 = pab * r2 + p89;
+  const vd p = (q1 * r4 + q0) + (pcd * r4 + q2) * r8;
   // 2^k as 2 * 2^(k-1), so that k = 1024 (x near ln(DBL_MAX)) stays finite; the low bits of
   // kd hold k in two's complement and the shift drops the rest.
   const vl ki = reinterpret_cast<const vl&>(kd);
@@ -271,14 +402,12 @@ HRGRAD_INLINE typename V<B>::f32 exp(typename V<B>::f32 x0) {
   const vf kd = x * 1.44269504088896341f + shifter;
   const vf k = kd - shifter;  // in [-125, 128]
   const vf r = (x - k * 0.693145751953125f) - k * 1.42860682030941723212e-06f;
-  vf p = splat<vf>(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  // Estrin's scheme: a dependency chain of 3 multiply-adds instead of Horner's 7 (the exp is on
+  // the critical path of every row of the kinetic kernels).
+  const vf r2 = r * r, r4 = r2 * r2;
+  const vf p01 = r + 1.0f, p23 = r * (1.0f / 6.0f) + 0.5f;
+  const vf p45 = r * (1.0f / 120.0f) + 1.0f / 24.0f, p67 = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
+  const vf p = (p23 * r2 + p01) + (p67 * r2 + p45) * r4;
   const vi ki = reinterpret_cast<const vi&>(kd);
   const vi bits = (ki + 126) << 23;  // 2 * 2^(k-1), as for float64
   const vf y = (p * reinterpret_cast<const vf&>(bits)) * 2.0f;
