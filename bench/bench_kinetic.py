@@ -1,6 +1,7 @@
-"""Benchmark of the fused kinetic residual ops against the same formulas in PyTorch.
+"""Benchmark of the fused kinetic ops against the same formulas in PyTorch.
 
-For each op (bgk_residuals, transport_mm_residuals), N in {8192, 65536} and V in {30, 64}, times
+For each op (bgk_residuals, transport_mm_residuals; also maxwellian and velocity_moments with
+order 2), N in {8192, 65536} and V in {30, 64}, times
 one forward + backward of the APNN loss "sum of the mean squared residuals" with respect to
 every network-output input (kn / eps are constants, as in training), side by side in
 interleaved rounds:
@@ -72,6 +73,26 @@ def transport_eager(G, Gt, Gx, rho_t, rho_x, v, w, eps):
     return g, micro, macro
 
 
+def maxwellian_eager(rho, u, T, v):
+    rho2, u2, T2 = rho[:, None], u[:, None], T[:, None]
+    return rho2 / torch.sqrt(2 * math.pi * T2) * torch.exp(-((v - u2) ** 2) / (2 * T2))
+
+
+def moments_eager(F, v, w):
+    return torch.stack([(w * F).sum(-1), (w * v * F).sum(-1), (w * v**2 * F).sum(-1)], -1)
+
+
+def moments_ext(F, v, w):
+    return K.velocity_moments(F, v, w, 2)
+
+
+def single_loss(impl):
+    def loss(*args):
+        return impl(*args).pow(2).mean()
+
+    return loss
+
+
 def bgk_loss(impl):
     def loss(*args):
         kin, cons, consis = impl(*args)
@@ -118,6 +139,49 @@ def make_transport(N, V, dtype, device):
     return args, args[:5]
 
 
+def make_maxwellian(N, V, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(2)
+
+    def r(*s, lo, hi):
+        return (lo + (hi - lo) * torch.rand(*s, generator=g)).to(dtype=dtype, device=device)
+
+    v, _ = K.gauss_legendre(V, -10.0, 10.0, dtype=dtype, device=device)
+    args = [r(N, lo=0.5, hi=1.5), r(N, lo=-0.5, hi=0.5), r(N, lo=0.5, hi=1.5), v]
+    for i in range(3):
+        args[i].requires_grad_(True)
+    return args, args[:3]
+
+
+def make_moments(N, V, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(3)
+    v, w = K.gauss_legendre(V, -10.0, 10.0, dtype=dtype, device=device)
+    F = torch.rand(N, V, generator=g).to(dtype=dtype, device=device).requires_grad_(True)
+    return [F, v, w], [F]
+
+
+# The pieces of each op: inputs, eager formulas, the public op, its loss, and the fused forward
+# and backward ops called directly (plain: the detached inputs; up: upstream gradients).
+OPS = {
+    "bgk_residuals": dict(
+        make=make_bgk, loss=bgk_loss, eager=bgk_eager, ext=K.bgk_residuals,
+        fwd=lambda p: torch.ops.hrgrad_ext.bgk_residuals(*p),
+        bwd=lambda up, p: torch.ops.hrgrad_ext.bgk_residuals_backward(*up, *p[1:]), used=(0, 1, 2)),
+    "transport_mm_residuals": dict(
+        make=make_transport, loss=transport_loss, eager=transport_eager, ext=K.transport_mm_residuals,
+        fwd=lambda p: torch.ops.hrgrad_ext.transport_mm_residuals(*p),
+        bwd=lambda up, p: torch.ops.hrgrad_ext.transport_mm_residuals_backward(*up, p[1], p[2], p[5], p[6], p[7]),
+        used=(1, 2)),
+    "maxwellian": dict(
+        make=make_maxwellian, loss=single_loss, eager=maxwellian_eager, ext=K.maxwellian,
+        fwd=lambda p: (torch.ops.hrgrad_ext.maxwellian(*p),),
+        bwd=lambda up, p: torch.ops.hrgrad_ext.maxwellian_backward(up[0], *p), used=(0,)),
+    "velocity_moments": dict(
+        make=make_moments, loss=single_loss, eager=moments_eager, ext=moments_ext,
+        fwd=lambda p: (torch.ops.hrgrad_ext.velocity_moments(*p, 2),),
+        bwd=lambda up, p: torch.ops.hrgrad_ext.velocity_moments_backward(up[0], p[1], p[2]), used=(0,)),
+}
+
+
 # --- timing --------------------------------------------------------------------------------------
 
 
@@ -128,7 +192,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--sizes", default="8192,65536", help="comma-separated N values")
     p.add_argument("--velocities", default="30,64", help="comma-separated V values")
-    p.add_argument("--ops", default="bgk_residuals,transport_mm_residuals")
+    p.add_argument("--ops", default="bgk_residuals,transport_mm_residuals,maxwellian,velocity_moments",
+                   help="comma-separated; the targets of issue 10 are on the first two")
     p.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=None,
                    help="interleaved rounds (default: 50 on CUDA, 15 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="default: 10 on CUDA, 3 on CPU")
@@ -152,24 +217,17 @@ def main(argv=None):
     if a.quick:
         sizes, rounds, warmup = [512, 8192], min(rounds, 3), min(warmup, 1)
 
-    variants = {
-        "bgk_residuals": (make_bgk, bgk_eager, K.bgk_residuals, torch.ops.hrgrad_ext.bgk_residuals,
-                          torch.ops.hrgrad_ext.bgk_residuals_backward),
-        "transport_mm_residuals": (make_transport, transport_eager, K.transport_mm_residuals,
-                                   torch.ops.hrgrad_ext.transport_mm_residuals,
-                                   torch.ops.hrgrad_ext.transport_mm_residuals_backward),
-    }
     # One graph per (function, shape); the loss closures share a code object, so the default
     # recompile limit (8) would be hit.
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 256)
-    loss_of = {"bgk_residuals": bgk_loss, "transport_mm_residuals": transport_loss}
     info = machine(device)
     results = []
     for op in a.ops.split(","):
-        make, eager_impl, ext_impl, fwd_op, bwd_op = variants[op]
-        eager_fn, ext_fn = loss_of[op](eager_impl), loss_of[op](ext_impl)
+        spec = OPS[op]
+        make = spec["make"]
+        eager_fn, ext_fn = spec["loss"](spec["eager"]), spec["loss"](spec["ext"])
         fns = {"eager": eager_fn, "ext": ext_fn}
         if not a.no_compile:
             # dynamic=False: one graph per shape, the best case for the compiled baseline.
@@ -181,20 +239,16 @@ def main(argv=None):
                 steps = {k: (lambda f=f: torch.autograd.grad(f(*args), leaves)) for k, f in fns.items()}
                 # the pieces of ext: the fused forward op, the fused backward op, the eager loss
                 plain = [x.detach() for x in args]
-                outs = fwd_op(*plain)
+                outs = spec["fwd"](plain)
                 upstream = [torch.randn_like(o) for o in outs]
-                saved = plain[1:] if op == "bgk_residuals" else [plain[1], plain[2], plain[5], plain[6], plain[7]]
                 residuals = [o.clone().requires_grad_(True) for o in outs]
 
-                def loss_alone(residuals=residuals, op=op):
-                    if op == "bgk_residuals":
-                        L = sum(r.pow(2).mean() for r in residuals)
-                    else:
-                        L = residuals[1].pow(2).mean() + residuals[2].pow(2).mean()
-                    return torch.autograd.grad(L, residuals, allow_unused=True)
+                def loss_alone(residuals=residuals, used=spec["used"]):
+                    L = sum(residuals[i].pow(2).mean() for i in used)
+                    return torch.autograd.grad(L, [residuals[i] for i in used])
 
-                steps["ext_forward_op"] = lambda: fwd_op(*plain)
-                steps["ext_backward_op"] = lambda: bwd_op(*upstream, *saved)
+                steps["ext_forward_op"] = lambda spec=spec, plain=plain: spec["fwd"](plain)
+                steps["ext_backward_op"] = lambda spec=spec, up=upstream, plain=plain: spec["bwd"](up, plain)
                 steps["eager_loss_alone"] = loss_alone
                 # eager PyTorch (dozens of large temporaries) on its own, so that it does not
                 # flush the caches between the calls of the others
@@ -214,7 +268,8 @@ def main(argv=None):
                 # inputs are V times smaller): forward reads 3 fields and writes 1 (bgk) or 2
                 # (transport); backward reads 3 (incoming gradient, Ft/Fx or Graw_t/Graw_x;
                 # transport 4) and writes 3
-                fields = (3 + 1 + 3 + 3) if op == "bgk_residuals" else (3 + 2 + 4 + 3)
+                fields = {"bgk_residuals": 3 + 1 + 3 + 3, "transport_mm_residuals": 3 + 2 + 4 + 3,
+                          "maxwellian": 1 + 1, "velocity_moments": 1 + 1}[op]
                 case["bytes_fused_ops"] = fields * N * V * torch.tensor([], dtype=dtype).element_size()
                 results.append(case)
                 line = "  ".join(f"{k} {v:8.3f}" if v else f"{k} failed" for k, v in ms.items())

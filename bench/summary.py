@@ -60,7 +60,7 @@ def kinetic_table(run: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in run["cases"]:
         ms, q = c["ms"], c["ratios"]
-        lines.append(f"| {c['op'].split('_')[0]} | {c['N']} | {c['V']} | {ms['ext']:.3g} | "
+        lines.append(f"| {c['op'].replace('_residuals', '')} | {c['N']} | {c['V']} | {ms['ext']:.3g} | "
                      f"{ms.get('compiled', float('nan')):.3g} | {_ok(q.get('ext_vs_compiled'), 1.0)} | "
                      f"{q.get('ext_compiled_vs_compiled', float('nan')):.2f} | {ms['ext_forward_op']:.3g} | "
                      f"{ms['ext_backward_op']:.3g} | {ms['eager_loss_alone']:.3g} |")

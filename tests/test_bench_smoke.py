@@ -21,7 +21,7 @@ def test_gram_and_kinetic_benchmarks_write_json_and_tables(tmp_path):
     g, k = json.loads(gram.read_text()), json.loads(kin.read_text())
     assert g["threads"] == 1 and g["machine"]["cpu_model"]
     assert {"gram_vs_mm", "combine_vs_wJ", "hrgrad_vs_gram_f64_plus_combine"} <= set(g["records"][0]["ratios"])
-    assert {c["op"] for c in k["cases"]} == {"bgk_residuals", "transport_mm_residuals"}
+    assert {c["op"] for c in k["cases"]} == {"bgk_residuals", "transport_mm_residuals", "maxwellian", "velocity_moments"}
     out = subprocess.run([sys.executable, str(BENCH / "summary.py"), str(gram), str(kin)], check=True,
                          capture_output=True, text=True).stdout
     assert "gram vs `J @ J.T`" in out and "ext / compiled" in out
