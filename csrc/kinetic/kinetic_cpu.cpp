@@ -203,30 +203,45 @@ struct MomentsArgs {
   const Tables<T>* tab;  // rows 1 + k: w v^k
 };
 
+// Moments [k0, k0 + Q) of the rows of one block (Q known at compile time, so the Q wide
+// accumulators live in registers).
+template <int B, class T, int Q>
+HRGRAD_INLINE void moments_block(const MomentsArgs<T>& a, int64_t ib, int nr, int64_t k0,
+                                 RowBlock<B, kMomentsPerPass>& blk) {
+  using W = Wide<B, T>;
+  constexpr int64_t L = Lanes<B, T>::L;
+  const int64_t nv = a.nv;
+  const double* tab[Q];
+  for (int q = 0; q < Q; ++q) tab[q] = a.tab->D(1 + static_cast<int>(k0) + q);
+  for (int r = 0; r < nr; ++r) {
+    const T* f = a.F + (ib + r) * nv;
+    W s[Q];
+    for (int q = 0; q < Q; ++q) s[q] = W::zero();
+    for (int64_t j = 0; j < nv; j += L) {
+      const W x = W::of(ld<B, T>(f + j, nv - j));
+      for (int q = 0; q < Q; ++q) s[q].add_mul(x, tab[q] + j);
+    }
+    for (int q = 0; q < Q; ++q) blk.park(q, r, s[q]);
+  }
+  blk.reduce(nr);
+  for (int r = 0; r < nr; ++r) {
+    for (int q = 0; q < Q; ++q) a.out[(ib + r) * a.K + k0 + q] = static_cast<T>(blk.sums[q][r]);
+  }
+}
+
 template <int B, class T>
 HRGRAD_INLINE void moments_rows_impl(const MomentsArgs<T>& a, const int64_t& r0, const int64_t& r1) {
-  using W = Wide<B, T>;
   using Block = RowBlock<B, kMomentsPerPass>;
-  constexpr int64_t L = Lanes<B, T>::L;
-  const int64_t nv = a.nv, K = a.K;
+  const int64_t K = a.K;
   Block blk;
   for (int64_t ib = r0; ib < r1; ib += Block::R) {
     const int nr = static_cast<int>(std::min<int64_t>(Block::R, r1 - ib));
     for (int64_t k0 = 0; k0 < K; k0 += kMomentsPerPass) {
-      const int kn = static_cast<int>(std::min<int64_t>(kMomentsPerPass, K - k0));
-      for (int r = 0; r < nr; ++r) {
-        const T* f = a.F + (ib + r) * nv;
-        W s[kMomentsPerPass];
-        for (int q = 0; q < kMomentsPerPass; ++q) s[q] = W::zero();
-        for (int64_t j = 0; j < nv; j += L) {
-          const W x = W::of(ld<B, T>(f + j, nv - j));
-          for (int q = 0; q < kn; ++q) s[q].add_mul(x, a.tab->D(1 + static_cast<int>(k0) + q) + j);
-        }
-        for (int q = 0; q < kMomentsPerPass; ++q) blk.park(q, r, s[q]);
-      }
-      blk.reduce(nr);
-      for (int r = 0; r < nr; ++r) {
-        for (int q = 0; q < kn; ++q) a.out[(ib + r) * K + k0 + q] = static_cast<T>(blk.sums[q][r]);
+      switch (std::min<int64_t>(kMomentsPerPass, K - k0)) {
+        case 1: moments_block<B, T, 1>(a, ib, nr, k0, blk); break;
+        case 2: moments_block<B, T, 2>(a, ib, nr, k0, blk); break;
+        case 3: moments_block<B, T, 3>(a, ib, nr, k0, blk); break;
+        default: moments_block<B, T, kMomentsPerPass>(a, ib, nr, k0, blk); break;
       }
     }
   }
