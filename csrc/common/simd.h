@@ -18,6 +18,7 @@
 #error "hrgrad_ext's CPU kernels need GCC or Clang (vector extensions)"
 #endif
 
+#include <bit>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -29,14 +30,20 @@
 #include <immintrin.h>
 #endif
 
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments of inlined helpers never cross an ABI
+#endif
 
 #define HRGRAD_INLINE inline __attribute__((always_inline))
 
 #if defined(__x86_64__) || defined(__i386__)
 #define HRGRAD_SIMD_X86 1
+#if defined(__clang__)
+#define HRGRAD_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,f16c")))
+#else
 #define HRGRAD_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,f16c,prefer-vector-width=512")))
+#endif
 #define HRGRAD_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #else
 #define HRGRAD_SIMD_X86 0
@@ -381,9 +388,9 @@ HRGRAD_INLINE typename V<B>::f64 exp(typename V<B>::f64 x0) {
   const vd p = (q1 * r4 + q0) + (pcd * r4 + q2) * r8;
   // 2^k as 2 * 2^(k-1), so that k = 1024 (x near ln(DBL_MAX)) stays finite; the low bits of
   // kd hold k in two's complement and the shift drops the rest.
-  const vl ki = reinterpret_cast<const vl&>(kd);
+  const vl ki = std::bit_cast<vl>(kd);
   const vl bits = (ki + 1022) << 52;
-  const vd y = (p * reinterpret_cast<const vd&>(bits)) * 2.0;
+  const vd y = (p * std::bit_cast<vd>(bits)) * 2.0;
   const vd zero = {}, inf = splat<vd>(std::numeric_limits<double>::infinity());
   vd out = x0 < lo ? zero : y;
   return x0 > hi ? inf : out;
@@ -408,9 +415,9 @@ HRGRAD_INLINE typename V<B>::f32 exp(typename V<B>::f32 x0) {
   const vf p01 = r + 1.0f, p23 = r * (1.0f / 6.0f) + 0.5f;
   const vf p45 = r * (1.0f / 120.0f) + 1.0f / 24.0f, p67 = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
   const vf p = (p23 * r2 + p01) + (p67 * r2 + p45) * r4;
-  const vi ki = reinterpret_cast<const vi&>(kd);
+  const vi ki = std::bit_cast<vi>(kd);
   const vi bits = (ki + 126) << 23;  // 2 * 2^(k-1), as for float64
-  const vf y = (p * reinterpret_cast<const vf&>(bits)) * 2.0f;
+  const vf y = (p * std::bit_cast<vf>(bits)) * 2.0f;
   const vf zero = {}, inf = splat<vf>(std::numeric_limits<float>::infinity());
   vf out = x0 < lo ? zero : y;
   return x0 > hi ? inf : out;
