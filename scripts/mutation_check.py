@@ -37,6 +37,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -212,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the mutated copy's directory")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     args = p.parse_args(argv)
+    # a SIGTERM unwinds like Ctrl-C: the running child is killed and the copy removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     mutations = load_mutations(args.mutations)
     if args.only:
