@@ -376,6 +376,17 @@ def test_skip_drops_the_step_and_logs_it(tmp_path, monkeypatch, cls):
     assert tr.skipped_steps == 1 and tr.consecutive_skips == 0
 
 
+@pytest.mark.parametrize("first,then", [(Trainer, DeviceGuardTrainer), (DeviceGuardTrainer, Trainer)],
+                         ids=["host-to-device-guard", "device-to-host-guard"])
+def test_resume_switches_between_the_optimizer_implementations(tmp_path, first, then):
+    # a run moved between CPU and CUDA: the checkpoint of one guard path resumes on the other
+    cfg = tiny(tmp_path)
+    first(cfg).run(max_steps=2)
+    resumed = then.resume(cfg.out)
+    assert resumed.optimizer.param_groups[0]["fused"] == (True if then is DeviceGuardTrainer else None)
+    assert resumed.run()["iters"] == 6
+
+
 def test_skip_gives_up_after_max_skips_in_a_row(tmp_path, monkeypatch):
     monkeypatch.setenv(NONFINITE_ENV, "2,4,5,6")
     cfg = tiny(tmp_path, iters=8)

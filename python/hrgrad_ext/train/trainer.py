@@ -377,7 +377,11 @@ class Trainer:
                 raise ValueError("resume: optim.ema is on but the checkpoint holds no parameter average")
             for a, b in zip(self.ema, saved):
                 a.copy_(b)
-        self.optimizer.load_state_dict(state["optimizer"])
+        # the implementation follows this trainer's device, not the checkpoint's (fused where
+        # the guard runs on the device), so that a run can move between CPU and CUDA
+        opt = state["optimizer"]
+        fused = True if self._guard_on_device else None
+        self.optimizer.load_state_dict({**opt, "param_groups": [{**g, "fused": fused} for g in opt["param_groups"]]})
         self.scheduler.load_state_dict(state["scheduler"])
         self.gen.set_state(state["sampler_rng"])
         torch.set_rng_state(state["torch_rng"])
