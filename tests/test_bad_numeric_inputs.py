@@ -54,35 +54,32 @@ def _set(t: torch.Tensor, value: float, index=ROW) -> torch.Tensor:
     return t
 
 
-def _bgk(name: str, nonfinite: tuple[int, ...], **bad) -> Case:
-    """bgk_residuals with ``bad = {input: value}`` put into row ``ROW`` (``kn_scalar``: a 0-d kn)."""
-    names = ("F", "Ft", "Fx", "rho", "u", "T", "rho_t", "u_t", "T_t", "v", "w", "kn")
+def _residual_case(op: str, names: tuple[str, ...], inputs: Callable[[], tuple], reference, name: str,
+                   nonfinite: tuple[int, ...], bad: dict) -> Case:
+    """A residual op with ``bad = {input: value}`` put into row ``ROW`` (``<param>_scalar``: the
+    per-row parameter as a 0-d tensor of that value)."""
 
     def make():
-        args = dict(zip(names, bgk_inputs(4, 12, seed=5)))
+        args = dict(zip(names, inputs()))
         for key, value in bad.items():
-            if key == "kn_scalar":
-                args["kn"] = torch.tensor(value, dtype=torch.float64)
+            if key.endswith("_scalar"):
+                args[key.removesuffix("_scalar")] = torch.tensor(value, dtype=torch.float64)
             else:
                 args[key] = _set(args[key], value, (ROW, 3) if args[key].dim() == 2 else ROW)
         return tuple(args[n] for n in names)
 
-    return Case(f"bgk_residuals-{name}", "bgk_residuals", make, ref_bgk, nonfinite)
+    return Case(f"{op}-{name}", op, make, reference, nonfinite)
+
+
+def _bgk(name: str, nonfinite: tuple[int, ...], **bad) -> Case:
+    names = ("F", "Ft", "Fx", "rho", "u", "T", "rho_t", "u_t", "T_t", "v", "w", "kn")
+    return _residual_case("bgk_residuals", names, lambda: bgk_inputs(4, 12, seed=5), ref_bgk, name, nonfinite, bad)
 
 
 def _transport(name: str, nonfinite: tuple[int, ...], **bad) -> Case:
     names = ("Graw", "Graw_t", "Graw_x", "rho_t", "rho_x", "v", "w", "eps")
-
-    def make():
-        args = dict(zip(names, transport_inputs(4, 10, seed=6)))
-        for key, value in bad.items():
-            if key == "eps_scalar":
-                args["eps"] = torch.tensor(value, dtype=torch.float64)
-            else:
-                args[key] = _set(args[key], value, (ROW, 2) if args[key].dim() == 2 else ROW)
-        return tuple(args[n] for n in names)
-
-    return Case(f"transport_mm_residuals-{name}", "transport_mm_residuals", make, ref_transport, nonfinite)
+    return _residual_case("transport_mm_residuals", names, lambda: transport_inputs(4, 10, seed=6), ref_transport,
+                          name, nonfinite, bad)
 
 
 def _maxwellian(name: str, nonfinite: tuple[int, ...], **bad) -> Case:

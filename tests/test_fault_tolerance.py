@@ -173,20 +173,34 @@ def _flip_tensor_bytes(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def tiny_8(tmp_path):
+    """The run that resume tests cut and continue: 8 steps, with a parameter average."""
+    cfg = tiny(tmp_path, iters=8)
+    cfg.optim.ema = 0.9
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_8_steps(tmp_path_factory):
-    """``(parameters, train losses)`` of an uninterrupted 8-step ``tiny`` run."""
+    """``(parameters, parameter average, train losses)`` of ``tiny_8`` run without a stop."""
     n = torch.get_num_threads()
-    cfg = tiny(tmp_path_factory.mktemp("uninterrupted"), iters=8)
+    cfg = tiny_8(tmp_path_factory.mktemp("uninterrupted"))
     tr = Trainer(cfg)
     tr.run()
     torch.set_num_threads(n)
-    return params_of(tr), train_losses(cfg.out)
+    return params_of(tr), tr.ema, train_losses(cfg.out)
+
+
+def assert_same_as_uninterrupted(tr: Trainer, uninterrupted) -> None:
+    params, ema, losses = uninterrupted
+    assert_same_tensors(params_of(tr), params)
+    assert_same_tensors(tr.ema, ema)
+    assert train_losses(tr.out) == losses and len(losses) == 8
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "torn", "missing"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, uninterrupted_8_steps):
-    cut = tiny(tmp_path, iters=8)
+    cut = tiny_8(tmp_path)
     Trainer(cut).run(max_steps=4)
     run = Path(cut.out)
     latest = run / CHECKPOINT
@@ -203,8 +217,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, dama
     assert resumed.step == 2 and max(r["step"] for r in read_metrics(run)) == 2
     assert (run / (CHECKPOINT + ".bad")).exists() == (damage != "missing")  # kept aside, not rotated into prev
     resumed.run()
-    assert_same_tensors(params_of(resumed), uninterrupted_8_steps[0])
-    assert train_losses(run) == uninterrupted_8_steps[1]
+    assert_same_as_uninterrupted(resumed, uninterrupted_8_steps)
     assert checkpoint_step(run / PREVIOUS_CHECKPOINT) == 6
 
 
@@ -238,14 +251,9 @@ def _signal_during_step(monkeypatch, tr_or_cls, sig: int, step: int, times: int 
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_checkpoints_at_the_next_step_boundary_and_resume_is_exact(tmp_path, monkeypatch, sig):
-    base = tiny(tmp_path)
-    base.optim.ema = 0.9
-    base.log.checkpoint_every = 100
-    full = run_dir_copy(base, tmp_path, "full")
-    t_full = Trainer(full)
-    t_full.run()
-    cut = run_dir_copy(base, tmp_path, "cut")
+def test_signal_checkpoints_at_the_next_step_boundary_and_resume_is_exact(tmp_path, monkeypatch, sig,
+                                                                         uninterrupted_8_steps):
+    cut = tiny_8(tmp_path)
     before = signal.getsignal(sig)
     _signal_during_step(monkeypatch, Trainer, sig, step=3)
     with pytest.raises(Preempted if sig == signal.SIGTERM else KeyboardInterrupt):
@@ -256,9 +264,7 @@ def test_signal_checkpoints_at_the_next_step_boundary_and_resume_is_exact(tmp_pa
     resumed = Trainer.resume(cut.out)
     assert resumed.step == 3
     resumed.run()
-    assert_same_tensors(params_of(resumed), params_of(t_full))
-    assert_same_tensors(resumed.ema, t_full.ema)
-    assert train_losses(cut.out) == train_losses(full.out) and len(train_losses(full.out)) == 6
+    assert_same_as_uninterrupted(resumed, uninterrupted_8_steps)
 
 
 def test_sigterm_exit_code_and_resume_through_the_cli(tmp_path, monkeypatch, capsys):
@@ -294,23 +300,25 @@ def test_kill_9_at_random_moments_and_during_checkpoint_writes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     lives = report["lives"]
-    assert report["errors"] == [], report["errors"]
-    assert report["reference_exit"] == 0
+    # on failure: one line per life (how it ended, what the kill left) and the drill's own findings
+    story = "\n".join(f"{x['life']:2d} {x['how']:15s} exit {x['exit']} resumed from {x['from']} -> {x['after'].get('checkpoint')}"
+                      f" mid-write {x['mid_write']} between-renames {x['between_renames']}" for x in lives)
+    story += f"\nerrors: {report['errors']}\ncomparison: {report.get('comparison')}"
+    assert report["errors"] == [] and report["reference_exit"] == 0, story
     killed = [x for x in lives if x["exit"] == -signal.SIGKILL]
-    assert len(killed) >= 20
-    assert sum(x["how"] == "mid-write" and x["mid_write"] for x in killed) >= 2
-    assert sum(x["how"] == "between-renames" and x["between_renames"] for x in killed) >= 2
-    assert sum(x["resume"] for x in lives) >= 15
-    # a kill never leaves half a metrics record, and the metrics always read
-    assert not any(x["after"].get("metrics_torn_tail") for x in lives)
+    assert len(killed) >= 20, story
+    assert sum(x["how"] == "mid-write" and x["mid_write"] for x in killed) >= 2, story
+    assert sum(x["how"] == "between-renames" and x["between_renames"] for x in killed) >= 2, story
+    assert sum(x["resume"] for x in lives) >= 15, story
     (sigterm,) = [x for x in lives if x["how"] == "sigterm"]
-    assert sigterm["exit"] == EXIT_PREEMPTED and sigterm["after"]["checkpoint"]["step"] == sigterm["stopped_step"]
+    assert sigterm["exit"] == EXIT_PREEMPTED, story
+    assert sigterm["after"]["checkpoint"]["step"] == sigterm["stopped_step"], story
     (lock,) = [x for x in lives if x["how"] == "lock-check"]
-    assert lock["lock"].startswith("in use: run directory")
-    assert lives[-1]["how"] == "final" and lives[-1]["exit"] == 0
+    assert lock["lock"].startswith("in use: run directory"), story
+    assert lives[-1]["how"] == "final" and lives[-1]["exit"] == 0, story
     cmp = report["comparison"]
-    assert cmp["checkpoint_differences"] == [] and cmp["metrics_equal"] and cmp["train_steps_complete"]
-    assert cmp["summary_rel_l2_equal"]
+    assert cmp["checkpoint_differences"] == [] and cmp["metrics_equal"] and cmp["train_steps_complete"], story
+    assert cmp["summary_rel_l2_equal"], story
 
 
 # --- the divergence policy ---------------------------------------------------------------------

@@ -67,7 +67,7 @@ except ImportError:  # pragma: no cover - not on the platforms CI runs
     fcntl = None
 
 __all__ = [
-    "CHECKPOINT", "PREVIOUS_CHECKPOINT", "METRICS", "LOCK", "CheckpointWriteError", "MetricsLog",
+    "CHECKPOINT", "PREVIOUS_CHECKPOINT", "METRICS", "LOCK", "CheckpointWriteError", "CorruptCheckpointError", "MetricsLog",
     "RunDirectoryInUse", "RunLock", "UnsafeCheckpointError", "atomic_write", "load_checkpoint",
     "numpy_rng_state", "read_checkpoint", "read_metrics", "set_numpy_rng_state", "state_digest",
     "truncate_metrics", "write_checkpoint",
@@ -312,8 +312,11 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         data = memoryview((json.dumps(record) + "\n").encode())
-        while data:
-            data = data[self._fh.write(data):]
+        try:
+            while data:
+                data = data[self._fh.write(data):]
+        except OSError as exc:
+            raise OSError(exc.errno, f"could not append to {self.path}: {exc.strerror or exc}") from exc
 
     def truncate(self, step: int) -> None:
         """Drops the records of steps after ``step`` (see :func:`truncate_metrics`)."""
