@@ -6,8 +6,9 @@
 * the parameter average after a few steps equals its closed form;
 * a run resumed from a checkpoint equals the uninterrupted run in every stateful part (model,
   optimizer, LR schedule, parameter average, point sampler, torch / numpy / Python RNGs,
-  aggregator RNG, running loss statistics), with an aggregator whose state matters (PCGrad on
-  six (eps, point group) tasks, whose random projection order changes the update).
+  aggregator RNG, running loss statistics, the divergence policy's skip counts), with an
+  aggregator whose state matters (PCGrad on six (eps, point group) tasks, whose random
+  projection order changes the update).
 
 Tiny float64 models on transport tasks in the diffusion limit (cheap references).
 """
@@ -15,6 +16,7 @@ Tiny float64 models on transport tasks in the diffusion limit (cheap references)
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 
@@ -24,6 +26,7 @@ import torch
 from test_train import run_dir_copy, tiny_config
 
 from hrgrad_ext.train.config import METHODS
+from hrgrad_ext.train.faults import NONFINITE_ENV
 from hrgrad_ext.train.segmented import segmented_task_gradients, separate_task_gradients
 from hrgrad_ext.train.trainer import Trainer, make_aggregator, read_metrics
 
@@ -87,6 +90,7 @@ def resume_config(tmp_path, name):
     cfg = six_task_config(tmp_path, iters=6)
     cfg.optim.schedule = "cosine"  # a new learning rate every step
     cfg.optim.ema = 0.5
+    cfg.divergence.on_nonfinite = "skip"
     cfg.log.log_every = 1
     cfg.log.eval_every = cfg.log.checkpoint_every = 100
     return run_dir_copy(cfg, tmp_path, name)
@@ -105,6 +109,7 @@ class Recorder:
             "draws": (torch.rand(2).tolist(), np.random.rand(2).tolist(), [random.random(), random.random()]),
             "lr": tr.scheduler.get_last_lr()[0],
             "running": list(tr.running),
+            "last_losses": list(tr.last_losses),  # after a skipped step: the last finite step's
         }
 
 
@@ -115,11 +120,15 @@ def trainer_state(tr) -> dict:
         "adam": flat([v for s in opt["state"].values() for v in s.values()]),
         "scheduler": tr.scheduler.state_dict()["last_epoch"],
         "sampler": tr.gen.get_state(), "aggregator": tr.aggregator.generator.get_state(),
-        "running": tr.running, "step": tr.step,
+        "running": tr.running, "last_losses": tr.last_losses, "step": tr.step,
+        "divergence": (tr.skipped_steps, tr.consecutive_skips, tr.lr_scale, tr.rollbacks),
     }
 
 
-def test_resume_restores_every_stateful_part(tmp_path):
+def test_resume_restores_every_stateful_part(tmp_path, monkeypatch):
+    # steps 3 and 4 diverge (NaN in task 0) and are skipped: the checkpoint after step 3 holds
+    # one skip in a row, which the skip record of step 4 must continue (2 in a row)
+    monkeypatch.setenv(NONFINITE_ENV, "3,4")
     full_cfg = resume_config(tmp_path, "full")
     full, rec_full = Trainer(full_cfg), Recorder()
     full.run(callback=rec_full)
@@ -148,6 +157,9 @@ def test_resume_restores_every_stateful_part(tmp_path):
     for key in a:
         same = torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]
         assert same, f"resumed run differs from the uninterrupted one in {key}"
-    la = [r["loss"] for r in read_metrics(full_cfg.out) if r["kind"] == "train"]
-    lb = [r["loss"] for r in read_metrics(cut_cfg.out) if r["kind"] == "train"]
-    assert la == lb and len(la) == 6
+    skips = [(r["step"], r["consecutive"]) for r in read_metrics(full_cfg.out) if r["kind"] == "skip"]
+    assert skips == [(3, 1), (4, 2)] and full.skipped_steps == 2
+    # every metrics record but the timing (the NaN losses of the skipped steps compare as text)
+    ra, rb = ([json.dumps({k: v for k, v in r.items() if k != "time"}) for r in read_metrics(c.out)]
+              for c in (full_cfg, cut_cfg))
+    assert ra == rb and sum('"kind": "train"' in r for r in ra) == 6
