@@ -198,7 +198,7 @@ at::Tensor weights_jvp(const WeightsPieces& p, const at::Tensor& dG) {
   const at::Tensor dsigma = da.sum(-1, true);
   const at::Tensor dphi = (p.dphi * dd).sum(-1, true);
   const at::Tensor dw = p.w * (dphi / p.phi - dsigma / p.sigma) + p.phi * (ds * p.a + p.s * da) / p.sigma;
-  return nan_where_not_ok(dw, p.ok, (dG64 != 0).flatten(-2).any(-1, /*keepdim=*/true));
+  return nan_where_not_ok(dw, p.ok, (dG64.abs().sum({-2, -1}) != 0).unsqueeze(-1));
 }
 
 // Gradient with respect to G for an incoming gradient gw of w.
@@ -219,7 +219,7 @@ at::Tensor weights_vjp(const WeightsPieces& p, const at::Tensor& gw) {
   const at::Tensor gd = -gs * p.s * p.s + gphi * p.dphi;
   gGs = gGs + at::diag_embed(gd * p.s * 0.5);
   const at::Tensor gG = (gGs + gGs.mT()) * 0.5;
-  return nan_where_not_ok(gG, p.ok.unsqueeze(-1), (g != 0).any(-1, /*keepdim=*/true).unsqueeze(-1));
+  return nan_where_not_ok(gG, p.ok.unsqueeze(-1), (g.abs().sum(-1, /*keepdim=*/true) != 0).unsqueeze(-1));
 }
 
 struct WeightsBackward : public OpBackward {
