@@ -58,6 +58,11 @@ N, V, K, NPAR = 3, 4, 3, 5
 v_nodes, w_nodes = ops.gauss_legendre(V, -4.0, 4.0)
 
 
+def nodes(like):
+    """The quadrature rule on the device of ``like``."""
+    return v_nodes.to(like.device), w_nodes.to(like.device)
+
+
 @dataclass
 class Case:
     name: str
@@ -94,38 +99,38 @@ CASES = [
     Case("hrgrad", lambda J: hrgrad_ext.hrgrad(J), hrgrad_pinv_ref, lambda g: (rand(g, K, NPAR),)),
     Case(
         "velocity_moments",
-        lambda F: ops.velocity_moments(F, v_nodes, w_nodes, 3),
-        lambda F: ref_moments(F, v_nodes, w_nodes, 3),
+        lambda F: ops.velocity_moments(F, *nodes(F), 3),
+        lambda F: ref_moments(F, *nodes(F), 3),
         lambda g: (rand(g, N, V),),
     ),
     Case(
         "maxwellian",
-        lambda rho, u, T: ops.maxwellian(rho, u, T, v_nodes),
-        lambda rho, u, T: ref_maxwellian(rho, u, T, v_nodes),
+        lambda rho, u, T: ops.maxwellian(rho, u, T, nodes(rho)[0]),
+        lambda rho, u, T: ref_maxwellian(rho, u, T, nodes(rho)[0]),
         lambda g: (rand(g, N, lo=0.5, hi=1.5), rand(g, N, lo=-0.5, hi=0.5), rand(g, N, lo=0.5, hi=1.5)),
     ),
     Case(
         "bgk_residuals",
-        lambda *a: ops.bgk_residuals(*a[:9], v_nodes, w_nodes, a[9]),
-        lambda *a: ref_bgk(*a[:9], v_nodes, w_nodes, a[9]),
+        lambda *a: ops.bgk_residuals(*a[:9], *nodes(a[0]), a[9]),
+        lambda *a: ref_bgk(*a[:9], *nodes(a[0]), a[9]),
         lambda g: _bgk_inputs(g, kn_scalar=False),
     ),
     Case(  # the op itself (no wrapper), with one Knudsen number for every row
         "bgk_residuals[0-d kn]",
-        lambda *a: OPS.bgk_residuals(*a[:9], v_nodes, w_nodes, a[9]),
-        lambda *a: ref_bgk(*a[:9], v_nodes, w_nodes, a[9]),
+        lambda *a: OPS.bgk_residuals(*a[:9], *nodes(a[0]), a[9]),
+        lambda *a: ref_bgk(*a[:9], *nodes(a[0]), a[9]),
         lambda g: _bgk_inputs(g, kn_scalar=True),
     ),
     Case(
         "transport_mm_residuals",
-        lambda *a: ops.transport_mm_residuals(*a[:5], v_nodes, w_nodes, a[5]),
-        lambda *a: ref_transport(*a[:5], v_nodes, w_nodes, a[5]),
+        lambda *a: ops.transport_mm_residuals(*a[:5], *nodes(a[0]), a[5]),
+        lambda *a: ref_transport(*a[:5], *nodes(a[0]), a[5]),
         lambda g: _transport_inputs(g, eps_scalar=False),
     ),
     Case(
         "transport_mm_residuals[0-d eps]",
-        lambda *a: OPS.transport_mm_residuals(*a[:5], v_nodes, w_nodes, a[5]),
-        lambda *a: ref_transport(*a[:5], v_nodes, w_nodes, a[5]),
+        lambda *a: OPS.transport_mm_residuals(*a[:5], *nodes(a[0]), a[5]),
+        lambda *a: ref_transport(*a[:5], *nodes(a[0]), a[5]),
         lambda g: _transport_inputs(g, eps_scalar=True),
     ),
 ]
@@ -268,6 +273,18 @@ def test_vmap_of_grad(case):
     assert_tree_close(got, want)
 
 
+def test_vmap_over_quadrature_rules():
+    """A different velocity grid per batch entry cannot be folded into rows: one call each."""
+    F = torch.stack([rand(torch.Generator().manual_seed(s), N, V) for s in (0, 1)])
+    rules = [ops.gauss_legendre(V, -a, a) for a in (3.0, 5.0)]
+    v, w = torch.stack([r[0] for r in rules]), torch.stack([r[1] for r in rules])
+    got = func.vmap(lambda F, v, w: ops.velocity_moments(F, v, w, 2))(F, v, w)
+    assert_tree_close(got, torch.stack([ref_moments(F[b], v[b], w[b], 2) for b in range(2)]))
+    rho = rand(torch.Generator().manual_seed(2), 2, N, lo=0.5, hi=1.5)
+    got = func.vmap(ops.maxwellian, in_dims=(0, None, None, 0))(rho, rho[0] - 1.0, rho[1], v)
+    assert_tree_close(got, torch.stack([ref_maxwellian(rho[b], rho[0] - 1.0, rho[1], v[b]) for b in range(2)]))
+
+
 # --- finite differences --------------------------------------------------------------------------------
 
 
@@ -354,6 +371,24 @@ def test_export():
     assert called >= {"gram", "combine", "hrgrad_weights", "velocity_moments", "maxwellian", "bgk_residuals",
                       "transport_mm_residuals"}, called
     assert_per_op_close(program.module()(*xs), all_ops(lambda c: c.ref)(*xs))
+
+
+# --- CUDA: the same autograd code on the device -------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_modes_on_cuda_match_cpu(case):
+    xs, tangents, cots = directions(case, seed=1)
+    on_cuda = lambda t: tree_map(lambda x: x.cuda(), t)  # noqa: E731
+    for mode in ("backward", "forward_ad", "double_backward", "jacrev", "jacfwd"):
+        got = tree_map(lambda x: x.cpu(), MODES[mode](case.op, on_cuda(xs), on_cuda(tangents), on_cuda(cots)))
+        torch.testing.assert_close(got, MODES[mode](case.op, xs, tangents, cots), rtol=1e-9, atol=1e-10)
+    batched = on_cuda(stack_batch(case, (0, 1)))
+    torch.testing.assert_close(
+        tree_map(lambda x: x.cpu(), outputs(func.vmap(case.op)(*batched))), per_sample(case.ref, stack_batch(case, (0, 1)), (0,) * len(xs)),
+        rtol=1e-9, atol=1e-10,
+    )
 
 
 # --- hrgrad_weights: every length model, and the points where it is not differentiable ----------------
