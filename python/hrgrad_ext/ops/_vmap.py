@@ -34,13 +34,13 @@ def register_leading_batch_rule(op, bases: Sequence[int | None]) -> None:
     ``i`` (``J [K, n]``: 2, ``w [K]``: 1) or ``None`` for a non-tensor argument; a tensor with
     one more dimension carries the op's own batch dimension, which the vmapped one joins."""
 
-    def rule(info, in_dims, *args):
+    def rule(info, in_dims, *args, **kwargs):
         batch = info.batch_size
         moved = [a if base is None else _to_front(a, d, batch) for a, d, base in zip(args, in_dims, bases)]
         first = next(i for i, base in enumerate(bases) if base is not None)
         lead = tuple(moved[first].shape[: moved[first].dim() - bases[first]])
         flat = [a if base is None else a.reshape(-1, *a.shape[len(lead):]) for a, base in zip(moved, bases)]
-        return _outputs(op(*flat), lead)
+        return _outputs(op(*flat, **kwargs), lead)
 
     torch.library.register_vmap(op, rule)
 
@@ -56,11 +56,12 @@ def register_row_fold_rule(op, kinds: Sequence[str]) -> None:
     over B problems of N rows is one call with B * N rows. Only batched quadrature nodes
     (a different velocity grid per batch entry) take one call per entry."""
 
-    def rule(info, in_dims, *args):
+    def rule(info, in_dims, *args, **kwargs):
         batch = info.batch_size
         if any(d is not None for d, k in zip(in_dims, kinds) if k == NODES):
             per_entry = [
-                op(*[a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)]) for b in range(batch)
+                op(*[a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)], **kwargs)
+                for b in range(batch)
             ]
             if isinstance(per_entry[0], Tensor):
                 return torch.stack(per_entry), 0
@@ -75,7 +76,7 @@ def register_row_fold_rule(op, kinds: Sequence[str]) -> None:
             elif k == PARAM and d is not None:  # a 0-d parameter that differs per batch entry
                 a = a.movedim(d, 0).unsqueeze(1).expand(batch, rows).reshape(batch * rows)
             flat.append(a)
-        return _outputs(op(*flat), (batch, rows))
+        return _outputs(op(*flat, **kwargs), (batch, rows))
 
     torch.library.register_vmap(op, rule)
 
@@ -84,7 +85,7 @@ def register_refusal(op, why: str) -> None:
     """vmap of an op that cannot be batched: a clear error instead of a wrong result."""
     name = op.name()
 
-    def rule(info, in_dims, *args):
+    def rule(info, in_dims, *args, **kwargs):
         raise RuntimeError(f"{name} does not support torch.vmap: {why}")
 
     torch.library.register_vmap(op, rule)
