@@ -145,6 +145,7 @@ def _opcheck_cases():
         (OPS.gram.default, (J.clone().requires_grad_(),), {}),
         (OPS.hrgrad_weights.default, (G,), {}),
         (OPS.hrgrad_weights.default, (ops.gram(Jb),), {"length_model": "harmonic", "rcond": 1e-8}),
+        (OPS.hrgrad_weights.default, (ops.gram(Jb).requires_grad_(),), {"length_model": "min"}),
         (OPS.combine.default, (J, torch.randn(3)), {}),
         (OPS.combine.default, (Jb.clone().requires_grad_(), torch.randn(2, 3, dtype=torch.float64, requires_grad=True)), {}),
         (OPS.combine_accumulate_.default, (torch.zeros(40), J, torch.randn(3)), {}),
