@@ -190,6 +190,16 @@ def first_failure(output: str) -> str:
     return output.strip().splitlines()[-1] if output.strip() else ""
 
 
+def syntax_error(path: Path) -> str:
+    """'' if the file compiles, else the error: a mutation must stay a valid program (a syntax
+    error fails any suite and says nothing about the tests)."""
+    try:
+        compile(path.read_text(), str(path), "exec")
+    except SyntaxError as exc:
+        return str(exc)
+    return ""
+
+
 def classify(rc: int | None, output: str) -> tuple[str, str]:
     if rc is None:
         return "caught", output + " (a hang counts as caught: the suite would not finish)"
@@ -273,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             path.write_text(source.replace(m.original, m.replacement, 1))
             try:
-                if m.compiled and not build_copy(tree, args.jobs, log):
+                if m.file.endswith(".py") and (bad := syntax_error(path)):
+                    res = Result(m.id, m.file, "error", detail=f"the mutated file is not valid Python: {bad}")
+                elif m.compiled and not build_copy(tree, args.jobs, log):
                     res = Result(m.id, m.file, "error", detail=f"the mutated copy does not build (see {log})")
                 else:
                     status, detail = classify(*run_tests(tree, m.tests, args.timeout))

@@ -39,6 +39,8 @@ def test_stale_snippets_and_outcomes_are_classified(tool, tmp_path):
     assert tool.match_count(tmp_path, tool.Mutation("m", "a.py", "= 1", "= 2", ["tests"])) == 2  # ambiguous
     assert tool.match_count(tmp_path, tool.Mutation("m", "a.py", "z = 1", "z = 2", ["tests"])) == 0  # stale
     assert tool.match_count(tmp_path, tool.Mutation("m", "b.py", "x", "y", ["tests"])) == 0
+    (tmp_path / "bad.py").write_text("norm = pass\n")
+    assert tool.syntax_error(tmp_path / "a.py") == "" and "invalid syntax" in tool.syntax_error(tmp_path / "bad.py")
     assert tool.classify(0, "")[0] == "survived"
     assert tool.classify(1, "FAILED tests/t.py::test_a - boom\n") == ("caught", "FAILED tests/t.py::test_a - boom")
     assert tool.classify(2, "ERROR tests/t.py\n")[0] == "caught"  # an import error at collection

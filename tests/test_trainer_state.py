@@ -68,6 +68,21 @@ def test_one_sgd_step_moves_the_parameters_by_minus_lr_times_the_update(tmp_path
                                    msg=lambda m: f"{method}: {m}")
 
 
+def test_the_second_sgd_step_starts_from_fresh_gradients(tmp_path):
+    # each step's update is its own -lr J^T w, not added to the previous steps' gradients
+    cfg = tiny_config(tmp_path, method="sum", dtype="float64")
+    cfg.optim.name, cfg.optim.momentum, cfg.optim.lr, cfg.optim.schedule = "sgd", 0.0, 0.05, "constant"
+    tr = Trainer(cfg)
+    for _ in range(2):
+        theta = flat(tr.params)
+        batch = tr.form.sample_batch(torch.Generator().set_state(tr.gen.get_state()), tr.eps_tensor, "cpu",
+                                     torch.float64)
+        _, jac = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
+        update = torch.cat([j.sum(0).reshape(-1) for j in jac])  # Sum: w = 1
+        tr.train_step()
+        torch.testing.assert_close(flat(tr.params) - theta, -0.05 * update, rtol=1e-9, atol=1e-13)
+
+
 def test_parameter_average_after_a_few_steps_equals_the_closed_form(tmp_path):
     cfg = tiny_config(tmp_path, iters=5, dtype="float64")
     cfg.optim.ema = 0.3
@@ -163,3 +178,30 @@ def test_resume_restores_every_stateful_part(tmp_path, monkeypatch):
     ra, rb = ([json.dumps({k: v for k, v in r.items() if k != "time"}) for r in read_metrics(c.out)]
               for c in (full_cfg, cut_cfg))
     assert ra == rb and sum('"kind": "train"' in r for r in ra) == 6
+
+
+def test_resume_keeps_the_rollback_state(tmp_path, monkeypatch):
+    # divergence.on_nonfinite = "rollback": NaN at steps 3 and 5. The first rollback (to the
+    # checkpoint at step 2) halves the learning rate; a run cut after step 4 and resumed must
+    # then halve it again at step 5 (lr x 0.25, rollback 2 of 3), as the uninterrupted run does.
+    monkeypatch.setenv(NONFINITE_ENV, "3,5")
+
+    def config(name):
+        cfg = tiny_config(tmp_path, iters=6, dtype="float64")
+        cfg.divergence.on_nonfinite = "rollback"
+        cfg.log.log_every, cfg.log.checkpoint_every, cfg.log.eval_every = 1, 2, 100
+        return run_dir_copy(cfg, tmp_path, name)
+
+    full_cfg, cut_cfg = config("full"), config("cut")
+    full = Trainer(full_cfg)
+    full.run()
+    assert Trainer(cut_cfg).run(max_steps=4) is None
+    resumed = Trainer.resume(cut_cfg.out)
+    resumed.run()
+    rollbacks = [(r["nonfinite_step"], r["lr_scale"], r["rollbacks"]) for r in read_metrics(full_cfg.out)
+                 if r["kind"] == "rollback"]
+    assert rollbacks == [(3, 0.5, 1), (5, 0.25, 2)]
+    assert [r for r in read_metrics(cut_cfg.out) if r["kind"] == "rollback"] == \
+        [r for r in read_metrics(full_cfg.out) if r["kind"] == "rollback"]
+    assert (resumed.lr_scale, resumed.rollbacks) == (full.lr_scale, full.rollbacks) == (0.25, 2)
+    assert torch.equal(flat(resumed.params), flat(full.params))
