@@ -12,26 +12,18 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
+#include "common/cuda_kernel.h"
 #include "gram/gram_common.h"
 
 namespace hrgrad_ext {
 namespace {
 
 constexpr int kThreads = 256;
-
-int sm_count(int device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
+using cuda::launch;
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -79,7 +71,7 @@ gram_registers_kernel(const scalar_t* __restrict__ J, int K, int64_t n, int nblk
   }
 
   // Block reduction: warp shuffles, then one value per warp through shared memory.
-  __shared__ double warp_partial[kThreads / 32][P];
+  HRGRAD_SHARED(double, warp_partial, [kThreads / 32][P]);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int p = 0; p < P; ++p) {
@@ -114,7 +106,7 @@ gram_tiles_kernel(const scalar_t* __restrict__ J, int K, int64_t n, int nblk,
   constexpr int TILES = T * T;                    // 64 (KMAX=32) or 256 (KMAX=64)
   constexpr int GROUPS = kThreads / TILES;        // column groups sharing the chunk
   constexpr int COLS_PER_GROUP = CHUNK / GROUPS;
-  __shared__ acc_t tile[KMAX][CHUNK + 1];         // +1: fewer bank conflicts on column reads
+  HRGRAD_SHARED(acc_t, tile, [KMAX][CHUNK + 1]);  // +1: fewer bank conflicts on column reads
 
   const int b = blockIdx.y;
   const scalar_t* Jb = J + static_cast<int64_t>(b) * K * n;
@@ -153,7 +145,7 @@ gram_tiles_kernel(const scalar_t* __restrict__ J, int K, int64_t n, int nblk,
 
   // Reduce the column groups through shared memory (reusing nothing: a separate buffer).
   // Sized 1 when there is a single group, to stay within 48 KB of static shared memory.
-  __shared__ double group_sum[GROUPS > 1 ? GROUPS : 1][GROUPS > 1 ? TILES : 1][16];
+  HRGRAD_SHARED(double, group_sum, [GROUPS > 1 ? GROUPS : 1][GROUPS > 1 ? TILES : 1][16]);
   if (GROUPS > 1) {
 #pragma unroll
     for (int r = 0; r < 4; ++r)
@@ -200,13 +192,13 @@ __global__ void gram_finalize_kernel(const double* __restrict__ partial, int K, 
 
 // Launches the partial-sum kernel; returns the [B, nblk, K*K] float64 partials and nblk.
 template <typename scalar_t>
-std::pair<at::Tensor, int> launch_gram_partials(const at::Tensor& Jb, cudaStream_t stream) {
+std::pair<at::Tensor, int> launch_gram_partials(const at::Tensor& Jb) {
   using acc_t = at::opmath_type<scalar_t>;
   const int B = static_cast<int>(Jb.size(0)), K = static_cast<int>(Jb.size(1));
   const int64_t n = Jb.size(2);
   const scalar_t* J = Jb.const_data_ptr<scalar_t>();
   // Enough blocks to fill the GPU a few times over, split among the batch entries.
-  const int target = 4 * sm_count(Jb.get_device());
+  const int target = 4 * cuda::multiprocessor_count(Jb.get_device());
   const int per_entry = std::max(1, target / std::max(1, B));
   auto blocks_for = [&](int64_t cols_per_block) {
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(per_entry, (n + cols_per_block - 1) / cols_per_block)));
@@ -221,8 +213,8 @@ std::pair<at::Tensor, int> launch_gram_partials(const at::Tensor& Jb, cudaStream
 #define HRGRAD_LAUNCH_REG(KM, U)                                                                   \
   do {                                                                                              \
     alloc(blocks_for(static_cast<int64_t>(kThreads) * U));                                          \
-    gram_registers_kernel<scalar_t, acc_t, KM, U><<<dim3(nblk, B), kThreads, 0, stream>>>(           \
-        J, K, n, nblk, partial.mutable_data_ptr<double>());                                         \
+    launch<gram_registers_kernel<scalar_t, acc_t, KM, U>>({dim3(nblk, B), kThreads}, J, K, n, nblk, \
+                                                          partial.mutable_data_ptr<double>());     \
   } while (0)
   if (K <= 2) {
     HRGRAD_LAUNCH_REG(2, 4);
@@ -234,22 +226,21 @@ std::pair<at::Tensor, int> launch_gram_partials(const at::Tensor& Jb, cudaStream
     HRGRAD_LAUNCH_REG(16, 2);
   } else if (K <= 32) {
     alloc(blocks_for(32));
-    gram_tiles_kernel<scalar_t, acc_t, 32><<<dim3(nblk, B), kThreads, 0, stream>>>(
-        J, K, n, nblk, partial.mutable_data_ptr<double>());
+    launch<gram_tiles_kernel<scalar_t, acc_t, 32>>({dim3(nblk, B), kThreads}, J, K, n, nblk,
+                                                   partial.mutable_data_ptr<double>());
   } else {
     alloc(blocks_for(32));
-    gram_tiles_kernel<scalar_t, acc_t, 64><<<dim3(nblk, B), kThreads, 0, stream>>>(
-        J, K, n, nblk, partial.mutable_data_ptr<double>());
+    launch<gram_tiles_kernel<scalar_t, acc_t, 64>>({dim3(nblk, B), kThreads}, J, K, n, nblk,
+                                                   partial.mutable_data_ptr<double>());
   }
 #undef HRGRAD_LAUNCH_REG
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {partial, nblk};
 }
 
 at::Tensor gram_cuda(const at::Tensor& J, std::optional<at::ScalarType> dtype) {
   const at::Tensor Jb = as_batched_jacobian(J, "gram");
   const at::ScalarType out_dtype = gram_out_dtype(J, dtype);
-  const c10::cuda::CUDAGuard guard(Jb.device());
+  const cuda::DeviceGuard guard(Jb.device());
   at::Tensor G;
   if (Jb.size(0) == 0) {  // empty batch: nothing to launch (a 0-block grid is a CUDA error)
     G = at::empty({0, Jb.size(1), Jb.size(1)}, Jb.options().dtype(out_dtype));
@@ -260,15 +251,13 @@ at::Tensor gram_cuda(const at::Tensor& J, std::optional<at::ScalarType> dtype) {
   } else {
     const int B = static_cast<int>(Jb.size(0)), K = static_cast<int>(Jb.size(1));
     G = at::empty({B, K, K}, Jb.options().dtype(out_dtype));
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     std::pair<at::Tensor, int> partials;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jb.scalar_type(), "gram_cuda",
-                                    [&] { partials = launch_gram_partials<scalar_t>(Jb, stream); });
+                                    [&] { partials = launch_gram_partials<scalar_t>(Jb); });
     AT_DISPATCH_FLOATING_TYPES(out_dtype, "gram_finalize", [&] {
-      gram_finalize_kernel<scalar_t><<<B, 256, 0, stream>>>(partials.first.const_data_ptr<double>(), K,
-                                                            partials.second, G.mutable_data_ptr<scalar_t>());
+      launch<gram_finalize_kernel<scalar_t>>({static_cast<unsigned>(B), 256}, partials.first.const_data_ptr<double>(), K,
+                                             partials.second, G.mutable_data_ptr<scalar_t>());
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return J.dim() == 2 ? G.squeeze(0) : G;
 }
@@ -282,7 +271,7 @@ template <typename scalar_t>
 __global__ void hrgrad_weights_kernel(const scalar_t* __restrict__ G, int K, int length_model, double rtol,
                                       bool scratch_in_smem, scalar_t* __restrict__ w, int* __restrict__ status,
                                       double* __restrict__ workspace) {
-  extern __shared__ double smem_scratch[];
+  HRGRAD_DYNAMIC_SHARED(double, smem_scratch);
   const int b = blockIdx.x;
   if (threadIdx.x != 0) return;
   double* ws = scratch_in_smem ? smem_scratch : workspace + b * hrgrad_solve_workspace(K);
@@ -295,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> hrgrad_weights_cuda(const at::Tensor& G, c10:
   const at::Tensor Gb = as_batched_gram(G);
   const int lm = parse_length_model(std::string(length_model));
   const double rtol = resolve_rcond(rcond, G);
-  const c10::cuda::CUDAGuard guard(Gb.device());
+  const cuda::DeviceGuard guard(Gb.device());
   const int64_t B = Gb.size(0), K = Gb.size(1);
   TORCH_CHECK(B <= 2147483647LL, "hrgrad_weights: batch size ", B, " exceeds the CUDA grid limit");
   at::Tensor w = at::empty({B, K}, Gb.options());
@@ -305,13 +294,12 @@ std::tuple<at::Tensor, at::Tensor> hrgrad_weights_cuda(const at::Tensor& G, c10:
   // Global scratch only when shared memory is too small; allocated through the caching
   // allocator, so the device never waits on the host.
   at::Tensor workspace = at::empty({in_smem ? 1 : B * hrgrad_solve_workspace(K)}, Gb.options().dtype(at::kDouble));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (B > 0) AT_DISPATCH_FLOATING_TYPES(Gb.scalar_type(), "hrgrad_weights_cuda", [&] {
-    hrgrad_weights_kernel<scalar_t><<<static_cast<unsigned>(B), 32, in_smem ? scratch_bytes : 0, stream>>>(
-        Gb.const_data_ptr<scalar_t>(), static_cast<int>(K), lm, rtol, in_smem, w.mutable_data_ptr<scalar_t>(),
-        status.mutable_data_ptr<int>(), workspace.mutable_data_ptr<double>());
+    launch<hrgrad_weights_kernel<scalar_t>>(
+        {static_cast<unsigned>(B), 32, static_cast<size_t>(in_smem ? scratch_bytes : 0)}, Gb.const_data_ptr<scalar_t>(),
+        static_cast<int>(K), lm, rtol, in_smem, w.mutable_data_ptr<scalar_t>(), status.mutable_data_ptr<int>(),
+        workspace.mutable_data_ptr<double>());
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (G.dim() == 2) return {w.squeeze(0), status.squeeze(0)};
   return {w, status};
 }
@@ -321,8 +309,7 @@ template <typename scalar_t, typename acc_t, bool kAccumulate, int UNROLL>
 __global__ void __launch_bounds__(kThreads)
 combine_kernel(const scalar_t* __restrict__ J, const acc_t* __restrict__ w, int K, int64_t n,
                scalar_t* __restrict__ out) {
-  extern __shared__ unsigned char smem_raw[];
-  acc_t* ws = reinterpret_cast<acc_t*>(smem_raw);
+  HRGRAD_DYNAMIC_SHARED(acc_t, ws);
   const int b = blockIdx.y;
   for (int k = threadIdx.x; k < K; k += blockDim.x) ws[k] = w[static_cast<int64_t>(b) * K + k];
   __syncthreads();
@@ -357,26 +344,24 @@ void launch_combine(const at::Tensor& Jb, const at::Tensor& w, at::Tensor& out) 
   const int64_t B = Jb.size(0), K = Jb.size(1), n = Jb.size(2);
   if (B == 0) return;
   TORCH_CHECK(B <= 65535, "combine: batch size ", B, " exceeds the CUDA grid limit of 65535");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   constexpr int U = 4;
-  const int target = 4 * sm_count(Jb.get_device());
+  const int target = 4 * cuda::multiprocessor_count(Jb.get_device());
   const int64_t per_entry = std::max<int64_t>(1, target / std::max<int64_t>(1, B));
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(per_entry * 4, (n + kThreads * U - 1) / (kThreads * U))));
   const at::ScalarType acc = acc_type_of(Jb.scalar_type());
   const at::Tensor wb = w.reshape({B, K}).to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jb.scalar_type(), "combine_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    combine_kernel<scalar_t, acc_t, kAccumulate, U><<<dim3(blocks, B), kThreads, K * sizeof(acc_t), stream>>>(
-        Jb.const_data_ptr<scalar_t>(), wb.const_data_ptr<acc_t>(), static_cast<int>(K), n,
-        out.mutable_data_ptr<scalar_t>());
+    launch<combine_kernel<scalar_t, acc_t, kAccumulate, U>>(
+        {dim3(blocks, B), kThreads, K * sizeof(acc_t)}, Jb.const_data_ptr<scalar_t>(), wb.const_data_ptr<acc_t>(),
+        static_cast<int>(K), n, out.mutable_data_ptr<scalar_t>());
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor combine_cuda(const at::Tensor& J, const at::Tensor& w) {
   const at::Tensor Jb = as_batched_jacobian(J, "combine");
   check_combine_weights(J, w, "combine");
-  const c10::cuda::CUDAGuard guard(Jb.device());
+  const cuda::DeviceGuard guard(Jb.device());
   at::Tensor out = at::empty({Jb.size(0), Jb.size(2)}, Jb.options());
   launch_combine<false>(Jb, w, out);
   return J.dim() == 2 ? out.squeeze(0) : out;
@@ -384,13 +369,13 @@ at::Tensor combine_cuda(const at::Tensor& J, const at::Tensor& w) {
 
 void combine_accumulate_cuda(at::Tensor& out, const at::Tensor& J, const at::Tensor& w) {
   const at::Tensor Jb = check_combine_accumulate(out, J, w);
-  const c10::cuda::CUDAGuard guard(Jb.device());
+  const cuda::DeviceGuard guard(Jb.device());
   launch_combine<true>(Jb, w, out);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hrgrad_ext, CUDA, m) {
+HRGRAD_EXT_CUDA_KERNELS(m) {
   m.impl("gram", &gram_cuda);
   m.impl("hrgrad_weights", &hrgrad_weights_cuda);
   m.impl("combine", &combine_cuda);
