@@ -277,6 +277,22 @@ def test_kinetic_ops(backend, N, V, dtype):
                     "maxwellian_backward " + describe(grad=gm), **t)
 
 
+def test_maxwellian_extreme_exponents_and_nan(backend):
+    # Exponents from 0 down to about -1e6 (exp underflows to 0) and a NaN u: the values, the
+    # NaN rows and the backward sums as on the CPU.
+    nan = float("nan")
+    for dtype in (f32, f64):
+        rho = torch.tensor([1.0, 1.0, 1.0, 2.0, 1.0], dtype=dtype)
+        u = torch.tensor([0.0, 0.5, nan, 0.0, 3.0], dtype=dtype)
+        T = torch.tensor([1e-4, 1.0, 1.0, 1e-6, 25.0], dtype=dtype)
+        v = torch.linspace(-10.0, 10.0, 30, dtype=dtype)
+        grad = torch.randn(5, 30, generator=torch.Generator().manual_seed(4), dtype=f64).to(dtype)
+        t = dict(rtol=1e-12, atol=1e-300) if dtype == f64 else dict(rtol=1e-5, atol=1e-30)
+        assert_same(backend("maxwellian", rho, u, T, v), CPU.maxwellian(rho, u, T, v), f"maxwellian {dtype}", **t)
+        assert_same(backend("maxwellian_backward", grad, rho, u, T, v), CPU.maxwellian_backward(grad, rho, u, T, v),
+                    f"maxwellian_backward {dtype}", rtol=t["rtol"] * 10, atol=1e-10 if dtype == f64 else 1e-4)
+
+
 # ==== defects of issue 9: each of these failed before its fix ======================================
 
 

@@ -13,6 +13,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "common/cuda_kernel.h"
@@ -28,8 +30,11 @@ constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr double kInvSqrt2PiD = 0.39894228040143267794;
 using cuda::launch;
 
-__device__ __forceinline__ float dexp(float x) { return expf(x); }
-__device__ __forceinline__ double dexp(double x) { return exp(x); }
+// exp of a Maxwellian's exponent. Below -746 (double) / -104 (float) exp rounds to 0 anyway;
+// clamped there, ptxas drops exp's out-of-range path, a call whose saved register was the one
+// spill of maxwellian_backward_kernel<double> on sm_90. NaN passes through (fmax would drop it).
+__device__ __forceinline__ double gauss_exp(double x) { return x != x ? x : exp(fmax(x, -746.0)); }
+__device__ __forceinline__ float gauss_exp(float x) { return x != x ? x : expf(fmaxf(x, -104.0f)); }
 __device__ __forceinline__ float drsqrt(float x) { return rsqrtf(x); }
 __device__ __forceinline__ double drsqrt(double x) { return rsqrt(x); }
 
@@ -47,7 +52,13 @@ __device__ __forceinline__ int64_t warp_row(int64_t N) {
   return row < N ? row : -1;
 }
 
-inline unsigned row_blocks(int64_t N) { return static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock); }
+// Blocks of kWarpsPerBlock rows covering N rows.
+inline unsigned row_blocks(int64_t N) {
+  const int64_t blocks = (N + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "kinetic op: ", N, " rows exceed the CUDA grid (",
+              std::numeric_limits<int32_t>::max(), " blocks of ", kWarpsPerBlock, " rows)");
+  return static_cast<unsigned>(blocks);
+}
 
 // Picks PER (values per lane kept in registers) from V: 1, 2, 4 or 0 (re-read from memory).
 template <typename F>
@@ -110,20 +121,21 @@ __global__ void __launch_bounds__(kThreads) velocity_moments_kernel(const scalar
   }
 }
 
-// Element-wise: dF_ij = w_j sum_k g_ik v_j^k (Horner).
+// Element-wise: dF_ij = w_j sum_k g_ik v_j^k (Horner). One warp per row like the reductions
+// (no 64-bit division of a flat index per element); the lanes stride over the nodes.
 template <typename scalar_t, typename acc_t>
-__global__ void velocity_moments_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ v,
-                                                 const scalar_t* __restrict__ w, int64_t N, int V, int K,
-                                                 scalar_t* __restrict__ dF) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= N * V) return;
-  const int64_t i = idx / V;
-  const int j = static_cast<int>(idx - i * V);
+__global__ void __launch_bounds__(kThreads) velocity_moments_backward_kernel(
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ v, const scalar_t* __restrict__ w, int64_t N, int V,
+    int K, scalar_t* __restrict__ dF) {
+  const int64_t i = warp_row(N);
+  if (i < 0) return;
   const scalar_t* gi = g + i * K;
-  const acc_t x = static_cast<acc_t>(v[j]);
-  acc_t s = static_cast<acc_t>(gi[K - 1]);
-  for (int k = K - 2; k >= 0; --k) s = s * x + static_cast<acc_t>(gi[k]);
-  dF[idx] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) * s);
+  for (int j = threadIdx.x % kWarp; j < V; j += kWarp) {
+    const acc_t x = static_cast<acc_t>(v[j]);
+    acc_t s = static_cast<acc_t>(gi[K - 1]);
+    for (int k = K - 2; k >= 0; --k) s = s * x + static_cast<acc_t>(gi[k]);
+    dF[i * V + j] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) * s);
+  }
 }
 
 at::Tensor velocity_moments_cuda(const at::Tensor& F_, const at::Tensor& v_, const at::Tensor& w_, int64_t order) {
@@ -151,9 +163,8 @@ at::Tensor velocity_moments_backward_cuda(const at::Tensor& grad_, const at::Ten
   const int64_t N = grad.size(0), K = grad.size(1), V = v.size(0);
   at::Tensor dF = at::empty({N, V}, grad.options());
   if (N == 0) return dF;
-  const int64_t blocks = (N * V + kThreads - 1) / kThreads;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "velocity_moments_backward_cuda", [&] {
-    launch<velocity_moments_backward_kernel<scalar_t, scalar_t>>({static_cast<unsigned>(blocks), kThreads},
+    launch<velocity_moments_backward_kernel<scalar_t, scalar_t>>({row_blocks(N), kThreads},
         grad.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), N,
         static_cast<int>(V), static_cast<int>(K), dF.mutable_data_ptr<scalar_t>());
   });
@@ -162,17 +173,21 @@ at::Tensor velocity_moments_backward_cuda(const at::Tensor& grad_, const at::Ten
 
 // ---- maxwellian ---------------------------------------------------------------------------
 
+// One warp per row (see velocity_moments_backward_kernel): the row's rho, u, T are read once.
 template <typename scalar_t, typename acc_t>
-__global__ void maxwellian_kernel(const scalar_t* __restrict__ rho, const scalar_t* __restrict__ u,
-                                  const scalar_t* __restrict__ T, const scalar_t* __restrict__ v, int64_t N, int V,
-                                  scalar_t* __restrict__ M) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= N * V) return;
-  const int64_t i = idx / V;
-  const int j = static_cast<int>(idx - i * V);
-  const acc_t TT = T[i], d = static_cast<acc_t>(v[j]) - static_cast<acc_t>(u[i]);
-  M[idx] = static_cast<scalar_t>(static_cast<acc_t>(rho[i]) * acc_t(kInvSqrt2PiD) * drsqrt(TT) *
-                                 dexp(-d * d / (acc_t(2) * TT)));
+__global__ void __launch_bounds__(kThreads) maxwellian_kernel(const scalar_t* __restrict__ rho,
+                                                              const scalar_t* __restrict__ u,
+                                                              const scalar_t* __restrict__ T,
+                                                              const scalar_t* __restrict__ v, int64_t N, int V,
+                                                              scalar_t* __restrict__ M) {
+  const int64_t i = warp_row(N);
+  if (i < 0) return;
+  const acc_t TT = T[i], uu = u[i], coef = static_cast<acc_t>(rho[i]) * acc_t(kInvSqrt2PiD) * drsqrt(TT);
+  const acc_t inv2T = acc_t(0.5) / TT;
+  for (int j = threadIdx.x % kWarp; j < V; j += kWarp) {
+    const acc_t d = static_cast<acc_t>(v[j]) - uu;
+    M[i * V + j] = static_cast<scalar_t>(coef * gauss_exp(-d * d * inv2T));
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -188,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) maxwellian_backward_kernel(
   acc_t s0 = 0, s1 = 0, s2 = 0;
   for (int j = lane; j < V; j += kWarp) {
     const acc_t d = static_cast<acc_t>(v[j]) - uu;
-    const acc_t gm0 = static_cast<acc_t>(g[i * V + j]) * c * dexp(-d * d * inv2T);
+    const acc_t gm0 = static_cast<acc_t>(g[i * V + j]) * c * gauss_exp(-d * d * inv2T);
     s0 += gm0;
     s1 += gm0 * d;
     s2 += gm0 * (d * d - TT);
@@ -210,9 +225,8 @@ at::Tensor maxwellian_cuda(const at::Tensor& rho_, const at::Tensor& u_, const a
   const int64_t N = rho.size(0), V = v.size(0);
   at::Tensor M = at::empty({N, V}, rho.options());
   if (N == 0) return M;
-  const int64_t blocks = (N * V + kThreads - 1) / kThreads;
   AT_DISPATCH_FLOATING_TYPES(rho.scalar_type(), "maxwellian_cuda", [&] {
-    launch<maxwellian_kernel<scalar_t, scalar_t>>({static_cast<unsigned>(blocks), kThreads},
+    launch<maxwellian_kernel<scalar_t, scalar_t>>({row_blocks(N), kThreads},
         rho.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(), T.const_data_ptr<scalar_t>(),
         v.const_data_ptr<scalar_t>(), N, static_cast<int>(V), M.mutable_data_ptr<scalar_t>());
   });
@@ -264,7 +278,7 @@ __global__ void __launch_bounds__(kThreads) bgk_forward_kernel(
   for (int j = lane; j < V; j += kWarp) {
     const acc_t vj = v[j], wj = w[j], fj = F[o + j], ftj = Ft[o + j], fxj = Fx[o + j];
     const acc_t d = vj - uu;
-    const acc_t M = coef * dexp(-d * d * inv2T);
+    const acc_t M = coef * gauss_exp(-d * d * inv2T);
     kin[o + j] = static_cast<scalar_t>(k * (ftj + vj * fxj) - (M - fj));
     const acc_t wf = wj * fj, wx = wj * vj * fxj;
     sF0 += wf;
@@ -320,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) bgk_backward_kernel(
     dFx[o + j] = static_cast<scalar_t>(k * vj * g + wj * vj * (c0 + vj * (c1 + acc_t(0.5) * vj * c2)));
     skn += g * (static_cast<acc_t>(Ft[o + j]) + vj * static_cast<acc_t>(Fx[o + j]));
     const acc_t d = vj - uu;
-    const acc_t gm0 = g * cm * dexp(-d * d * inv2T);  // g * M / rho
+    const acc_t gm0 = g * cm * gauss_exp(-d * d * inv2T);  // g * M / rho
     sm0 += gm0;
     sm1 += gm0 * d;
     sm2 += gm0 * (d * d - TT);
