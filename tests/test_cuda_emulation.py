@@ -470,6 +470,27 @@ def test_planted_divergent_shuffle_is_caught(selftest):
 
 
 @pytest.mark.cuda_emu
+def test_warp_intrinsics(selftest):
+    x = torch.randn(32, generator=torch.Generator().manual_seed(6))
+    out = selftest.warp_intrinsics(x)
+    lanes = torch.arange(32)
+    want = torch.stack([
+        x[3].expand(32),
+        x.cumsum(0),
+        x.reshape(4, 8).sum(1).repeat_interleave(8),
+        x[lanes ^ 1],
+        torch.full((32,), float(sum(1 << i for i in range(16) if x[i] > 0))),
+        torch.full((32,), 1.0),
+        x[lanes ^ 8],
+        x[(lanes + 8) % 32],
+    ], 1)
+    segment_starts = lanes % 8 == 0  # __shfl_down_sync with width 8: only lane 8k has the whole sum
+    torch.testing.assert_close(out[segment_starts, 2], want[segment_starts, 2])
+    keep = [0, 1, 3, 4, 5, 6, 7]
+    torch.testing.assert_close(out[:, keep], want[:, keep])
+
+
+@pytest.mark.cuda_emu
 def test_barrier_divergence_is_caught(selftest):
     with pytest.raises(RuntimeError, match=r"split_barrier_kernel, block \(0,0,0\): missing __syncthreads: thread "
                                            r"\(0,0,0\) waits at __syncthreads at tests/cuda_emu/selftest_cuda.cu:\d+, "

@@ -16,6 +16,7 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 #if !defined(__x86_64__)
@@ -103,6 +104,9 @@ struct Context {
 inline void switch_context(Context& from, Context& to) { hrgrad_cuda_emu_switch(&from.sp, to.sp); }
 // A context whose first switch "returns" into entry with the stack aligned as after a call.
 void make_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+#if defined(__SANITIZE_ADDRESS__)
+  ASAN_UNPOISON_MEMORY_REGION(stack, bytes);  // red zones of the frames a previous fiber left
+#endif
   auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t(15));
   *--top = 0;                                      // entry's (never used) return address
   *--top = reinterpret_cast<uint64_t>(entry);      // popped by the switch's ret
@@ -115,6 +119,9 @@ struct Context {
 };
 inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 void make_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+#if defined(__SANITIZE_ADDRESS__)
+  ASAN_UNPOISON_MEMORY_REGION(stack, bytes);  // red zones of the frames a previous fiber left
+#endif
   getcontext(&c.uc);
   c.uc.uc_stack.ss_sp = stack;
   c.uc.uc_stack.ss_size = bytes;

@@ -105,6 +105,12 @@ T from_bits(uint64_t bits) {
   return v;
 }
 
+// The value `src` lane offers at this shuffle, once every lane of `mask` has arrived.
+template <class T>
+T shuffle(const char* intrinsic, unsigned mask, T var, int src, const std::source_location& where) {
+  return from_bits<T>(warp_op(WarpOp::shuffle, intrinsic, mask, to_bits(var), src, where));
+}
+
 // First lane of the calling lane's segment of `width` lanes (a power of two <= 32).
 inline int segment_start(int width, const std::source_location& where) {
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
@@ -139,8 +145,7 @@ template <class T>
 T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32,
               const std::source_location& where = std::source_location::current()) {
   const int src = ::hrgrad_cuda_emu::segment_start(width, where) + (src_lane & (width - 1));
-  return ::hrgrad_cuda_emu::from_bits<T>(::hrgrad_cuda_emu::warp_op(
-      ::hrgrad_cuda_emu::WarpOp::shuffle, "__shfl_sync", mask, ::hrgrad_cuda_emu::to_bits(var), src, where));
+  return ::hrgrad_cuda_emu::shuffle("__shfl_sync", mask, var, src, where);
 }
 
 template <class T>
@@ -148,8 +153,7 @@ T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32,
                  const std::source_location& where = std::source_location::current()) {
   const int start = ::hrgrad_cuda_emu::segment_start(width, where), lane = ::hrgrad_cuda_emu::lane_id();
   const int src = lane - start >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane;
-  return ::hrgrad_cuda_emu::from_bits<T>(::hrgrad_cuda_emu::warp_op(
-      ::hrgrad_cuda_emu::WarpOp::shuffle, "__shfl_up_sync", mask, ::hrgrad_cuda_emu::to_bits(var), src, where));
+  return ::hrgrad_cuda_emu::shuffle("__shfl_up_sync", mask, var, src, where);
 }
 
 template <class T>
@@ -157,8 +161,7 @@ T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32,
                    const std::source_location& where = std::source_location::current()) {
   const int start = ::hrgrad_cuda_emu::segment_start(width, where), lane = ::hrgrad_cuda_emu::lane_id();
   const int src = lane - start + static_cast<int64_t>(delta) < width ? lane + static_cast<int>(delta) : lane;
-  return ::hrgrad_cuda_emu::from_bits<T>(::hrgrad_cuda_emu::warp_op(
-      ::hrgrad_cuda_emu::WarpOp::shuffle, "__shfl_down_sync", mask, ::hrgrad_cuda_emu::to_bits(var), src, where));
+  return ::hrgrad_cuda_emu::shuffle("__shfl_down_sync", mask, var, src, where);
 }
 
 // A source lane in a later segment of `width` lanes reads the caller's own value (as on CUDA).
@@ -167,8 +170,7 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32,
                   const std::source_location& where = std::source_location::current()) {
   const int start = ::hrgrad_cuda_emu::segment_start(width, where), lane = ::hrgrad_cuda_emu::lane_id();
   const int src = (lane ^ lane_mask) < start + width ? lane ^ lane_mask : lane;
-  return ::hrgrad_cuda_emu::from_bits<T>(::hrgrad_cuda_emu::warp_op(
-      ::hrgrad_cuda_emu::WarpOp::shuffle, "__shfl_xor_sync", mask, ::hrgrad_cuda_emu::to_bits(var), src, where));
+  return ::hrgrad_cuda_emu::shuffle("__shfl_xor_sync", mask, var, src, where);
 }
 
 inline unsigned __ballot_sync(unsigned mask, int predicate,

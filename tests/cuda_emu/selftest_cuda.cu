@@ -44,6 +44,33 @@ __global__ void early_exit_kernel(float* out) {
   out[threadIdx.x] = 1.0f;
 }
 
+// One warp: every warp intrinsic the emulator provides, on x[lane]; out[lane][0..8).
+__global__ void warp_intrinsics_kernel(const float* x, float* out) {
+  const int lane = threadIdx.x;
+  const float v = x[lane];
+  float* o = out + lane * 8;
+  o[0] = __shfl_sync(0xffffffffu, v, 3);  // lane 3's value
+  float scan = v;                         // inclusive prefix sum
+  for (int d = 1; d < 32; d <<= 1) {
+    const float t = __shfl_up_sync(0xffffffffu, scan, d);
+    if (lane >= d) scan += t;
+  }
+  o[1] = scan;
+  float segment = v;  // lane 8k: the sum of lanes 8k .. 8k + 7
+  for (int d = 4; d > 0; d >>= 1) segment += __shfl_down_sync(0xffffffffu, segment, d, 8);
+  o[2] = segment;
+  o[3] = __shfl_xor_sync(0xffffffffu, v, 1, 4);
+  o[4] = static_cast<float>(__ballot_sync(0xffffffffu, v > 0.0f) & 0xffffu);
+  o[5] = static_cast<float>(__all_sync(0xffffffffu, v > -100.0f) + 2 * __any_sync(0xffffffffu, v > 100.0f));
+  __syncwarp();
+  if (lane < 16) {  // two half-warp shuffles with their own masks, at different calls
+    o[6] = __shfl_xor_sync(0x0000ffffu, v, 8);
+  } else {
+    o[6] = __shfl_xor_sync(0xffff0000u, v, 8);
+  }
+  o[7] = __shfl_sync(0xffffffffu, v, lane + 40);  // source lane taken modulo 32
+}
+
 template <int kOptedIn>
 __global__ void noop_kernel(int) {}
 
@@ -71,6 +98,14 @@ at::Tensor row_sums(const at::Tensor& x, int64_t active_lanes) {
   at::Tensor out = at::empty({x.size(0)}, x.options());
   launch<row_sum_kernel>({static_cast<unsigned>(x.size(0)), 32}, xc.const_data_ptr<float>(),
                          static_cast<int>(active_lanes), out.mutable_data_ptr<float>());
+  return out;
+}
+
+at::Tensor warp_intrinsics(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 1 && x.numel() == 32 && x.scalar_type() == at::kFloat);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({32, 8}, x.options());
+  launch<warp_intrinsics_kernel>({1, 32}, xc.const_data_ptr<float>(), out.mutable_data_ptr<float>());
   return out;
 }
 
@@ -110,6 +145,7 @@ TORCH_LIBRARY(hrgrad_cuda_emu_selftest, m) {
   using namespace hrgrad_cuda_emu_selftest;
   m.def("reverse(Tensor x, bool with_barrier) -> Tensor", &reverse);
   m.def("row_sums(Tensor x, int active_lanes) -> Tensor", &row_sums);
+  m.def("warp_intrinsics(Tensor x) -> Tensor", &warp_intrinsics);
   m.def("split_barrier(int threads) -> Tensor", &split_barrier);
   m.def("early_exit(int threads) -> Tensor", &early_exit);
   m.def("launch_noop(int[] grid, int[] block, int dynamic_smem, int opt_in=0) -> ()", &launch_noop);
