@@ -29,7 +29,8 @@ archs=("$@")
 
 mapfile -t sources < <(find csrc -name '*_cuda.cu' | sort)
 [ ${#sources[@]} -gt 0 ] || { echo "check_cuda_resources: no csrc/**/*_cuda.cu" >&2; exit 1; }
-torch_includes=$(python3 -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))')
+torch_includes=$(python3 -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))' 2>/dev/null) \
+  || { echo "check_cuda_resources: cannot import torch (activate the project's environment)" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
