@@ -21,6 +21,7 @@ import re
 import pytest
 import torch
 
+import test_bad_numeric_inputs as bad_inputs
 from cuda_emu import emulation
 
 CPU = torch.ops.hrgrad_ext
@@ -291,6 +292,15 @@ def test_maxwellian_extreme_exponents_and_nan(backend):
         assert_same(backend("maxwellian", rho, u, T, v), CPU.maxwellian(rho, u, T, v), f"maxwellian {dtype}", **t)
         assert_same(backend("maxwellian_backward", grad, rho, u, T, v), CPU.maxwellian_backward(grad, rho, u, T, v),
                     f"maxwellian_backward {dtype}", rtol=t["rtol"] * 10, atol=1e-10 if dtype == f64 else 1e-4)
+
+
+@pytest.mark.cuda_emu
+@pytest.mark.parametrize("case", bad_inputs.CASES, ids=[c.name for c in bad_inputs.CASES])
+def test_bad_numeric_input_like_the_formula(emulated_ops, case):
+    # The cases of test_bad_numeric_inputs.py (NaN, Inf, T <= 0, kn = 0, eps = 0) on the
+    # emulated CUDA kernels: the same non-finite entries as the formula, the rest equal to it.
+    got, expected = bad_inputs.run_case(case, ops=emulated_ops, device="cpu")
+    bad_inputs.check_case(case, got, expected)
 
 
 # ==== defects of issue 9: each of these failed before its fix ======================================
