@@ -13,15 +13,22 @@ REQUIRED_TEST_PACKAGES = ("conflictfree",)
 ALLOW_MISSING_ENV = "HRGRAD_EXT_ALLOW_MISSING"
 
 
+def _cuda_parameter(item) -> bool:
+    """A parameter of the test is a CUDA device ("cuda", "cuda:1", torch.device("cuda"))."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(str(v) == "cuda" or str(v).startswith("cuda:") for v in params.values()
+               if isinstance(v, (str, torch.device)))
+
+
 def pytest_collection_modifyitems(config, items):
-    # CUDA tests are the ones marked `cuda` (by their marker, not by their name); they run only
-    # where the kernels are compiled in and a device is visible. A test whose name or
-    # parameters say "cuda" without the marker would run (and fail) on a machine without a GPU,
-    # or be a CPU test with a misleading name: refuse both at collection.
-    unmarked = [item.nodeid for item in items if "cuda" in item.name.lower() and item.get_closest_marker("cuda") is None]
+    # CUDA tests are the ones marked `cuda` (by their marker, not by their name: a CPU test may
+    # well be about CUDA, e.g. the emulator's); they run only where the kernels are compiled in
+    # and a device is visible. A test parametrized over devices whose "cuda" case lacks the
+    # marker would run (and fail) on every machine without a GPU: refused at collection.
+    unmarked = [item.nodeid for item in items if _cuda_parameter(item) and item.get_closest_marker("cuda") is None]
     if unmarked:
-        raise pytest.UsageError("tests that mention cuda in their name or parameters but are not marked "
-                                "@pytest.mark.cuda (mark them, or rename them): " + ", ".join(unmarked))
+        raise pytest.UsageError("tests with a CUDA device parameter that are not marked @pytest.mark.cuda "
+                                "(e.g. pytest.param(\"cuda\", marks=pytest.mark.cuda)): " + ", ".join(unmarked))
     if hrgrad_ext.cuda_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device and a CUDA build of hrgrad_ext")

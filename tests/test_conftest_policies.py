@@ -1,7 +1,7 @@
 """The test-suite policies of ``tests/conftest.py``, checked on small inner test sessions:
 
 * CUDA tests are selected by the ``cuda`` marker (skipped without a device), not by name; a
-  test that mentions cuda in its name without the marker is refused at collection;
+  test with a CUDA device parameter but without the marker is refused at collection;
 * a cross-check against a required third-party package (conflictfree) that cannot be imported
   fails instead of skipping, unless ``HRGRAD_EXT_ALLOW_MISSING`` names the package.
 """
@@ -63,17 +63,23 @@ def test_device_marker_and_required_packages(inner, monkeypatch):
     result.assert_outcomes(passed=4 if gpu else 2, skipped=2 if gpu else 4)
 
 
-def test_an_unmarked_test_named_for_the_device_is_refused(inner):
+def test_an_unmarked_cuda_device_parameter_is_refused(inner):
     inner.makepyfile(test_inner="""
         import pytest
+        import torch
 
-        def test_runs_on_cuda():
+        def test_about_cuda_sources():  # a CPU test may mention cuda in its name
             pass
 
         @pytest.mark.parametrize("device", ["cpu", "cuda"])
         def test_device(device):
             pass
+
+        @pytest.mark.parametrize("device", [torch.device("cuda:1")])
+        def test_second_device(device):
+            pass
     """)
     result = inner.runpytest("-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*not marked @pytest.mark.cuda*test_runs_on_cuda*test_device?cuda?*"])
+    result.stderr.fnmatch_lines(["*not marked @pytest.mark.cuda*test_device?cuda?*test_second_device*"])
+    assert "test_about_cuda_sources" not in result.stderr.str()
