@@ -91,7 +91,21 @@ def _check_mode(mode: str, aggregator: Aggregator, op: str) -> None:
                          "on one rank. Use mode='data_parallel' with it.")
 
 
+def _check_not_fsdp(params: Sequence[Tensor], op: str) -> None:
+    # FSDP registers shards as the parameters; the gradients reach the unsharded copies it
+    # all-gathers for the forward pass, through its own hooks, so torch.autograd.grad with
+    # respect to the registered parameters would see none (silently zero task gradients)
+    from torch.distributed.tensor import DTensor
+
+    for p in params:
+        if isinstance(p, DTensor) or getattr(p, "_is_flat_param", False):
+            raise ValueError(f"{op}: the parameters are FSDP / DTensor shards, whose gradients this function cannot "
+                             "see; use an unwrapped model (mode='sharded' shards the task gradients and, through "
+                             "Shard, the optimizer state)")
+
+
 def _same_dtype_device(params: Sequence[Tensor], op: str) -> tuple[torch.dtype, torch.device]:
+    _check_not_fsdp(params, op)
     dtypes = {p.dtype for p in params}
     devices = {p.device for p in params}
     if len(dtypes) != 1 or len(devices) != 1:

@@ -84,7 +84,7 @@ class ShardSampler:
             raise ValueError(f"resume: the checkpoint holds the random streams of {len(states)} share(s) of the points, "
                              f"the config says distributed.shards = {self.shards}")
         for g, s in zip(self.generators, self.indices):
-            g.set_state(states[s])
+            g.set_state(states[s].clone())  # a view into a larger storage would be misread
 
 
 def _reorder_rows(t: Tensor, copies: int, K: int) -> Tensor:
@@ -152,7 +152,8 @@ class DistributedRun:
         mine = torch.stack([g.get_state() for g in sampler.generators]).to(self.comm_device)
         out = torch.empty(self.world_size * mine.numel(), dtype=mine.dtype, device=self.comm_device)
         all_gather_into(out, mine.reshape(-1), None, "all_gather of the sampler states")
-        return list(out.cpu().reshape(sampler.shards, -1).unbind(0))
+        # separate tensors: Generator.set_state reads a state from the start of its storage
+        return [t.clone() for t in out.cpu().reshape(sampler.shards, -1).unbind(0)]
 
     def gather_floats(self, values: Sequence[float]) -> list[list[float]]:
         """``values`` of every rank (a collective: every rank calls it)."""
@@ -393,6 +394,10 @@ def launch(nproc: int, argv: list[str]) -> int:
         raise ValueError(f"--nproc: must be >= 1, got {nproc}")
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "--monitor-interval=0.2",
                        "-m", "hrgrad_ext.cli", *argv])
+    # the launcher sets environment variables (OMP_NUM_THREADS, ...) and signal handlers for
+    # its own process; this one goes on afterwards (a caller of main(), a test)
+    environ = dict(os.environ)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     try:
         run(args)
     except ChildFailedError as exc:
@@ -409,6 +414,12 @@ def launch(nproc: int, argv: list[str]) -> int:
         # stopped at a step boundary after writing a checkpoint
         print(f"hrgrad-ext: stopped by signal {signal.Signals(exc.sigval).name}", file=sys.stderr)
         return 128 + int(exc.sigval)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        for s, h in handlers.items():
+            if h is not None:
+                signal.signal(s, h)
     return 0
 
 

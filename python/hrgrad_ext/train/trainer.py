@@ -28,7 +28,7 @@ from ..nn import EpsEncoding
 from ..ops import combine_into_grads
 from .config import TrainConfig, load_config, task_windows, to_toml
 from .evaluation import evaluate
-from .faults import NonfiniteInjection
+from .faults import NonfiniteInjection, RankFailure
 from .losses import BGKFormulation, Formulation, TransportFormulation
 from .rundir import (CHECKPOINT, METRICS, PREVIOUS_CHECKPOINT, MetricsLog, RunLock, atomic_write, load_checkpoint,
                      numpy_rng_state, read_metrics, set_numpy_rng_state, truncate_metrics, write_checkpoint)
@@ -280,6 +280,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.skipped_steps = 0
         self._inject = NonfiniteInjection.from_env(len(self.layout.names))
+        self._rank_failure = RankFailure.from_env(0 if self.dist is None else self.dist.rank)
         self._lock = RunLock(self.out)
         self._resumed = False
         self._started = False
@@ -686,6 +687,8 @@ class Trainer:
                         self.wall_time = time.perf_counter() - start_wall
                         self._checkpoint_now()
                         return None
+                    if self._rank_failure is not None:
+                        self._rank_failure.at_step(self.step + 1)
                     t0 = time.perf_counter()
                     self._stop_signal = stop.signum
                     losses, G, w, status, finite = self.train_step()
