@@ -40,6 +40,11 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 def run_ranks(fn, world: int, *args, timeout: float = 300.0) -> None:
     """Runs ``fn(rank, world, store_path, *args)`` in ``world`` forked processes on a gloo group
     (file store: no ports); re-raises a rank's exception; kills them all after ``timeout``."""
+    # what the ranks import anyway (optimizers import dynamo, DDP the DTensor modules), once,
+    # before forking, rather than once per rank in parallel
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.tensor  # noqa: F401
+
     store = tempfile.mktemp(prefix="hrgrad-dist-")
     ctx = mp.start_processes(_rank_main, args=(world, store, fn, args), nprocs=world, join=False,
                              start_method="fork")

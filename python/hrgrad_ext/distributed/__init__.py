@@ -28,16 +28,21 @@ the mean of the local ones. With ``num_points`` (this rank's count per task) the
 ``sum_r n_r L_r / sum_r n_r``, the mean over all points, for any split (a rank may hold no
 point of a task). A loss that is not a mean over points (a sum, say) needs its own scaling.
 
-Using it with a model wrapped in ``DistributedDataParallel``: its reducer averages ``.grad``
-after ``loss.backward()``; here the per-task gradients are computed with
-``torch.autograd.grad`` and reduced by this module, and the reducer must stay out of it. Run
-the forward pass inside ``ddp_model.no_sync()`` (or call ``ddp_model.module``, or do not wrap
-the model at all: nothing else of DDP is needed, since the update is identical on every
-rank). Without ``no_sync()`` DDP expects a ``.backward()`` that never comes and its next
-forward pass raises. With FSDP (``fully_shard``), whose parameters are sharded between forward
-passes: use ``mode="sharded"`` on an unwrapped model instead, which shards the task gradients
-and, through :class:`Shard`, the optimizer state (the parameters themselves stay replicated
-for the forward pass); see ``docs/DISTRIBUTED.md``.
+A model wrapped in ``DistributedDataParallel`` needs nothing of DDP's gradient reduction:
+DDP's reducer acts on gradients that ``.backward()`` accumulates into ``.grad``, while this
+function computes the task gradients with ``torch.autograd.grad``, which the reducer does not
+see, and writes an update that is already identical on every rank. So call it on the losses of
+the wrapped model as they are (tested with the default DDP options), preferably inside
+``ddp_model.no_sync()`` (which also skips DDP's per-forward bookkeeping), or use
+``ddp_model.module`` / do not wrap at all. What the reducer must not do is reduce the same
+step again: do not also call ``.backward()`` through the DDP model in that step (it would
+all-reduce ``.grad``, the update included: K + 1 times the bytes, for nothing). Models sharded
+by FSDP (``fully_shard`` / ``FullyShardedDataParallel``) are refused: their registered
+parameters are shards and their gradients reach the all-gathered copies through FSDP's own
+hooks, out of ``torch.autograd.grad``'s sight. Use an unwrapped model with ``mode="sharded"``,
+which shards what FSDP's ZeRO-2 level shards (task gradients and, through :class:`Shard`, the
+optimizer state) while the parameters stay replicated for the forward pass.
+``docs/DISTRIBUTED.md`` has examples.
 
 Every collective is a ``torch.distributed`` call on ``group`` (default: the world); there is no
 process-group code here. A collective that fails because another rank stopped, died or timed
@@ -46,6 +51,7 @@ out raises :class:`PeerFailureError`.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, fields
 from typing import Iterable, Sequence
 
@@ -94,11 +100,11 @@ def _check_mode(mode: str, aggregator: Aggregator, op: str) -> None:
 def _check_not_fsdp(params: Sequence[Tensor], op: str) -> None:
     # FSDP registers shards as the parameters; the gradients reach the unsharded copies it
     # all-gathers for the forward pass, through its own hooks, so torch.autograd.grad with
-    # respect to the registered parameters would see none (silently zero task gradients)
-    from torch.distributed.tensor import DTensor
-
+    # respect to the registered parameters would see none (silently zero task gradients).
+    # A DTensor exists only once its module is imported (importing it here would cost seconds).
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())
     for p in params:
-        if isinstance(p, DTensor) or getattr(p, "_is_flat_param", False):
+        if isinstance(p, dtensor) or getattr(p, "_is_flat_param", False):
             raise ValueError(f"{op}: the parameters are FSDP / DTensor shards, whose gradients this function cannot "
                              "see; use an unwrapped model (mode='sharded' shards the task gradients and, through "
                              "Shard, the optimizer state)")
@@ -225,6 +231,16 @@ class DistributedBackwardResult(BackwardResult):
     wait_s: float = 0.0
 
 
+def _device_vector(values: Sequence[float], device) -> Tensor:
+    """A float64 vector on ``device`` filled from host numbers by kernels (a copy of host
+    memory to a GPU would wait for the GPU)."""
+    out = torch.zeros(len(values), dtype=torch.float64, device=device)
+    for i, v in enumerate(values):
+        if v:
+            out[i] = float(v)
+    return out
+
+
 def _scales(num_points, K: int, R: int, group, device) -> tuple[list, Tensor | None, list[bool], int]:
     """Per task: the factor of the local gradient, and whether this rank has points of it."""
     if num_points is None:
@@ -236,7 +252,7 @@ def _scales(num_points, K: int, R: int, group, device) -> tuple[list, Tensor | N
     if len(counts) != K or any(isinstance(c, bool) or int(c) != c or c < 0 for c in counts):
         raise ValueError(f"distributed.backward: num_points must be one count >= 0 or {K} of them (one per task), "
                          f"got {num_points!r}")
-    local = torch.tensor(counts, dtype=torch.float64, device=device)
+    local = _device_vector(counts, device)
     total = local.clone()
     collective("all_reduce of the point counts", dist.all_reduce, total, group=group)
     # a task with no point anywhere has a zero gradient (and loss)
@@ -300,8 +316,11 @@ def backward(
 
     # the global losses ride in one small all-reduce launched before the backward passes
     local = torch.stack([l.detach().reshape(()).to(torch.float64) for l in losses])
-    local = torch.where(torch.tensor(has_points, device=local.device), local, torch.zeros_like(local))
-    local = local * (scale_vec.to(local.device) if scale_vec is not None else 1.0 / R)
+    if scale_vec is None:
+        local = local / R
+    else:  # a task without points here has a NaN loss (an empty mean): it counts 0
+        scale_vec = scale_vec.to(local.device)
+        local = torch.where(scale_vec > 0, local * scale_vec, torch.zeros_like(local))
     loss_work = collective("all_reduce of the task losses", dist.all_reduce, local, group=group, async_op=True)
     nbytes += local.numel() * 8
 

@@ -106,7 +106,7 @@ class DistributedRun:
         # tensors are reduced where they live: the training device's backend does it
         self.comm_device = next(iter(params)).device
         kind = self.comm_device.type
-        if (kind == "cuda") != ("nccl" in self.backend) or (kind == "cpu" and "gloo" not in self.backend):
+        if not ((kind == "cuda" and "nccl" in self.backend) or (kind == "cpu" and "gloo" in self.backend)):
             raise ValueError(f"distributed.backend: the process group's backend {self.backend!r} does not serve a run "
                              f"on {kind}; use 'auto' (gloo for the CPU, NCCL for CUDA)")
         if self.mode == "sharded" and not isinstance(aggregator, GramianAggregator):
@@ -165,14 +165,15 @@ class DistributedRun:
     # --- the extras vector ----------------------------------------------------------------
 
     def _pack(self, losses: Tensor, signum: int | None, train_time: float) -> Tensor:
-        R = self.world_size
-        host = torch.zeros(2 + 2 * R, dtype=torch.float64)
+        R, T = self.world_size, losses.numel()
+        # made on the device and filled from host scalars: no host-to-device copy to wait for
+        extras = torch.zeros(T + 2 + 2 * R, dtype=torch.float64, device=self.comm_device)
+        extras[:T] = losses.detach().reshape(-1).to(extras.device, torch.float64) / R
         if signum in _STOP_SIGNALS:
-            host[_STOP_SIGNALS.index(signum)] = 1.0
-        host[2 + self.rank] = train_time
-        host[2 + R + self.rank] = self.wait_s
-        local = losses.detach().to(self.comm_device, torch.float64) / R
-        return torch.cat([local, host.to(self.comm_device)])
+            extras[T + _STOP_SIGNALS.index(signum)] = 1.0
+        extras[T + 2 + self.rank] = train_time
+        extras[T + 2 + R + self.rank] = self.wait_s
+        return extras
 
     def _unpack(self, extras: Tensor, losses: Tensor) -> Tensor:
         T = losses.numel()
@@ -373,8 +374,9 @@ def init_from_env(backend: str = "auto", timeout_s: float = 1800.0) -> bool:
         return False
     if dist.is_initialized():
         return True
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)
     if backend == "auto":
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))

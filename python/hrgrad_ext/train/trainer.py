@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -219,7 +220,11 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and _distributed():
-            self.device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(f"device: a distributed CUDA run needs one GPU per process on each machine; this "
+                                 f"process has LOCAL_RANK {local_rank} and sees {torch.cuda.device_count()} GPU(s)")
+            self.device = torch.device("cuda", local_rank)  # this rank's GPU
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device: 'cuda' requested but torch sees no CUDA device")
         self.dtype = getattr(torch, cfg.dtype)
