@@ -113,7 +113,7 @@ def test_more_tasks_than_parameters_with_a_common_descent_direction(agg, seed):
 def test_duplicated_tasks_keep_equal_angles():
     J = full_rank(3, 20, 0)
     J = torch.cat([J, J[:1]])  # task 0 twice: rank 3 with K = 4, 1 stays in the range of C
-    out, _, status = hrgrad_ext.hrgrad(J, return_status=True)
+    out, _, status = hrgrad_ext.hrgrad_ex(J)
     assert int(status) & hrgrad_ext.ops.Status.RANK_DEFICIENT
     assert not int(status) & hrgrad_ext.ops.Status.FALLBACK
     cos = cosines(J, out)

@@ -158,6 +158,14 @@ def _check_group(group, world, rank):
     full = _losses(_model(), [torch.cat([row[k] for row in X]) for k in range(K)])
     torch.testing.assert_close(res.losses, torch.stack(full).detach(), rtol=1e-12, atol=0)
 
+    # named losses, as hrgrad_ext.backward takes them
+    m = _model()
+    named = dict(zip("abc", _losses(m, X[rank])))
+    res = hd.backward(named, m.parameters(), HRGrad(), group=group, mode="sharded",
+                      num_points=dict(zip("abc", uneven[rank])))
+    assert res.names == ("a", "b", "c") and set(res.named_weights) == {"a", "b", "c"}
+    _assert_close(_flat_grad(m), _reference_update(HRGrad(), uneven), 1e-10)
+
     # a Shard: each rank steps its own slice, gather() re-assembles the parameters
     for bucket_mb in (hd.BUCKET_MB, 1e-4):
         ref = _model()

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from .ops.gram import LENGTH_MODELS, Status, combine, gram, hrgrad_weights
+from .ops.gram import LENGTH_MODELS, Status, combine, gram, hrgrad_weights_ex
 
 __all__ = [
     "Aggregator",
@@ -115,7 +115,7 @@ class HRGrad(GramianAggregator):
         self.last_status: Tensor | None = None
 
     def weights_from_gram(self, G: Tensor) -> Tensor:
-        w, status = hrgrad_weights(G.to(torch.float64), self.length_model, self.rcond)
+        w, status = hrgrad_weights_ex(G.to(torch.float64), self.length_model, self.rcond)
         self.last_status = status
         if self.check_finite and bool((status & int(Status.NON_FINITE)).any()):
             raise ValueError("HRGrad: the task gradients contain NaN or Inf")

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, fields
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -261,13 +261,13 @@ def _scales(num_points, K: int, R: int, group, device) -> tuple[list, Tensor | N
 
 
 def backward(
-    losses: Sequence[Tensor] | Tensor,
+    losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor,
     params: Iterable[Tensor] | Shard,
     aggregator: Aggregator | None = None,
     group=None,
     mode: str = "data_parallel",
     *,
-    num_points: int | Sequence[int] | Tensor | None = None,
+    num_points: int | Sequence[int] | Mapping[str, int] | Tensor | None = None,
     retain_graph: bool = False,
     bucket_mb: float = BUCKET_MB,
 ) -> DistributedBackwardResult:
@@ -280,16 +280,18 @@ def backward(
     rank.
 
     Args:
-        losses: K scalar local task losses (a sequence or a 1-D tensor), each the mean over
-            this rank's points of that task.
+        losses: K scalar local task losses, each the mean over this rank's points of that
+            task: a mapping ``{name: loss}`` (the result then reports by name), a sequence, or
+            a 1-D tensor.
         params: the parameters (every rank's ``.grad`` gets the full update); in
             ``mode="sharded"`` also a :class:`Shard`, whose ``param.grad`` then gets this
             rank's slice of the update only.
         aggregator: default :class:`~hrgrad_ext.HRGrad`; ``mode="sharded"`` needs a Gramian one.
         group: the process group (default: the world).
         mode: one of :data:`MODES`.
-        num_points: this rank's number of points of each task (one int for all, or K); by
-            default every rank is taken to hold equally many. See the module docstring.
+        num_points: this rank's number of points of each task (one int for all, K of them,
+            or ``{name: count}`` with named losses); by default every rank is taken to hold
+            equally many. See the module docstring.
         retain_graph: keep the graph after the last reverse pass.
         bucket_mb: bucket size per task (MiB), as DDP's ``bucket_cap_mb``.
     """
@@ -307,11 +309,16 @@ def backward(
         layout = shard.layout
     else:
         params = check_params(params, op)
-    losses = check_losses(losses, op)
+    losses, names = check_losses(losses, op)
     dtype, device = _same_dtype_device(params, op)
     if shard is None:
         layout = Layout([p.numel() for p in params], R, bucket_numel(bucket_mb, dtype))
     K = len(losses)
+    if isinstance(num_points, Mapping):
+        if names is None or set(num_points) != set(names):
+            raise ValueError(f"{op}: num_points as a mapping needs named losses with the same names, got "
+                             f"{sorted(num_points)} for losses {names}")
+        num_points = [num_points[n] for n in names]
     scales, scale_vec, has_points, nbytes = _scales(num_points, K, R, group, device)
 
     # the global losses ride in one small all-reduce launched before the backward passes
@@ -362,7 +369,7 @@ def backward(
                     p.grad = p.grad.contiguous()
             nbytes += gather_chunks(layout, updates, [p.grad for p in params], group, accumulate=True)
         kept = sum(c.numel() * c.element_size() for c in result)
-    diag = task_diagnostics(G, w, status)
+    diag = task_diagnostics(G, w, status, names)
     return DistributedBackwardResult(**{f.name: getattr(diag, f.name) for f in fields(BackwardResult)}, losses=local,
                                      mode=mode, world_size=R, bytes_communicated=nbytes, task_gradient_bytes=kept,
                                      wait_s=red.wait_s)
