@@ -40,11 +40,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 def run_ranks(fn, world: int, *args, timeout: float = 300.0) -> None:
     """Runs ``fn(rank, world, store_path, *args)`` in ``world`` forked processes on a gloo group
     (file store: no ports); re-raises a rank's exception; kills them all after ``timeout``."""
-    # what the ranks import anyway (optimizers import dynamo, DDP the DTensor modules), once,
-    # before forking, rather than once per rank in parallel
-    import torch._dynamo  # noqa: F401
-    import torch.distributed.tensor  # noqa: F401
-
+    _import_before_fork()
     store = tempfile.mktemp(prefix="hrgrad-dist-")
     ctx = mp.start_processes(_rank_main, args=(world, store, fn, args), nprocs=world, join=False,
                              start_method="fork")
@@ -59,6 +55,13 @@ def run_ranks(fn, world: int, *args, timeout: float = 300.0) -> None:
                 p.kill()
         if os.path.exists(store):
             os.unlink(store)
+
+
+def _import_before_fork():
+    # what the ranks import anyway (optimizers import dynamo, DDP the DTensor modules), once,
+    # before forking, rather than once per rank in parallel
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.tensor  # noqa: F401
 
 
 def _rank_main(rank, world, store, fn, args):
@@ -322,6 +325,42 @@ def _resume_rank(rank, world, out):
     tr = Trainer.resume(out)
     assert tr.step == 10 and tr.shard is not None
     tr.run()
+
+
+def _survivor_or_victim(rank, world, cfg, report):
+    if rank == 1:
+        os.environ[RANK_FAILURE_ENV] = "1:8:kill"  # SIGKILL at step 8: no Python cleanup at all
+    t0 = time.monotonic()
+    try:
+        Trainer(cfg).run()
+    except hd.PeerFailureError as exc:
+        Path(report).write_text(f"{time.monotonic() - t0:.1f}\n{exc}")
+        return
+    raise AssertionError("rank 0 finished although rank 1 was killed")
+
+
+def test_killed_rank_makes_the_other_exit_with_a_clear_error(tmp_path):
+    """A rank killed with SIGKILL: the other's next collective fails at once (gloo) with
+    :class:`PeerFailureError` naming it; the step-5 checkpoint stays intact."""
+    cfg = _train_config(tmp_path, "kill")
+    report = tmp_path / "report.txt"
+    _import_before_fork()
+    ctx = mp.get_context("fork")
+    store = str(tmp_path / "store")
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, store, _survivor_or_victim, (cfg, str(report))))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung after its peer was killed"
+    assert procs[1].exitcode == -9 and procs[0].exitcode == 0
+    text = report.read_text()
+    assert "failed on rank 0: another rank probably stopped, died or timed out" in text
+    assert read_checkpoint(Path(cfg.out) / "checkpoint.pt")["step"] == 5
 
 
 def _cli_env(**extra) -> dict:
