@@ -158,11 +158,16 @@ def _check_transport(G, Gt, Gx, rho_t, rho_x, v, w, eps) -> None:
 
 
 def _as_param(x, ref: Tensor, op: str, name: str) -> Tensor:
-    """kn / eps given as a Python number become a 0-d tensor of ref's dtype and device."""
+    """kn / eps given as a Python number become a 0-d tensor of ref's dtype and device.
+
+    Made by a fill on the device (the value is an argument of the fill kernel), not copied
+    from host memory: ``torch.tensor(x, device="cuda")`` would be a blocking host-to-device
+    copy on every call, and an error inside CUDA-graph capture.
+    """
     if isinstance(x, Tensor):
         return x
     if isinstance(x, (int, float)):
-        return torch.tensor(float(x), dtype=ref.dtype, device=ref.device)
+        return torch.full((), float(x), dtype=ref.dtype, device=ref.device)
     raise TypeError(f"{op}: {name} must be a tensor ([N] or 0-d) or a float, got {type(x).__name__}")
 
 
