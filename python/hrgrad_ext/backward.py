@@ -11,7 +11,7 @@ from torch import Tensor
 from .aggregators import Aggregator, GramianAggregator, HRGrad
 from .ops.gram import Status, combine_into_grads, gram_of_list
 
-__all__ = ["BackwardResult", "aggregate_jacobians", "backward", "task_diagnostics"]
+__all__ = ["BackwardResult", "aggregate_jacobians", "aggregator_status", "backward", "task_diagnostics"]
 
 
 @dataclass
@@ -118,28 +118,8 @@ def backward(
 
     Returns a :class:`BackwardResult` with the weights and conflict diagnostics.
     """
-    names = None
-    if isinstance(losses, Mapping):
-        names = tuple(str(name) for name in losses)
-        losses = list(losses.values())
-    elif isinstance(losses, Tensor):
-        if losses.dim() != 1:
-            raise ValueError(f"backward: a tensor of losses must be 1-D, got shape {tuple(losses.shape)}")
-        losses = list(losses.unbind(0))
-    losses = list(losses)
-    if not losses:
-        raise ValueError("backward: no losses given")
-    labels = names if names is not None else range(len(losses))
-    for k, loss in zip(labels, losses):
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError(f"backward: loss {k!r} must be a scalar tensor")
-        if not loss.requires_grad:
-            raise ValueError(f"backward: loss {k!r} does not require grad (is it detached from the model?)")
-    params = [p for p in params]
-    if not params:
-        raise ValueError("backward: no parameters given")
-    if any(not p.requires_grad for p in params):
-        raise ValueError("backward: every parameter must require grad")
+    losses, names = check_losses(losses)
+    params = check_params(params)
     aggregator = aggregator if aggregator is not None else HRGrad()
 
     K = len(losses)
@@ -153,6 +133,40 @@ def backward(
     G, w, status = aggregate_jacobians(aggregator, jacobians)
     combine_into_grads(jacobians, w, params)
     return task_diagnostics(G, w, status, names)
+
+
+def check_losses(losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor,
+                 op: str = "backward") -> tuple[list[Tensor], tuple[str, ...] | None]:
+    """``(losses, names)``: the task losses as a list of scalar tensors that require grad
+    (clear errors otherwise) and their names (the keys of a mapping, else ``None``)."""
+    names = None
+    if isinstance(losses, Mapping):
+        names = tuple(str(name) for name in losses)
+        losses = list(losses.values())
+    elif isinstance(losses, Tensor):
+        if losses.dim() != 1:
+            raise ValueError(f"{op}: a tensor of losses must be 1-D, got shape {tuple(losses.shape)}")
+        losses = list(losses.unbind(0))
+    losses = list(losses)
+    if not losses:
+        raise ValueError(f"{op}: no losses given")
+    labels = names if names is not None else range(len(losses))
+    for k, loss in zip(labels, losses):
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(f"{op}: loss {k!r} must be a scalar tensor")
+        if not loss.requires_grad:
+            raise ValueError(f"{op}: loss {k!r} does not require grad (is it detached from the model?)")
+    return losses, names
+
+
+def check_params(params: Iterable[Tensor], op: str = "backward") -> list[Tensor]:
+    """The parameters as a non-empty list of tensors that require grad."""
+    params = [p for p in params]
+    if not params:
+        raise ValueError(f"{op}: no parameters given")
+    if any(not p.requires_grad for p in params):
+        raise ValueError(f"{op}: every parameter must require grad")
+    return params
 
 
 def aggregate_jacobians(aggregator: Aggregator, jacobians: Sequence[Tensor]):
@@ -171,5 +185,9 @@ def aggregate_jacobians(aggregator: Aggregator, jacobians: Sequence[Tensor]):
         J64 = J.to(torch.float64)
         G = J64 @ J64.T
         w = aggregator.weights(J)
-    status = aggregator.last_status if isinstance(aggregator, HRGrad) else None
-    return G, w, status
+    return G, w, aggregator_status(aggregator)
+
+
+def aggregator_status(aggregator: Aggregator) -> Tensor | None:
+    """The :class:`~hrgrad_ext.ops.Status` flags of the aggregator's last call (HRGrad), else ``None``."""
+    return aggregator.last_status if isinstance(aggregator, HRGrad) else None

@@ -7,6 +7,8 @@
   signals, the divergence policy);
 * :mod:`.rundir` - the run directory's files: durable, verified checkpoints loaded with
   ``weights_only=True``, metrics lines, the lock; :mod:`.faults` - fault injection for tests;
+* :mod:`.distributed` - runs on several processes (``--nproc``, torchrun): shares of the points,
+  the step's communication, rank-0 outputs, the launcher;
 * :mod:`.evaluation`, :mod:`.plots`, :mod:`.compare` - scoring, figures, method comparison.
 """
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METHODS", "NONFINITE_POLICIES", "PROBLEMS", "DivergenceConfig", "TrainConfig", "default_config_path", "default_config", "load_config", "apply_overrides", "to_toml"]
+__all__ = ["DISTRIBUTED_MODES", "DistributedConfig", "METHODS", "NONFINITE_POLICIES", "PROBLEMS", "DivergenceConfig", "TrainConfig", "default_config_path", "default_config", "load_config", "apply_overrides", "to_toml"]
 
 PROBLEMS = ("transport", "bgk")
 #: Aggregation methods accepted by ``method`` (see :func:`hrgrad_ext.train.trainer.make_aggregator`).
@@ -97,6 +97,37 @@ class DivergenceConfig:
     lr_factor: float = 0.5
 
 
+#: ``distributed.mode`` values (:data:`hrgrad_ext.distributed.MODES`).
+DISTRIBUTED_MODES = ("data_parallel", "sharded")
+
+
+@dataclass
+class DistributedConfig:
+    """How a run started by ``torchrun`` or ``hrgrad-ext train --nproc N`` is distributed
+    (ignored by a single process, except ``shards``).
+
+    ``mode``: ``"data_parallel"`` (every rank holds the model and the optimizer; the per-task
+    gradients are all-reduced) or ``"sharded"`` (the per-task gradients are reduce-scattered,
+    each rank keeps them and the optimizer state for its share of the parameters only); both
+    give the single-process update on the global batch (:mod:`hrgrad_ext.distributed`).
+    ``backend``: ``"auto"`` (gloo on the CPU, NCCL on CUDA), ``"gloo"`` or ``"nccl"``.
+    ``shards``: the points of a step come in this many equal shares (``points`` each), each
+    drawn from its own random stream (seeded from ``seed`` and the share's index); each rank
+    draws ``shards / world_size`` of them. 0 (default) means one per rank, fixed to the world
+    size when the run starts and recorded in its ``config.toml``, so a resumed run draws the
+    same points with any world size that divides it (one process included).
+    ``timeout_s``: collectives wait at most this long for the other ranks (the process group's
+    timeout); a rank that dies is normally noticed at once, this bounds the rest.
+    ``bucket_mb``: size of one task's share of a gradient bucket (as DDP's ``bucket_cap_mb``).
+    """
+
+    mode: str = "data_parallel"
+    backend: str = "auto"
+    shards: int = 0
+    timeout_s: float = 1800.0
+    bucket_mb: float = 25.0
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on (the resolved config is saved next to its outputs).
@@ -136,8 +167,9 @@ class TrainConfig:
             ``"reduce-overhead"``: CUDA graphs on a GPU, ``"max-autotune"``,
             ``"max-autotune-no-cudagraphs"``) for the segmented loss function (forward and its
             backward graph); the first step pays the compilation (about a minute).
-        optim, log, divergence: see :class:`OptimConfig`, :class:`LogConfig`,
-            :class:`DivergenceConfig` (``[optim]``, ``[log]``, ``[divergence]`` tables).
+        optim, log, divergence, distributed: see :class:`OptimConfig`, :class:`LogConfig`,
+            :class:`DivergenceConfig`, :class:`DistributedConfig` (``[optim]``, ``[log]``,
+            ``[divergence]``, ``[distributed]`` tables).
         out: output directory.
     """
 
@@ -163,6 +195,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     out: str = "runs/run"
 
     def validate(self) -> "TrainConfig":
@@ -227,6 +260,17 @@ class TrainConfig:
         for k in ("log_every", "eval_every", "checkpoint_every"):
             if getattr(lg, k) < 1:
                 raise ValueError(f"log.{k}: must be >= 1, got {getattr(lg, k)}")
+        ds = self.distributed
+        if ds.mode not in DISTRIBUTED_MODES:
+            raise ValueError(f"distributed.mode: expected one of {DISTRIBUTED_MODES}, got {ds.mode!r}")
+        if ds.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"distributed.backend: expected 'auto', 'gloo' or 'nccl', got {ds.backend!r}")
+        if not isinstance(ds.shards, int) or isinstance(ds.shards, bool) or ds.shards < 0:
+            raise ValueError(f"distributed.shards: must be an integer >= 0 (0: one per rank), got {ds.shards!r}")
+        for k in ("timeout_s", "bucket_mb"):
+            v = getattr(ds, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"distributed.{k}: must be a number > 0, got {v!r}")
         dv = self.divergence
         if dv.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"divergence.on_nonfinite: expected one of {NONFINITE_POLICIES}, got {dv.on_nonfinite!r}")
@@ -276,7 +320,7 @@ def task_windows(cfg: "TrainConfig") -> float | list[float]:
     return cfg.t_final
 
 
-_TABLES = {"optim": OptimConfig, "log": LogConfig, "divergence": DivergenceConfig}
+_TABLES = {"optim": OptimConfig, "log": LogConfig, "divergence": DivergenceConfig, "distributed": DistributedConfig}
 
 
 def _from_dict(cls, data: dict, prefix: str = ""):

@@ -9,19 +9,25 @@ their environment variable is set; ``tests/test_fault_tolerance.py`` uses them).
 ``HRGRAD_EXT_TEST_CHECKPOINT_PAUSE=SECONDS``
     Every checkpoint write pauses this long halfway through writing its temporary file and
     again between its two renames, so that a test can kill a run in the middle of a write.
+``HRGRAD_EXT_TEST_RANK_FAILURE="RANK:STEP[:raise|kill]"``
+    In a distributed run, rank ``RANK`` fails when it starts optimizer step ``STEP``: it raises
+    ``RuntimeError`` (default) or kills itself with SIGKILL, as a crash or a lost node would.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from collections import Counter
 
 import torch
 
-__all__ = ["CHECKPOINT_PAUSE_ENV", "NONFINITE_ENV", "NonfiniteInjection", "checkpoint_pause"]
+__all__ = ["CHECKPOINT_PAUSE_ENV", "NONFINITE_ENV", "RANK_FAILURE_ENV", "NonfiniteInjection", "RankFailure",
+           "checkpoint_pause"]
 
 NONFINITE_ENV = "HRGRAD_EXT_TEST_NONFINITE"
 CHECKPOINT_PAUSE_ENV = "HRGRAD_EXT_TEST_CHECKPOINT_PAUSE"
+RANK_FAILURE_ENV = "HRGRAD_EXT_TEST_RANK_FAILURE"
 
 
 def checkpoint_pause() -> float:
@@ -65,3 +71,35 @@ class NonfiniteInjection:
             for j in jacobians:
                 j[t] = float("nan")
         return losses, jacobians
+
+
+class RankFailure:
+    """The failure of this rank read from :data:`RANK_FAILURE_ENV` (``None`` for other ranks)."""
+
+    KINDS = ("raise", "kill")
+
+    def __init__(self, step: int, kind: str):
+        self.step, self.kind = step, kind
+
+    @classmethod
+    def from_env(cls, rank: int) -> "RankFailure | None":
+        text = os.environ.get(RANK_FAILURE_ENV, "").strip()
+        if not text:
+            return None
+        parts = text.split(":")
+        try:
+            which, step = int(parts[0]), int(parts[1])
+            kind = parts[2] if len(parts) > 2 else "raise"
+            if len(parts) > 3 or kind not in cls.KINDS:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise ValueError(f"{RANK_FAILURE_ENV}: expected RANK:STEP[:raise|kill], got {text!r}") from None
+        return cls(step, kind) if which == rank else None
+
+    def at_step(self, step: int) -> None:
+        """Fails if ``step`` (1-based, the step about to be taken) is the chosen one."""
+        if step != self.step:
+            return
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected failure at step {step} ({RANK_FAILURE_ENV})")

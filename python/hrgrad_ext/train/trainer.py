@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -28,11 +29,12 @@ from ..nn import EpsEncoding
 from ..ops import combine_into_grads
 from .config import TrainConfig, load_config, task_windows, to_toml
 from .evaluation import evaluate
-from .faults import NonfiniteInjection
+from .faults import NonfiniteInjection, RankFailure
 from .losses import BGKFormulation, Formulation, TransportFormulation
 from .rundir import (CHECKPOINT, METRICS, PREVIOUS_CHECKPOINT, MetricsLog, RunLock, atomic_write, load_checkpoint,
                      numpy_rng_state, read_metrics, set_numpy_rng_state, truncate_metrics, write_checkpoint)
 from .segmented import SegmentedLosses, TaskLayout, segmented_task_gradients, separate_task_gradients
+from .distributed import DistributedRun, ShardSampler, broadcast_result
 
 __all__ = ["Trainer", "NonFiniteError", "Preempted", "make_aggregator", "make_formulation", "read_metrics",
            "CHECKPOINT", "PREVIOUS_CHECKPOINT", "METRICS", "SUMMARY", "CONFIG"]
@@ -58,6 +60,22 @@ class Preempted(BaseException):
         self.checkpoint = checkpoint
 
 
+class _NoMetrics:
+    """The metrics log of a rank that does not write (all but rank 0 of a distributed run)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def truncate(self, step: int) -> None:
+        pass
+
+    def __enter__(self) -> "_NoMetrics":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 class _AbortNow(KeyboardInterrupt):
     """A second Ctrl-C: stop at once, mid-step, without a checkpoint of an inconsistent state."""
 
@@ -69,12 +87,13 @@ class _StopRequests:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, abort_on_second_sigint: bool = True):
         self.signum: int | None = None
+        self.abort_on_second_sigint = abort_on_second_sigint
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signum is not None:
+        if signum == signal.SIGINT and self.signum is not None and self.abort_on_second_sigint:
             raise _AbortNow
         self.signum = signum
 
@@ -160,6 +179,12 @@ class _Schedule:
         return 1.0
 
 
+def _distributed() -> bool:
+    """Whether this process is one rank of several (torch.distributed initialised)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
 def _aggregator_state(agg: Aggregator) -> dict:
     """The aggregator's state for a checkpoint: the state of every ``torch.Generator``
     attribute (PCGrad's task order), and under ``"state_dict"`` whatever its ``state_dict()``
@@ -194,6 +219,12 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and _distributed():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(f"device: a distributed CUDA run needs one GPU per process on each machine; this "
+                                 f"process has LOCAL_RANK {local_rank} and sees {torch.cuda.device_count()} GPU(s)")
+            self.device = torch.device("cuda", local_rank)  # this rank's GPU
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device: 'cuda' requested but torch sees no CUDA device")
         self.dtype = getattr(torch, cfg.dtype)
@@ -206,6 +237,15 @@ class Trainer:
         nets = {k: v for k, v in cfg.model.items() if k != "encoding"}
         self.model = self.form.build_model(make_encoding(cfg), nets).to(self.device, self.dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.aggregator = make_aggregator(cfg.method, cfg.aggregator.get(cfg.method), cfg.seed)
+        # a run started by torchrun (hrgrad-ext train --nproc N): the default process group
+        self.dist = DistributedRun(cfg, self.model, self.params, self.aggregator) if _distributed() else None
+        self.is_writer = self.dist is None or self.dist.is_writer  # rank 0 writes the run's files
+        if cfg.distributed.shards == 0:  # one share of the points per rank, recorded in config.toml
+            cfg.distributed.shards = 1 if self.dist is None else self.dist.world_size
+        self.sampler = ShardSampler(cfg.seed, cfg.distributed.shards, *((self.dist.rank, self.dist.world_size)
+                                                                         if self.dist is not None else (0, 1)))
+        self.shard = self.dist.shard if self.dist is not None else None
         o = cfg.optim
         # The non-finite guard drops a bad step's update. On CUDA it must not wait for the
         # device: the fused optimizers skip their update on the device when their found_inf
@@ -213,17 +253,17 @@ class Trainer:
         # read directly (no device to wait for) and the default optimizer implementation kept.
         self._guard_on_device = self._guards_on_device()
         fused = {"fused": True} if self._guard_on_device else {}
+        # a sharded run steps this rank's slice of the parameters only
+        stepped = [self.shard.param] if self.shard is not None else self.params
         if o.name == "sgd":
-            self.optimizer = torch.optim.SGD(self.params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                             **fused)
+            self.optimizer = torch.optim.SGD(stepped, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fused)
         else:
             cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-            self.optimizer = cls(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **fused)
+            self.optimizer = cls(stepped, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _Schedule(o.schedule, cfg.iters, o.warmup, o.min_factor, o.gamma, o.step_size))
         # the parameter average that evaluation uses (optim.ema > 0)
         self.ema = [p.detach().clone() for p in self.params] if o.ema > 0 else None
-        self.aggregator = make_aggregator(cfg.method, cfg.aggregator.get(cfg.method), cfg.seed)
         if isinstance(self.aggregator, HRGrad):
             # the trainer's own guard handles NaN/Inf gradients without a host sync per step
             self.aggregator.check_finite = False
@@ -231,7 +271,7 @@ class Trainer:
         self.losses_fn = SegmentedLosses(self.model, self.form, self.layout,
                                          compile=None if cfg.compile == "off" else cfg.compile)
         self.eps_tensor = torch.tensor(cfg.eps, dtype=torch.float64)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.gen = self.sampler.generators[0]  # the points' random stream (of this rank's first share)
         self.step = 0
         self.train_time = 0.0
         self.wall_time = 0.0
@@ -245,10 +285,12 @@ class Trainer:
         self.consecutive_skips = 0
         self.skipped_steps = 0
         self._inject = NonfiniteInjection.from_env(len(self.layout.names))
+        self._rank_failure = RankFailure.from_env(0 if self.dist is None else self.dist.rank)
         self._lock = RunLock(self.out)
         self._resumed = False
         self._started = False
         self._checkpoint_step: int | None = None  # the step of the newest checkpoint on disk
+        self._stop_signal: int | None = None  # this rank's pending stop request (distributed runs)
 
     # --- one optimisation step ----------------------------------------------------------
 
@@ -259,7 +301,10 @@ class Trainer:
         return self.device.type == "cuda"
 
     def task_gradients(self, batch: dict):
-        """``(losses [T], jacobians)`` for a batch, by the configured gradient mode."""
+        """``(losses [T], jacobians)`` for a batch, by the configured gradient mode (in a
+        data-parallel run: of the global batch, every rank's share of it reduced)."""
+        if self.dist is not None:
+            return self.dist.data_parallel_gradients(self, batch, self._stop_signal)
         if self.cfg.grad_mode == "segmented":
             losses, _, jac = segmented_task_gradients(self.model, self.form, batch, self.layout,
                                                       losses_fn=self.losses_fn)
@@ -273,7 +318,42 @@ class Trainer:
         synced); ``finite[i]``: task i's loss and gradient are finite, ``finite[T]``: the
         update is. A step with any flag false changes neither the parameters, the optimizer
         state nor the parameter average (the LR schedule and the samplers do advance)."""
-        batch = self.form.sample_batch(self.gen, self.eps_tensor, self.device, self.dtype)
+        batch = self.sampler.sample(self.form, self.eps_tensor, self.device, self.dtype)
+        if self.shard is not None:
+            losses, G, w, status, task_ok, norm = self.dist.sharded_gradients(self, batch, self._stop_signal,
+                                                                              self._inject)
+        else:
+            losses, G, w, status, task_ok, norm = self._update_from_jacobians(batch)
+        task_ok = task_ok & torch.isfinite(losses.detach())
+        finite = torch.cat([task_ok, torch.isfinite(norm).reshape(1).to(losses.device)])
+        ok = finite.all()
+        if self._guard_on_device:
+            self.optimizer.found_inf = (~ok).to(torch.float32)
+            self.optimizer.step()
+        else:
+            step_ok = bool(ok)  # a CPU tensor: reading it waits for nothing
+            if not step_ok:
+                self.optimizer.zero_grad(set_to_none=True)  # a step without gradients changes nothing
+            self.optimizer.step()
+        if self.shard is not None:
+            self.dist.gather_parameters()
+        self.scheduler.step()
+        if self.ema is not None:
+            # warm-up of the decay (as in TensorFlow's ExponentialMovingAverage), so that the
+            # average does not hold on to the random initialisation for ~1/(1-decay) steps
+            decay = min(self.cfg.optim.ema, (1 + self.step) / (10 + self.step))
+            params = [p.detach() for p in self.params]
+            with torch.no_grad():
+                if self._guard_on_device:
+                    weight = ok.to(self.dtype) * (1.0 - decay)  # 0 for a dropped step
+                    torch._foreach_lerp_(self.ema, params, [weight] * len(params))
+                elif step_ok:
+                    torch._foreach_lerp_(self.ema, params, 1.0 - decay)
+        return losses, G, w, status, finite
+
+    def _update_from_jacobians(self, batch: dict):
+        """Task gradients, aggregation and the (clipped) update in ``.grad``: ``(losses, G, w,
+        status, task_ok, norm)`` with ``norm`` the update's norm before clipping."""
         losses, jac = self.task_gradients(batch)
         if self._inject is not None:
             losses, jac = self._inject.apply(self.step + 1, losses, jac)
@@ -294,30 +374,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_norm)
         else:
             norm = torch.nn.utils.get_total_norm(grads)
-        task_ok = task_ok & torch.isfinite(losses.detach())
-        finite = torch.cat([task_ok, torch.isfinite(norm).reshape(1).to(losses.device)])
-        ok = finite.all()
-        if self._guard_on_device:
-            self.optimizer.found_inf = (~ok).to(torch.float32)
-            self.optimizer.step()
-        else:
-            step_ok = bool(ok)  # a CPU tensor: reading it waits for nothing
-            if not step_ok:
-                self.optimizer.zero_grad(set_to_none=True)  # a step without gradients changes nothing
-            self.optimizer.step()
-        self.scheduler.step()
-        if self.ema is not None:
-            # warm-up of the decay (as in TensorFlow's ExponentialMovingAverage), so that the
-            # average does not hold on to the random initialisation for ~1/(1-decay) steps
-            decay = min(self.cfg.optim.ema, (1 + self.step) / (10 + self.step))
-            params = [p.detach() for p in self.params]
-            with torch.no_grad():
-                if self._guard_on_device:
-                    weight = ok.to(self.dtype) * (1.0 - decay)  # 0 for a dropped step
-                    torch._foreach_lerp_(self.ema, params, [weight] * len(params))
-                elif step_ok:
-                    torch._foreach_lerp_(self.ema, params, 1.0 - decay)
-        return losses, G, w, status, finite
+        return losses, G, w, status, task_ok, norm
 
     @contextlib.contextmanager
     def averaged_weights(self):
@@ -350,9 +407,13 @@ class Trainer:
             "last_losses": self.last_losses,
             "model": self.model.state_dict(),
             "ema": self.ema,
-            "optimizer": self.optimizer.state_dict(),
+            # a sharded run's optimizer state is gathered into the single-process layout, so
+            # that it resumes in either mode and with any world size
+            "optimizer": (self.optimizer.state_dict() if self.shard is None
+                          else self.dist.consolidate_optimizer_state(self.optimizer.state_dict())),
             "scheduler": self.scheduler.state_dict(),
-            "sampler_rng": self.gen.get_state(),
+            "sampler_rng": self._sampler_states(),
+            "world_size": 1 if self.dist is None else self.dist.world_size,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "numpy_rng": numpy_rng_state(),
@@ -371,6 +432,8 @@ class Trainer:
         self.last_eval = state["last_eval"]
         self.last_losses = state["last_losses"]
         self.model.load_state_dict(state["model"])
+        if self.shard is not None:
+            self.shard.refresh()
         if self.ema is not None:
             saved = state.get("ema")
             if saved is None:
@@ -379,11 +442,11 @@ class Trainer:
                 a.copy_(b)
         # the implementation follows this trainer's device, not the checkpoint's (fused where
         # the guard runs on the device), so that a run can move between CPU and CUDA
-        opt = state["optimizer"]
+        opt = state["optimizer"] if self.shard is None else self.dist.shard_optimizer_state(state["optimizer"])
         fused = True if self._guard_on_device else None
         self.optimizer.load_state_dict({**opt, "param_groups": [{**g, "fused": fused} for g in opt["param_groups"]]})
         self.scheduler.load_state_dict(state["scheduler"])
-        self.gen.set_state(state["sampler_rng"])
+        self.sampler.set_states(state["sampler_rng"])
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -398,10 +461,39 @@ class Trainer:
         """Writes ``checkpoint.pt`` durably and keeps the previous one as ``checkpoint.prev.pt``
         (:func:`.rundir.write_checkpoint`); raises :class:`.rundir.CheckpointWriteError`, with
         the earlier checkpoints intact, when the disk is full."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        path = write_checkpoint(self.out, self.state_dict())
+        state = self.state_dict()  # in a distributed run, every rank takes part
+        path = self.out / CHECKPOINT
+        if self.is_writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+            path = write_checkpoint(self.out, state)
         self._checkpoint_step = self.step
         return path
+
+    def _sampler_states(self):
+        """The points' random stream(s): one state, or those of all shares of the points."""
+        if self.sampler.shards == 1:
+            return self.gen.get_state()
+        if self.dist is None:
+            return [g.get_state() for g in self.sampler.generators]
+        return self.dist.gather_sampler_states(self.sampler)
+
+    def _load_checkpoint(self, take_lock: bool = False) -> tuple[dict, Path]:
+        """:func:`.rundir.load_checkpoint` of the run directory; in a distributed run rank 0
+        reads it (taking the lock first with ``take_lock``) and sends it, or its error, to
+        every rank."""
+        result = error = None
+        if self.is_writer:
+            try:
+                if take_lock:
+                    self._lock.acquire()
+                result = load_checkpoint(self.out)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+                error = exc
+        if self.dist is not None:
+            result, error = self.dist.broadcast_object((result, error))
+        if error is not None:
+            raise error
+        return result
 
     def _checkpoint_now(self) -> Path:
         """A checkpoint of the current step (written unless the newest one already is)."""
@@ -424,21 +516,27 @@ class Trainer:
         from .config import apply_overrides
 
         run_dir = Path(run_dir)
-        if not any((run_dir / n).is_file() for n in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
-            raise FileNotFoundError(f"resume: no {CHECKPOINT} in {run_dir}")
-        cfg = load_config(run_dir / CONFIG)
-        cfg.out = str(run_dir)
-        if overrides:
-            cfg = apply_overrides(cfg, overrides)
+
+        def read_config():
+            if not any((run_dir / n).is_file() for n in (CHECKPOINT, PREVIOUS_CHECKPOINT)):
+                raise FileNotFoundError(f"resume: no {CHECKPOINT} in {run_dir}")
+            cfg = load_config(run_dir / CONFIG)
             cfg.out = str(run_dir)
+            if overrides:
+                cfg = apply_overrides(cfg, overrides)
+                cfg.out = str(run_dir)
+            return cfg
+
+        # in a distributed run rank 0 reads the files and sends what it read to the others
+        cfg = read_config() if not _distributed() else broadcast_result(read_config)
         trainer = cls(cfg)
-        trainer._lock.acquire()
         try:
-            state, path = load_checkpoint(run_dir)
+            state, path = trainer._load_checkpoint(take_lock=True)
             trainer.load_state_dict(state)
-            # records written after the checkpoint belong to steps that will be redone
-            truncate_metrics(run_dir / METRICS, trainer.step)
-            if path.name != CHECKPOINT and (run_dir / CHECKPOINT).exists():
+            if trainer.is_writer:
+                # records written after the checkpoint belong to steps that will be redone
+                truncate_metrics(run_dir / METRICS, trainer.step)
+            if trainer.is_writer and path.name != CHECKPOINT and (run_dir / CHECKPOINT).exists():
                 # keep the bad file for inspection, out of the way of the next rotation (which
                 # would otherwise make it the "previous" checkpoint)
                 (run_dir / CHECKPOINT).replace(run_dir / (CHECKPOINT + ".bad"))
@@ -452,16 +550,17 @@ class Trainer:
     def _start_in_directory(self) -> None:
         """Before the first step of :meth:`run` (the lock held): a fresh run clears the files of
         an earlier run; every run drops metrics records beyond its step and writes its config."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not self._resumed and not self._started and self.step == 0:
-            for name in (CHECKPOINT, PREVIOUS_CHECKPOINT, CHECKPOINT + ".tmp", CHECKPOINT + ".bad", SUMMARY):
-                (self.out / name).unlink(missing_ok=True)
+        if self.is_writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not self._resumed and not self._started and self.step == 0:
+                for name in (CHECKPOINT, PREVIOUS_CHECKPOINT, CHECKPOINT + ".tmp", CHECKPOINT + ".bad", SUMMARY):
+                    (self.out / name).unlink(missing_ok=True)
+            text = to_toml(self.cfg)
+            path = self.out / CONFIG
+            if not path.is_file() or path.read_text() != text:
+                atomic_write(path, text)
+            truncate_metrics(self.out / METRICS, self.step)
         self._started = True
-        text = to_toml(self.cfg)
-        path = self.out / CONFIG
-        if not path.is_file() or path.read_text() != text:
-            atomic_write(path, text)
-        truncate_metrics(self.out / METRICS, self.step)
         if self.cfg.divergence.on_nonfinite == "rollback" and self._checkpoint_step is None:
             self.save_checkpoint()  # a rollback needs a checkpoint to go back to
 
@@ -495,7 +594,7 @@ class Trainer:
             self.consecutive_skips += 1
             self.skipped_steps += 1
             metrics.write({"step": self.step, "kind": "skip", "tasks": bad, "consecutive": self.consecutive_skips})
-            bar.write(f"{what}: update skipped ({self.consecutive_skips} in a row)")
+            self._say(bar, f"{what}: update skipped ({self.consecutive_skips} in a row)")
             if self.consecutive_skips >= dv.max_skips:
                 raise NonFiniteError(f"{what}: {dv.max_skips} consecutive steps skipped "
                                      f"(divergence.max_skips); giving up; {last}.")
@@ -504,7 +603,7 @@ class Trainer:
             raise NonFiniteError(f"{what} after {self.rollbacks} rollbacks (divergence.max_rollbacks); giving up; "
                                  f"{last}.")
         bad_step = self.step
-        state, path = load_checkpoint(self.out)
+        state, path = self._load_checkpoint()
         kept = (self.train_time, self.wall_time, self.rollbacks + 1, self.lr_scale * dv.lr_factor)
         self.load_state_dict(state)
         self.train_time, self.wall_time, self.rollbacks, self.lr_scale = kept
@@ -515,7 +614,7 @@ class Trainer:
                        "checkpoint": path.name, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks})
         self._checkpoint_step = None
         self.save_checkpoint()  # the new learning rate and the count survive a restart
-        bar.write(f"{what}: rolled back to step {self.step} ({path.name}), learning rate x{self.lr_scale:g} "
+        self._say(bar, f"{what}: rolled back to step {self.step} ({path.name}), learning rate x{self.lr_scale:g} "
                   f"(rollback {self.rollbacks} of {dv.max_rollbacks})")
         return True
 
@@ -523,7 +622,7 @@ class Trainer:
 
     def _log_record(self, losses, G, w, status) -> dict:
         d = task_diagnostics(G, w, status)
-        return {
+        record = {
             "step": self.step,
             "kind": "train",
             "lr": self.scheduler.get_last_lr()[0],
@@ -536,6 +635,9 @@ class Trainer:
             "status": None if status is None else int(status),
             "time": self.train_time,
         }
+        if self.dist is not None:
+            record.update(self.dist.record())
+        return record
 
     def evaluate(self) -> dict:
         """Relative L2 errors per eps and quantity against the references (with the parameter
@@ -555,7 +657,8 @@ class Trainer:
         (:class:`.rundir.RunDirectoryInUse` if another process has it). Returns the summary
         dict when finished.
         """
-        self._lock.acquire()
+        if self.is_writer:
+            self._lock.acquire()
         try:
             return self._run(max_steps, callback)
         finally:
@@ -567,34 +670,47 @@ class Trainer:
         cfg = self.cfg
         self._start_in_directory()
         start_wall = time.perf_counter() - self.wall_time
-        bar = tqdm(total=cfg.iters, initial=self.step, disable=not cfg.log.progress, dynamic_ncols=True,
-                   desc=f"{cfg.problem}/{cfg.method}")
-        stop = _StopRequests()
+        bar = tqdm(total=cfg.iters, initial=self.step, disable=not cfg.log.progress or not self.is_writer,
+                   dynamic_ncols=True, desc=f"{cfg.problem}/{cfg.method}")
+        # under torchrun the launcher passes a Ctrl-C on to the ranks, which then see it twice
+        stop = _StopRequests(abort_on_second_sigint=self.dist is None)
         try:
-            with MetricsLog(self.out / METRICS) as metrics, stop:
+            with (MetricsLog(self.out / METRICS) if self.is_writer else _NoMetrics()) as metrics, stop:
                 while self.step < cfg.iters:
-                    if stop.signum == signal.SIGINT:
+                    # a distributed run stops where every rank has heard of the request
+                    signum = stop.signum if self.dist is None else self.dist.signal
+                    if signum == signal.SIGINT:
                         raise KeyboardInterrupt
-                    if stop.signum is not None:
+                    if signum is not None:
                         self.wall_time = time.perf_counter() - start_wall
                         path = self._checkpoint_now()
-                        msg = (f"stopped by signal {signal.Signals(stop.signum).name} at step {self.step}: checkpoint "
-                               f"saved to {path}; continue with: hrgrad-ext train --resume {self.out}")
-                        bar.write(msg)
-                        raise Preempted(msg, stop.signum, path)
+                        msg = (f"stopped by signal {signal.Signals(signum).name} at step {self.step}: checkpoint "
+                               f"saved to {path}; continue with: {self._resume_command()}")
+                        self._say(bar, msg)
+                        raise Preempted(msg, signum, path)
                     if max_steps is not None and self.step >= max_steps:
                         self.wall_time = time.perf_counter() - start_wall
                         self._checkpoint_now()
                         return None
+                    if self._rank_failure is not None:
+                        self._rank_failure.at_step(self.step + 1)
                     t0 = time.perf_counter()
+                    self._stop_signal = stop.signum
                     losses, G, w, status, finite = self.train_step()
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     self.train_time += time.perf_counter() - t0
                     self.step += 1
-                    # one copy to the host, as for the progress bar alone: losses, then the flags
-                    host = torch.cat([losses.detach().double(), finite.double()]).cpu().tolist()
-                    vals, flags = host[:losses.numel()], host[losses.numel():]
+                    # one copy to the host, as for the progress bar alone: losses, the flags and
+                    # (distributed) what came with the step's reduction
+                    parts = [losses.detach().double(), finite.double()]
+                    if self.dist is not None:
+                        parts.append(self.dist.host_values().to(losses.device))
+                    host = torch.cat(parts).cpu().tolist()
+                    T = losses.numel()
+                    vals, flags = host[:T], host[T:T + finite.numel()]
+                    if self.dist is not None:
+                        self.dist.take_host_values(host[T + finite.numel():])
                     if all(flags):
                         self.consecutive_skips = 0
                         self.last_losses = vals
@@ -606,9 +722,9 @@ class Trainer:
                     bar.update(1)
                     if self.running is not None:
                         bar.set_postfix_str(_postfix(self.running), refresh=False)
-                    if self.step % cfg.log.log_every == 0 or self.step == cfg.iters:
+                    if self.is_writer and (self.step % cfg.log.log_every == 0 or self.step == cfg.iters):
                         metrics.write(self._log_record(losses, G, w, status))
-                    if self.step % cfg.log.eval_every == 0 or self.step == cfg.iters:
+                    if self.is_writer and (self.step % cfg.log.eval_every == 0 or self.step == cfg.iters):
                         self.last_eval = self.evaluate()
                         metrics.write({"step": self.step, "kind": "eval", "rel_l2": self.last_eval})
                         bar.write(f"step {self.step}: rel L2 " + _eval_line(self.last_eval))
@@ -619,26 +735,44 @@ class Trainer:
                         callback(self)
         except KeyboardInterrupt as exc:
             if isinstance(exc, _AbortNow):
-                bar.write(f"aborted during step {self.step + 1}: the newest checkpoint is the last one written")
+                self._say(bar, f"aborted during step {self.step + 1}: the newest checkpoint is the last one written")
+                raise
+            if self.dist is not None and self.dist.signal != signal.SIGINT:
+                # raised on this rank alone (by a callback): the others would not join the checkpoint
+                self._say(bar, f"interrupted at step {self.step} on this rank only: no checkpoint written; the newest "
+                               "one is the last one written")
                 raise
             self.wall_time = time.perf_counter() - start_wall
             path = self._checkpoint_now()
-            bar.write(f"interrupted at step {self.step}: checkpoint saved to {path}; "
-                      f"continue with: hrgrad-ext train --resume {self.out}")
+            self._say(bar, f"interrupted at step {self.step}: checkpoint saved to {path}; "
+                           f"continue with: {self._resume_command()}")
             raise
         finally:
             bar.close()
         self.wall_time = time.perf_counter() - start_wall
         self._checkpoint_now()
-        summary = self.write_summary()
+        rank_times = None if self.dist is None else self.dist.gather_floats([self.train_time, self.dist.wait_s])
+        if not self.is_writer:
+            return None
+        summary = self.write_summary(rank_times)
         if cfg.log.plots:
             from .plots import write_plots
 
             write_plots(self)
         return summary
 
-    def write_summary(self) -> dict:
-        """Writes and returns ``summary.json``."""
+    def _say(self, bar, msg: str) -> None:
+        """A message for the user (from rank 0 alone in a distributed run)."""
+        if self.is_writer:
+            bar.write(msg)
+
+    def _resume_command(self) -> str:
+        nproc = "" if self.dist is None else f" --nproc {self.dist.world_size}"
+        return f"hrgrad-ext train --resume {self.out}{nproc}"
+
+    def write_summary(self, rank_times: list[list[float]] | None = None) -> dict:
+        """Writes and returns ``summary.json`` (``rank_times``: each rank's training time and
+        time blocked in collectives, for a distributed run)."""
         if self.last_eval is None:
             self.last_eval = self.evaluate()
         dev = self.device
@@ -661,6 +795,8 @@ class Trainer:
             "final_task_losses": dict(zip(self.layout.names, self.last_losses or [])),
             "rel_l2": self.last_eval,
         }
+        if self.dist is not None:
+            summary.update(self.dist.summary(self.step, rank_times))
         atomic_write(self.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
         return summary
 
