@@ -66,6 +66,24 @@ def test_combine_low_precision(dtype):
     torch.testing.assert_close(out.double(), combine_ref(J, w), rtol=tol, atol=tol * 10)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_accumulate_in_float32(device, dtype):
+    # The tolerances above (bf16: rtol 2e-2, atol 0.2) would also pass an accumulation in the
+    # input dtype. Here it would be off by far more. Every term is exact in both dtypes:
+    # combine: 2048 * 1 + 1 * 1 - 2048 * 1 = 1 (float32: exact; in fp16 / bf16 2048 + 1 rounds
+    # back to 2048, and the sum is 0); gram: 4096 ones per row, G = 4096 (a half-precision
+    # running sum stops growing at 2048 (fp16) or 256 (bf16), where adding 1 rounds away).
+    J = torch.ones(3, 1000, dtype=dtype, device=device)
+    w = torch.tensor([2048.0, 1.0, -2048.0], device=device)
+    assert torch.equal(ops.combine(J, w), torch.ones(1000, dtype=dtype, device=device))
+    out = torch.zeros(1000, dtype=dtype, device=device)
+    OPS.combine_accumulate_(out, J, w)
+    assert torch.equal(out, torch.ones(1000, dtype=dtype, device=device))
+    G = ops.gram(torch.ones(2, 4096, dtype=dtype, device=device))
+    assert torch.equal(G, torch.full((2, 2), 4096.0, device=device))
+
+
 def test_combine_into_grads_and_gram_of_list_equal_concatenated_path():
     params = [torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True), torch.randn(2, 2, 2, requires_grad=True)]
     jac = [torch.randn(4, *p.shape) for p in params]
