@@ -5,10 +5,13 @@ ops, so they work with ``torch.compile`` and ``torch.autograd``.
 
 - HRGrad kernels (:mod:`.gram`): ``gram``, ``hrgrad_weights``, ``combine``, ``hrgrad`` and the
   per-parameter ``gram_of_list`` / ``combine_into_grads``.
+- Exact cone solves (:mod:`.cone`): ``dual_cone_weights`` (projection onto the dual cone of the
+  task gradients: UPGrad) and ``mgda_weights`` (minimum-norm point of their convex hull).
 - Velocity-space quadrature of the APNN residuals (:mod:`.kinetic`): ``velocity_moments``,
   ``maxwellian``, ``bgk_residuals``, ``transport_mm_residuals``, plus ``gauss_legendre``.
 """
 
+from .cone import dual_cone_weights, mgda_weights
 from .gram import (
     LENGTH_MODELS,
     Status,
@@ -33,12 +36,14 @@ __all__ = [
     "bgk_residuals",
     "combine",
     "combine_into_grads",
+    "dual_cone_weights",
     "gauss_legendre",
     "gram",
     "gram_of_list",
     "hrgrad",
     "hrgrad_weights",
     "maxwellian",
+    "mgda_weights",
     "transport_mm_residuals",
     "velocity_moments",
 ]

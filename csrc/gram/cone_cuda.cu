@@ -1,0 +1,140 @@
+// CUDA kernels of the cone ops: dual_cone_weights and mgda_weights.
+//
+// Each solve is a short, sequential, latency-bound K x K computation (cone_solve.h, shared with
+// the CPU kernels), so one thread runs one whole problem: dual_cone_weights first factors every
+// Gram matrix (one thread per matrix), then projects every (matrix, target) pair (one thread per
+// pair; UPGrad's K projections of one matrix run side by side); mgda_weights runs one thread per
+// matrix. Each thread keeps its scratch in global memory (reached through L1); the number of
+// threads is capped so that the scratch stays within kScratchBudget, the threads then striding
+// over the problems. Nothing synchronises with the host.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "gram/cone_common.h"
+
+namespace hrgrad_ext {
+namespace {
+
+constexpr int kSolverBlock = 64;                   // threads per block, each solving whole problems
+constexpr int64_t kScratchBudget = 256LL << 20;    // bytes of per-thread scratch at most
+
+// Threads for `items` independent solves of `scratch` doubles each: one per item, capped by the
+// scratch budget (but never below one block).
+int64_t solver_threads(int64_t items, int64_t scratch) {
+  const int64_t cap = std::max<int64_t>(kSolverBlock, kScratchBudget / (scratch * static_cast<int64_t>(sizeof(double))));
+  return std::min(items, cap);
+}
+
+unsigned blocks_for(int64_t threads) {
+  return static_cast<unsigned>((threads + kSolverBlock - 1) / kSolverBlock);
+}
+
+template <typename scalar_t>
+__global__ void
+cone_factor_kernel(const scalar_t* __restrict__ G, int K, double rtol, int64_t B, int64_t threads,
+                   double* __restrict__ factors, double* __restrict__ scratch) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (tid >= threads) return;
+  double* mine = scratch + tid * cone_factor_scratch(K);
+  for (int64_t b = tid; b < B; b += threads)
+    cone_factor<scalar_t>(G + b * K * K, K, rtol, factors + b * cone_factor_size(K), mine);
+}
+
+template <typename scalar_t>
+__global__ void
+cone_project_kernel(const double* __restrict__ factors, int K, const scalar_t* __restrict__ U, int64_t T,
+                    int64_t items, int64_t threads, scalar_t* __restrict__ W, int* __restrict__ status,
+                    double* __restrict__ workspace) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (tid >= threads) return;
+  double* mine = workspace + tid * cone_project_workspace(K);
+  for (int64_t i = tid; i < items; i += threads) {
+    status[i] = cone_project<scalar_t, scalar_t>(factors + (i / T) * cone_factor_size(K), K, U + i * K,
+                                                 W + i * K, mine);
+  }
+}
+
+template <typename scalar_t>
+__global__ void
+mgda_weights_kernel(const scalar_t* __restrict__ G, int K, double rtol, int64_t B, int64_t threads,
+                    scalar_t* __restrict__ w, int* __restrict__ status, double* __restrict__ workspace) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (tid >= threads) return;
+  double* mine = workspace + tid * mgda_workspace(K);
+  for (int64_t b = tid; b < B; b += threads)
+    status[b] = mgda_solve<scalar_t, scalar_t>(G + b * K * K, K, rtol, w + b * K, mine);
+}
+
+std::tuple<at::Tensor, at::Tensor> dual_cone_weights_cuda(const at::Tensor& G, const at::Tensor& U,
+                                                          std::optional<double> rcond) {
+  constexpr const char* op = "dual_cone_weights";
+  const at::Tensor Gb = as_batched_gram(G, op);
+  const at::Tensor Ub = as_batched_targets(U, G, op);
+  const double rtol = resolve_rcond(rcond, G, op);
+  const c10::cuda::CUDAGuard guard(Gb.device());
+  const int64_t B = Gb.size(0), K = Gb.size(1), T = Ub.size(1);
+  at::Tensor W = at::empty({B, T, K}, Gb.options());
+  at::Tensor status = at::empty({B, T}, Gb.options().dtype(at::kInt));
+  if (B * T > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const at::TensorOptions f64 = Gb.options().dtype(at::kDouble);
+    // Scratch through the caching allocator: the device never waits on the host.
+    at::Tensor factors = at::empty({B * cone_factor_size(K)}, f64);
+    const int64_t factor_threads = solver_threads(B, cone_factor_scratch(K));
+    at::Tensor factor_scratch = at::empty({factor_threads * cone_factor_scratch(K)}, f64);
+    const int64_t project_threads = solver_threads(B * T, cone_project_workspace(K));
+    at::Tensor workspace = at::empty({project_threads * cone_project_workspace(K)}, f64);
+    AT_DISPATCH_FLOATING_TYPES(Gb.scalar_type(), "dual_cone_weights_cuda", [&] {
+      cone_factor_kernel<scalar_t><<<blocks_for(factor_threads), kSolverBlock, 0, stream>>>(
+          Gb.const_data_ptr<scalar_t>(), static_cast<int>(K), rtol, B, factor_threads,
+          factors.mutable_data_ptr<double>(), factor_scratch.mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cone_project_kernel<scalar_t><<<blocks_for(project_threads), kSolverBlock, 0, stream>>>(
+          factors.const_data_ptr<double>(), static_cast<int>(K), Ub.const_data_ptr<scalar_t>(), T, B * T,
+          project_threads, W.mutable_data_ptr<scalar_t>(), status.mutable_data_ptr<int>(),
+          workspace.mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  if (G.dim() == 2) return {W.squeeze(0), status.squeeze(0)};
+  return {W, status};
+}
+
+std::tuple<at::Tensor, at::Tensor> mgda_weights_cuda(const at::Tensor& G, std::optional<double> rcond) {
+  constexpr const char* op = "mgda_weights";
+  const at::Tensor Gb = as_batched_gram(G, op);
+  const double rtol = resolve_rcond(rcond, G, op);
+  const c10::cuda::CUDAGuard guard(Gb.device());
+  const int64_t B = Gb.size(0), K = Gb.size(1);
+  at::Tensor w = at::empty({B, K}, Gb.options());
+  at::Tensor status = at::empty({B}, Gb.options().dtype(at::kInt));
+  if (B > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t threads = solver_threads(B, mgda_workspace(K));
+    at::Tensor workspace = at::empty({threads * mgda_workspace(K)}, Gb.options().dtype(at::kDouble));
+    AT_DISPATCH_FLOATING_TYPES(Gb.scalar_type(), "mgda_weights_cuda", [&] {
+      mgda_weights_kernel<scalar_t><<<blocks_for(threads), kSolverBlock, 0, stream>>>(
+          Gb.const_data_ptr<scalar_t>(), static_cast<int>(K), rtol, B, threads, w.mutable_data_ptr<scalar_t>(),
+          status.mutable_data_ptr<int>(), workspace.mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  if (G.dim() == 2) return {w.squeeze(0), status.squeeze(0)};
+  return {w, status};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hrgrad_ext, CUDA, m) {
+  m.impl("dual_cone_weights", &dual_cone_weights_cuda);
+  m.impl("mgda_weights", &mgda_weights_cuda);
+}
+
+}  // namespace hrgrad_ext
