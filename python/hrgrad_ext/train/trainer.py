@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..aggregators import MGDA, Aggregator, ConFIG, HRGrad, Mean, PCGrad, Sum, UPGrad
+from ..aggregators import Aggregator, make_aggregator
 from ..backward import aggregate_jacobians, task_diagnostics
 from ..nn import EpsEncoding
 from ..ops import combine_into_grads
@@ -35,26 +35,6 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.toml"
-
-
-def make_aggregator(method: str, options: dict | None = None, seed: int = 0) -> Aggregator:
-    """The aggregator of ``method`` with ``options`` (HRGrad: ``length_model``, ``rcond``;
-    MGDA: ``max_iters``, ``tol``; PCGrad is seeded with ``seed``)."""
-    options = dict(options or {})
-    try:
-        if method == "hrgrad":
-            return HRGrad(**options)
-        if method == "mgda":
-            return MGDA(**options)
-        if options:
-            raise TypeError(f"takes no options, got {sorted(options)}")
-        if method == "pcgrad":
-            return PCGrad(seed=seed)
-        return {"sum": Sum, "mean": Mean, "config": ConFIG, "upgrad": UPGrad}[method]()
-    except TypeError as exc:
-        raise ValueError(f"aggregator options for {method!r}: {exc}") from None
-    except KeyError:
-        raise ValueError(f"unknown method {method!r}") from None
 
 
 def make_formulation(cfg: TrainConfig) -> Formulation:
