@@ -4,6 +4,8 @@ gradients."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from torch import Tensor
 
@@ -31,9 +33,9 @@ class SolverAggregator(GramianAggregator):
         self.check_finite = check_finite
         self.last_status: Tensor | None = None
 
+    @abstractmethod
     def _solve(self, G: Tensor) -> tuple[Tensor, Tensor]:
         """``(w, status)`` for the float64 Gram matrix ``G``."""
-        raise NotImplementedError
 
     def weights_from_gram(self, G: Tensor) -> Tensor:
         w, status = self._solve(G.to(torch.float64))
