@@ -30,7 +30,7 @@ f64 = torch.float64
 
 # ------------------------------------------------------------------ aggregators under test
 # Factories: PCGrad keeps a generator, so every comparison builds fresh twins with one seed.
-AGGREGATORS = {
+UNDER_TEST = {
     **{("HRGrad" if lm == "projection" else f"HRGrad({lm})"): (lambda lm=lm: HRGrad(lm)) for lm in LENGTH_MODELS},
     "UPGrad": UPGrad,
     "MGDA": MGDA,
@@ -39,7 +39,7 @@ AGGREGATORS = {
     "Mean": Mean,
     "PCGrad": lambda: PCGrad(seed=0),
 }
-HRGRADS = [name for name in AGGREGATORS if name.startswith("HRGrad")]
+HRGRADS = [name for name in UNDER_TEST if name.startswith("HRGrad")]
 
 NON_CONFLICTING = [*HRGRADS, "UPGrad", "MGDA"]
 PERMUTATION_INVARIANT = [*HRGRADS, "UPGrad", "MGDA", "ConFIG", "Sum", "Mean"]
@@ -179,7 +179,7 @@ def params(names, families=tuple(FAMILIES), dtypes=DTYPES):
 
 
 # ------------------------------------------------------------------ the properties
-@pytest.mark.parametrize("name", list(AGGREGATORS))
+@pytest.mark.parametrize("name", list(UNDER_TEST))
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 def test_expected_structure(name, family, dtype):
@@ -190,13 +190,13 @@ def test_expected_structure(name, family, dtype):
     for J in matrices(family, dtype):
         for scale in SCALES:
             Js = J * scale
-            out = AGGREGATORS[name]()(Js)
+            out = UNDER_TEST[name]()(Js)
             assert out.shape == J.shape[1:] and out.dtype == dtype
             assert torch.isfinite(out).all()
             if scale == 0.0 or not J.any():
                 assert torch.all(out == 0)
             else:
-                reference = AGGREGATORS[name]()(Js.to(f64) / scale)
+                reference = UNDER_TEST[name]()(Js.to(f64) / scale)
                 assert_close_update(out.to(f64) / scale, reference, J, dtype)
 
 
@@ -204,7 +204,7 @@ def test_expected_structure(name, family, dtype):
 def test_non_conflicting(name, family, dtype):
     """g_i . u >= -tol |g_i| |u| for every task."""
     for J in matrices(family, dtype):
-        u = AGGREGATORS[name]()(J).to(f64)
+        u = UNDER_TEST[name]()(J).to(f64)
         J64 = J.to(f64)
         assert (J64 @ u >= -tol(dtype) * J64.norm(dim=1) * u.norm()).all()
 
@@ -221,10 +221,10 @@ def test_config_non_conflicting_on_full_rank(dtype):
 def test_permutation_invariant(name, family, dtype):
     g = torch.Generator().manual_seed(1)
     for J in matrices(family, dtype):
-        expected = AGGREGATORS[name]()(J)
+        expected = UNDER_TEST[name]()(J)
         for _ in range(3):
             perm = torch.randperm(J.shape[0], generator=g)
-            assert_close_update(AGGREGATORS[name]()(J[perm]), expected, J, dtype)
+            assert_close_update(UNDER_TEST[name]()(J[perm]), expected, J, dtype)
 
 
 @pytest.mark.parametrize("name,family,dtype", params(LINEAR_UNDER_SCALING))
@@ -240,7 +240,7 @@ def test_linear_under_scaling(name, family, dtype):
         else:
             c1, c2 = (2.0 ** torch.randint(-3, 4, (K,), generator=g).to(f64) for _ in range(2))
             a, b = 2.0 ** torch.randint(-2, 3, (2,), generator=g).to(f64)
-        A = lambda c: AGGREGATORS[name]()(c.to(dtype)[:, None] * J).to(f64)  # noqa: E731
+        A = lambda c: UNDER_TEST[name]()(c.to(dtype)[:, None] * J).to(f64)  # noqa: E731
         assert_close_update(A(a * c1 + b * c2), a * A(c1) + b * A(c2), J, dtype)
 
 
@@ -249,7 +249,7 @@ def test_strongly_stationary(name, dtype):
     """A(J) = 0 only if J is strongly stationary: on inputs where some update improves a task and
     conflicts with none, the update is not zero."""
     for J in matrices("not_strongly_stationary", dtype):
-        assert AGGREGATORS[name]()(J).to(f64).norm() > 1e-3 * J.to(f64).norm(dim=1).max()
+        assert UNDER_TEST[name]()(J).to(f64).norm() > 1e-3 * J.to(f64).norm(dim=1).max()
 
 
 @pytest.mark.parametrize("name,dtype", [(a, d) for a in NON_CONFLICTING for d in DTYPES])
@@ -257,7 +257,7 @@ def test_zero_on_strongly_stationary(name, dtype):
     """The converse for non-conflicting aggregators: when w > 0 has J^T w = 0, the only update in
     the span of the gradients that conflicts with none of them is 0."""
     for J in matrices("strongly_stationary", dtype):
-        assert AGGREGATORS[name]()(J).to(f64).norm() <= 1e3 * tol(dtype) * J.to(f64).norm(dim=1).max()
+        assert UNDER_TEST[name]()(J).to(f64).norm() <= 1e3 * tol(dtype) * J.to(f64).norm(dim=1).max()
 
 
 # ------------------------------------------------------------------ bookkeeping of the lists
@@ -274,7 +274,7 @@ COUNTEREXAMPLES = {
 
 
 def has_property(prop, name, J):
-    agg = AGGREGATORS[name]
+    agg = UNDER_TEST[name]
     u = agg()(J)
     if prop == "non_conflicting":
         return bool((J @ u >= -1e-9 * J.norm(dim=1) * u.norm()).all())
@@ -294,10 +294,10 @@ def test_lacking_properties_have_counterexamples(prop, name):
 
 
 def test_every_method_is_classified():
-    registered = {type(AGGREGATORS[n]()) for n in AGGREGATORS}
+    registered = {type(UNDER_TEST[n]()) for n in UNDER_TEST}
     assert registered == set(aggregators.AGGREGATORS.values()), "a registered method has no property tests here"
     for prop, names in HAS.items():
-        assert set(names) | set(LACKS[prop]) == set(AGGREGATORS), prop
+        assert set(names) | set(LACKS[prop]) == set(UNDER_TEST), prop
         assert not set(names) & set(LACKS[prop]), prop
 
 
