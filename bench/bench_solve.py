@@ -39,6 +39,8 @@ import hrgrad_ext
 from hrgrad_ext import ops
 
 KINDS = ("full_rank", "fallback", "zero")
+# (w, status): hrgrad_weights_ex, or hrgrad_weights in the builds before it (--baseline runs)
+weights_ex = getattr(ops, "hrgrad_weights_ex", ops.hrgrad_weights)
 
 
 def _coords(kind: str, K: int, B: int, g: torch.Generator) -> torch.Tensor:
@@ -51,7 +53,7 @@ def _coords(kind: str, K: int, B: int, g: torch.Generator) -> torch.Tensor:
         coords = torch.randn(4 * B, K, r, generator=g, dtype=torch.float64)
         if kind == "fallback":
             coords[..., 0] = coords[..., 0].abs()  # a common direction: the cone is not {0}
-        fallback = (ops.hrgrad_weights(coords @ coords.transpose(1, 2))[1] & 4) != 0
+        fallback = (weights_ex(coords @ coords.transpose(1, 2))[1] & 4) != 0
         for X in coords[fallback]:
             # zero or not decided by scipy, so that every build is timed on the same inputs
             units = (X / X.norm(dim=1, keepdim=True)).numpy()
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
             G = (J @ J.transpose(1, 2)).to(device)
             G1 = G[0].contiguous()
             eye = torch.eye(K, dtype=torch.float64, device=device).expand(args.batch, K, K).contiguous()
-            _, status = ops.hrgrad_weights(G)
+            _, status = weights_ex(G)
             status = status.cpu()
             rec = {
                 "K": K,
@@ -134,8 +136,8 @@ def main(argv=None) -> int:
                 "batch": args.batch,
                 "fallback_fraction": float(((status & 4) != 0).double().mean()),
                 "zero_update_fraction": float(((status & 8) != 0).double().mean()),
-                "hrgrad_weights_ms_per_problem": run(lambda: ops.hrgrad_weights(G)) / args.batch,
-                "hrgrad_weights_ms_single": run(lambda: ops.hrgrad_weights(G1)),
+                "hrgrad_weights_ms_per_problem": run(lambda: weights_ex(G)) / args.batch,
+                "hrgrad_weights_ms_single": run(lambda: weights_ex(G1)),
             }
             if has_cone_ops:
                 rec["upgrad_ms_per_problem"] = run(lambda: ops.dual_cone_weights(G, eye)) / args.batch
@@ -152,9 +154,9 @@ def main(argv=None) -> int:
                 # solve's share of a whole hrgrad step
                 Jn = jacobians(kind, K, 1, n=int(args.n))[0].to(device=device)
                 Gn = ops.gram(Jn, dtype=torch.float64)
-                rec["step_fallback"] = bool(int(ops.hrgrad_weights(Gn)[1]) & 4)
+                rec["step_fallback"] = bool(int(weights_ex(Gn)[1]) & 4)
                 rec["hrgrad_step_ms"] = run(lambda: hrgrad_ext.hrgrad(Jn))
-                rec["step_solve_ms"] = run(lambda: ops.hrgrad_weights(Gn))
+                rec["step_solve_ms"] = run(lambda: weights_ex(Gn))
                 rec["solve_share_of_step"] = rec["step_solve_ms"] / rec["hrgrad_step_ms"]
                 del Jn
             records.append(rec)

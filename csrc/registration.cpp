@@ -1,7 +1,8 @@
 // The one registration point of the extension: every op schema of the torch.ops.hrgrad_ext
 // namespace is declared here; CPU and CUDA kernels register their implementations next to
-// their code with TORCH_LIBRARY_IMPL. Fake (meta) kernels and autograd formulas are
-// registered from Python (hrgrad_ext/ops), as in PyTorch's custom-op tutorial.
+// their code with TORCH_LIBRARY_IMPL, autograd (Autograd key, every device) in csrc/autograd.
+// Fake (meta) kernels and vmap rules are registered from Python (hrgrad_ext/ops), as in
+// PyTorch's custom-op tutorial.
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

@@ -24,7 +24,7 @@ import torch
 
 from hrgrad_ext import aggregators
 from hrgrad_ext.aggregators import ConFIG, HRGrad, MGDA, Mean, PCGrad, Sum, UPGrad
-from hrgrad_ext.ops import LENGTH_MODELS, Status, dual_cone_weights, hrgrad_weights, mgda_weights
+from hrgrad_ext.ops import LENGTH_MODELS, Status, dual_cone_weights, hrgrad_weights_ex, mgda_weights
 
 f64 = torch.float64
 
@@ -325,7 +325,7 @@ def _upgrad(G):
     return W.mean(1), ((status & Status.ZERO_UPDATE) != 0).all(1).to(torch.int32) * int(Status.ZERO_UPDATE)
 
 
-SOLVERS = {"HRGrad": lambda G: hrgrad_weights(G), "UPGrad": _upgrad, "MGDA": lambda G: mgda_weights(G)}
+SOLVERS = {"HRGrad": lambda G: hrgrad_weights_ex(G), "UPGrad": _upgrad, "MGDA": lambda G: mgda_weights(G)}
 
 
 def check_random_inputs(cases, seed=0, k_max=12):

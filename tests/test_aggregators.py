@@ -13,7 +13,7 @@ from reference_impls import dual_cone_projection_ref, hrgrad_pinv_ref, min_norm_
 import hrgrad_ext
 from hrgrad_ext import ConFIG, HRGrad, MGDA, Mean, PCGrad, Sum, UPGrad
 from hrgrad_ext.aggregators import AGGREGATORS, Aggregator, make_aggregator, register
-from hrgrad_ext.ops import Status, hrgrad_weights
+from hrgrad_ext.ops import Status, hrgrad_weights_ex
 
 ALL = [HRGrad(), HRGrad("min"), HRGrad("geometric"), ConFIG(), Sum(), Mean(), PCGrad(), UPGrad(), MGDA()]
 NON_CONFLICTING = [HRGrad(), HRGrad("harmonic"), ConFIG(), UPGrad(), MGDA()]
@@ -112,7 +112,7 @@ def test_fallback_is_the_exact_dual_cone_projection(shape):
     r = min(r, K - 1)
     g = torch.Generator().manual_seed(seed)
     J = torch.randn(K, r, generator=g, dtype=torch.float64) @ torch.randn(r, r + 3, generator=g, dtype=torch.float64)
-    update, _, status = hrgrad_ext.hrgrad(J, return_status=True)
+    update, _, status = hrgrad_ext.hrgrad_ex(J)
     if not int(status) & Status.FALLBACK:
         return
     units = (J / J.norm(dim=1, keepdim=True)).numpy()
@@ -137,10 +137,10 @@ def test_issue_17_random_rank_deficient_task_sets():
             A.append(torch.randn(K, r, generator=g, dtype=torch.float64))
             B.append(torch.randn(r, n, generator=g, dtype=torch.float64))
         J = torch.stack(A) @ torch.stack(B)  # one batched product: 200 small ones cost more
-        w, status = hrgrad_weights(J @ J.transpose(1, 2))
+        w, status = hrgrad_weights_ex(J @ J.transpose(1, 2))
         perm = torch.argsort(torch.rand(200, K, generator=torch.Generator().manual_seed(K)), dim=1)
         Jp = torch.gather(J, 1, perm[:, :, None].expand_as(J))
-        wp, status_p = hrgrad_weights(Jp @ Jp.transpose(1, 2))
+        wp, status_p = hrgrad_weights_ex(Jp @ Jp.transpose(1, 2))
         wp = torch.zeros_like(wp).scatter_(1, perm, wp)
         u, up = torch.einsum("bk,bkn->bn", w, J), torch.einsum("bk,bkn->bn", wp, J)
         cos = torch.einsum("bkn,bn->bk", J, u) / (J.norm(dim=2) * u.norm(dim=1, keepdim=True)).clamp_min(1e-300)
@@ -164,7 +164,7 @@ def test_more_tasks_than_parameters_with_a_common_descent_direction(agg, seed):
 def test_duplicated_tasks_keep_equal_angles():
     J = full_rank(3, 20, 0)
     J = torch.cat([J, J[:1]])  # task 0 twice: rank 3 with K = 4, 1 stays in the range of C
-    out, _, status = hrgrad_ext.hrgrad(J, return_status=True)
+    out, _, status = hrgrad_ext.hrgrad_ex(J)
     assert int(status) & hrgrad_ext.ops.Status.RANK_DEFICIENT
     assert not int(status) & hrgrad_ext.ops.Status.FALLBACK
     cos = cosines(J, out)

@@ -6,6 +6,13 @@
     hrgrad-ext compare --problem transport --methods hrgrad,sum,pcgrad,config --out runs/cmp
     hrgrad-ext demo                                  # aggregators on conflicting gradients
     hrgrad-ext reference ...                         # reference solutions (hrgrad_ext.reference.cli)
+
+Exit codes of ``train`` and ``compare``: 0 finished; 2 bad input (arguments, config, a run
+directory in use by another process, no usable or an unsafe checkpoint); 3 training diverged
+(a non-finite loss or gradient that ``divergence.on_nonfinite`` did not recover from); 4 an
+output could not be written (disk full, permissions); 130 interrupted by Ctrl-C and 143 stopped
+by SIGTERM (preemption), in both cases after writing a checkpoint that ``--resume`` continues
+from.
 """
 
 from __future__ import annotations
@@ -14,7 +21,13 @@ import argparse
 import json
 import sys
 
-__all__ = ["build_parser", "main"]
+__all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_OUTPUT_ERROR", "EXIT_PREEMPTED", "EXIT_USAGE", "build_parser", "main"]
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_OUTPUT_ERROR = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process killed by Ctrl-C
+EXIT_PREEMPTED = 143  # 128 + SIGTERM
 
 DEMO_J = [[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]
 
@@ -117,14 +130,13 @@ def _train(args) -> int:
                 over.append(f"{key}={val}")
         if args.no_progress:
             over.append("log.progress=false")
+        if args.no_plots:
+            over.append("log.plots=false")
         trainer = Trainer.resume(args.resume, over)
-        print(f"resuming {args.resume} at step {trainer.step} of {trainer.cfg.iters}")
+        print(f"resuming {args.resume} at step {trainer.step} of {trainer.cfg.iters}", flush=True)
     else:
         trainer = Trainer(_resolve_config(args))
-    try:
-        summary = trainer.run()
-    except KeyboardInterrupt:
-        return 130
+    summary = trainer.run()
     _print_summary(summary)
     print(f"outputs in {trainer.out}")
     return 0
@@ -175,8 +187,15 @@ def _demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train.rundir import RunDirectoryInUse
+    from .train.trainer import NonFiniteError, Preempted
+
     parser = build_parser()
     args = parser.parse_args(argv)
+
+    def error(exc) -> None:
+        print(f"hrgrad-ext {args.command}: error: {exc}", file=sys.stderr)
+
     try:
         if args.command == "train":
             return _train(args)
@@ -187,9 +206,19 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "func"):
             return int(args.func(args) or 0)
         parser.error(f"no handler for {args.command!r}")
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"hrgrad-ext {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, RunDirectoryInUse) as exc:
+        error(exc)
+        return EXIT_USAGE
+    except NonFiniteError as exc:
+        error(exc)
+        return EXIT_DIVERGED
+    except OSError as exc:
+        error(exc)
+        return EXIT_OUTPUT_ERROR
+    except KeyboardInterrupt:  # the trainer has saved a checkpoint and said so
+        return EXIT_INTERRUPTED
+    except Preempted:
+        return EXIT_PREEMPTED
     return 0
 
 

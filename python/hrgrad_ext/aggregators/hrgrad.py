@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..ops.gram import LENGTH_MODELS, hrgrad_weights
+from ..ops.gram import LENGTH_MODELS, hrgrad_weights_ex
 from ._base import register
 from ._cone import SolverAggregator
 
@@ -36,7 +36,7 @@ class HRGrad(SolverAggregator):
         self.length_model = length_model
 
     def _solve(self, G: Tensor) -> tuple[Tensor, Tensor]:
-        return hrgrad_weights(G, self.length_model, self.rcond)
+        return hrgrad_weights_ex(G, self.length_model, self.rcond)
 
     def __repr__(self) -> str:
         return f"HRGrad(length_model={self.length_model!r})"

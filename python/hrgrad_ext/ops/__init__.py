@@ -1,10 +1,12 @@
 """The custom ops of ``torch.ops.hrgrad_ext`` with validated Python wrappers.
 
-Importing this module registers the fake (meta) kernels and the autograd formulas of the
-ops, so they work with ``torch.compile`` and ``torch.autograd``.
+Importing this module registers the fake (meta) kernels and the vmap rules of the ops, so
+they work with ``torch.compile`` and ``torch.vmap``; their autograd (reverse and forward
+mode, every ``torch.func`` transform) is registered by the compiled core (``csrc/autograd``).
 
-- HRGrad kernels (:mod:`.gram`): ``gram``, ``hrgrad_weights``, ``combine``, ``hrgrad`` and the
-  per-parameter ``gram_of_list`` / ``combine_into_grads``.
+- HRGrad kernels (:mod:`.gram`): ``gram``, ``hrgrad_weights`` / ``hrgrad_weights_ex``,
+  ``combine``, ``hrgrad`` / ``hrgrad_ex`` and the per-parameter ``gram_of_list`` /
+  ``combine_into_grads``.
 - Exact cone solves (:mod:`.cone`): ``dual_cone_weights`` (projection onto the dual cone of the
   task gradients: UPGrad) and ``mgda_weights`` (minimum-norm point of their convex hull).
 - Velocity-space quadrature of the APNN residuals (:mod:`.kinetic`): ``velocity_moments``,
@@ -14,13 +16,17 @@ ops, so they work with ``torch.compile`` and ``torch.autograd``.
 from .cone import dual_cone_weights, mgda_weights
 from .gram import (
     LENGTH_MODELS,
+    HRGradResult,
     Status,
+    WeightsResult,
     combine,
     combine_into_grads,
     gram,
     gram_of_list,
     hrgrad,
+    hrgrad_ex,
     hrgrad_weights,
+    hrgrad_weights_ex,
 )
 from .kinetic import (
     bgk_residuals,
@@ -31,8 +37,10 @@ from .kinetic import (
 )
 
 __all__ = [
+    "HRGradResult",
     "LENGTH_MODELS",
     "Status",
+    "WeightsResult",
     "bgk_residuals",
     "combine",
     "combine_into_grads",
@@ -41,7 +49,9 @@ __all__ = [
     "gram",
     "gram_of_list",
     "hrgrad",
+    "hrgrad_ex",
     "hrgrad_weights",
+    "hrgrad_weights_ex",
     "maxwellian",
     "mgda_weights",
     "transport_mm_residuals",

@@ -18,7 +18,7 @@ from typing import Any
 # hrgrad_ext.aggregators (see hrgrad_ext.aggregators.make_aggregator); re-exported here.
 from ..aggregators import METHODS
 
-__all__ = ["METHODS", "PROBLEMS", "TrainConfig", "default_config_path", "default_config", "load_config", "apply_overrides", "to_toml"]
+__all__ = ["METHODS", "NONFINITE_POLICIES", "PROBLEMS", "DivergenceConfig", "TrainConfig", "default_config_path", "default_config", "load_config", "apply_overrides", "to_toml"]
 
 PROBLEMS = ("transport", "bgk")
 _DTYPES = ("float32", "float64")
@@ -68,6 +68,37 @@ class LogConfig:
     plots: bool = True
 
 
+#: ``divergence.on_nonfinite`` policies.
+NONFINITE_POLICIES = ("stop", "skip", "rollback")
+
+
+@dataclass
+class DivergenceConfig:
+    """What the trainer does when a task loss, a task gradient or the update is NaN or Inf.
+
+    The check runs every step without a host synchronisation: the flags are computed on the
+    device, the update of a bad step is dropped there (on CUDA by the fused optimizer's
+    ``found_inf`` input, as in mixed-precision training), and the host reads the flags with the
+    losses it already copies for the progress bar. Whatever the policy, a non-finite update
+    never reaches the parameters or the optimizer state.
+
+    ``on_nonfinite``:
+        ``"stop"`` (default): stop with an error naming the task(s) and the step; no
+        checkpoint of that step is written (exit code 3 from ``hrgrad-ext train``).
+        ``"skip"``: drop the step's update, log it (a ``"skip"`` record in ``metrics.jsonl``)
+        and go on; stop after ``max_skips`` consecutive skipped steps.
+        ``"rollback"``: reload the last good checkpoint, multiply the learning rate by
+        ``lr_factor``, log it (a ``"rollback"`` record) and go on; stop after
+        ``max_rollbacks`` rollbacks in the run. A fresh run writes a checkpoint at step 0 so
+        that there is always one to go back to.
+    """
+
+    on_nonfinite: str = "stop"
+    max_skips: int = 10
+    max_rollbacks: int = 3
+    lr_factor: float = 0.5
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on (the resolved config is saved next to its outputs).
@@ -108,6 +139,8 @@ class TrainConfig:
             ``"reduce-overhead"``: CUDA graphs on a GPU, ``"max-autotune"``,
             ``"max-autotune-no-cudagraphs"``) for the segmented loss function (forward and its
             backward graph); the first step pays the compilation (about a minute).
+        optim, log, divergence: see :class:`OptimConfig`, :class:`LogConfig`,
+            :class:`DivergenceConfig` (``[optim]``, ``[log]``, ``[divergence]`` tables).
         out: output directory.
     """
 
@@ -132,6 +165,7 @@ class TrainConfig:
     compile: str = "off"
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     out: str = "runs/run"
 
     def validate(self) -> "TrainConfig":
@@ -196,6 +230,16 @@ class TrainConfig:
         for k in ("log_every", "eval_every", "checkpoint_every"):
             if getattr(lg, k) < 1:
                 raise ValueError(f"log.{k}: must be >= 1, got {getattr(lg, k)}")
+        dv = self.divergence
+        if dv.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"divergence.on_nonfinite: expected one of {NONFINITE_POLICIES}, got {dv.on_nonfinite!r}")
+        for k in ("max_skips", "max_rollbacks"):
+            v = getattr(dv, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"divergence.{k}: must be an integer >= 1, got {v!r}")
+        if isinstance(dv.lr_factor, bool) or not isinstance(dv.lr_factor, (int, float)) or not 0 < dv.lr_factor < 1:
+            raise ValueError(f"divergence.lr_factor: the learning rate factor of a rollback must be in (0, 1), "
+                             f"got {dv.lr_factor!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -235,6 +279,9 @@ def task_windows(cfg: "TrainConfig") -> float | list[float]:
     return cfg.t_final
 
 
+_TABLES = {"optim": OptimConfig, "log": LogConfig, "divergence": DivergenceConfig}
+
+
 def _from_dict(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {data!r}")
@@ -242,8 +289,8 @@ def _from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ValueError(f"unknown config key {prefix}{key!r}; expected one of {sorted(fields)}")
-        sub = {"optim": OptimConfig, "log": LogConfig}.get(key) if cls is TrainConfig else None
+            raise ValueError(f"unknown config key {prefix + key!r}; expected one of {sorted(fields)}")
+        sub = _TABLES.get(key) if cls is TrainConfig else None
         kwargs[key] = _from_dict(sub, value, f"{prefix}{key}.") if sub else value
     return cls(**kwargs)
 
@@ -328,7 +375,7 @@ def to_toml(cfg: TrainConfig) -> str:
     data = cfg.to_dict()
     lines, tables = [], []
     for k, v in data.items():
-        if isinstance(v, dict) and k in ("optim", "log"):
+        if isinstance(v, dict) and k in _TABLES:
             tables.append((k, v))
         else:
             lines.append(f"{k} = {_toml_value(v)}")
