@@ -197,6 +197,33 @@ def test_compiles_fullgraph():
         torch.testing.assert_close(got, expected)
 
 
+def test_vmap_folds_into_the_batch():
+    G = torch.stack([(lambda J: J @ J.T)(jacobian("wide", 5, 3, s)) for s in range(3)])
+    U = torch.rand(3, 2, 5, dtype=f64, generator=torch.Generator().manual_seed(0))
+    got = torch.func.vmap(dual_cone_weights)(G, U)
+    assert all(torch.equal(a, b) for a, b in zip(got, dual_cone_weights(G, U)))
+    got = torch.func.vmap(dual_cone_weights, in_dims=(0, None))(G, U[0])  # one U for every G
+    assert all(torch.equal(a, b) for a, b in zip(got, dual_cone_weights(G, U[0].expand(3, 2, 5).contiguous())))
+    got = torch.func.vmap(mgda_weights)(G)
+    assert all(torch.equal(a, b) for a, b in zip(got, mgda_weights(G)))
+
+
+def test_not_differentiable_raises():
+    # an active-set solve without an implemented derivative: a gradient or tangent raises, it is
+    # never silently zero; UPGrad and MGDA inherit this (as in TorchJD), and work under no_grad
+    J = jacobian("wide", 5, 3, 0)
+    G = J @ J.T
+    with pytest.raises(RuntimeError, match="dual_cone_weights is not differentiable with respect to U"):
+        dual_cone_weights(G, torch.eye(5, dtype=f64).requires_grad_())
+    with pytest.raises(RuntimeError, match="mgda_weights is not differentiable with respect to G .* tangent"):
+        torch.func.jvp(lambda g: mgda_weights(g)[0], (G,), (G,))
+    for agg in (hrgrad_ext.UPGrad(), hrgrad_ext.MGDA()):
+        with pytest.raises(RuntimeError, match="is not differentiable with respect to G"):
+            agg(J.clone().requires_grad_())
+        with torch.no_grad():
+            torch.testing.assert_close(agg(J.clone().requires_grad_()), agg(J))
+
+
 # ------------------------------------------------------------------ CUDA
 @pytest.mark.cuda
 def test_cuda_matches_cpu():

@@ -9,18 +9,17 @@
 // over the problems. Nothing synchronises with the host.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
+#include "common/cuda_kernel.h"
 #include "gram/cone_common.h"
 
 namespace hrgrad_ext {
 namespace {
+
+using cuda::launch;
 
 constexpr int kSolverBlock = 64;                   // threads per block, each solving whole problems
 constexpr int64_t kScratchBudget = 256LL << 20;    // bytes of per-thread scratch at most
@@ -32,6 +31,8 @@ int64_t solver_threads(int64_t items, int64_t scratch) {
   return std::min(items, cap);
 }
 
+// Blocks for `threads` threads. At most 2^31 - 1 (the grid's x limit): the scratch budget caps
+// the threads far below that.
 unsigned blocks_for(int64_t threads) {
   return static_cast<unsigned>((threads + kSolverBlock - 1) / kSolverBlock);
 }
@@ -78,12 +79,11 @@ std::tuple<at::Tensor, at::Tensor> dual_cone_weights_cuda(const at::Tensor& G, c
   const at::Tensor Gb = as_batched_gram(G, op);
   const at::Tensor Ub = as_batched_targets(U, G, op);
   const double rtol = resolve_rcond(rcond, G, op);
-  const c10::cuda::CUDAGuard guard(Gb.device());
+  const cuda::DeviceGuard guard(Gb.device());
   const int64_t B = Gb.size(0), K = Gb.size(1), T = Ub.size(1);
   at::Tensor W = at::empty({B, T, K}, Gb.options());
   at::Tensor status = at::empty({B, T}, Gb.options().dtype(at::kInt));
   if (B * T > 0) {
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const at::TensorOptions f64 = Gb.options().dtype(at::kDouble);
     // Scratch through the caching allocator: the device never waits on the host.
     at::Tensor factors = at::empty({B * cone_factor_size(K)}, f64);
@@ -92,15 +92,13 @@ std::tuple<at::Tensor, at::Tensor> dual_cone_weights_cuda(const at::Tensor& G, c
     const int64_t project_threads = solver_threads(B * T, cone_project_workspace(K));
     at::Tensor workspace = at::empty({project_threads * cone_project_workspace(K)}, f64);
     AT_DISPATCH_FLOATING_TYPES(Gb.scalar_type(), "dual_cone_weights_cuda", [&] {
-      cone_factor_kernel<scalar_t><<<blocks_for(factor_threads), kSolverBlock, 0, stream>>>(
-          Gb.const_data_ptr<scalar_t>(), static_cast<int>(K), rtol, B, factor_threads,
-          factors.mutable_data_ptr<double>(), factor_scratch.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      cone_project_kernel<scalar_t><<<blocks_for(project_threads), kSolverBlock, 0, stream>>>(
-          factors.const_data_ptr<double>(), static_cast<int>(K), Ub.const_data_ptr<scalar_t>(), T, B * T,
-          project_threads, W.mutable_data_ptr<scalar_t>(), status.mutable_data_ptr<int>(),
-          workspace.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch<cone_factor_kernel<scalar_t>>({blocks_for(factor_threads), kSolverBlock}, Gb.const_data_ptr<scalar_t>(),
+                                           static_cast<int>(K), rtol, B, factor_threads,
+                                           factors.mutable_data_ptr<double>(), factor_scratch.mutable_data_ptr<double>());
+      launch<cone_project_kernel<scalar_t>>({blocks_for(project_threads), kSolverBlock}, factors.const_data_ptr<double>(),
+                                            static_cast<int>(K), Ub.const_data_ptr<scalar_t>(), T, B * T, project_threads,
+                                            W.mutable_data_ptr<scalar_t>(), status.mutable_data_ptr<int>(),
+                                            workspace.mutable_data_ptr<double>());
     });
   }
   if (G.dim() == 2) return {W.squeeze(0), status.squeeze(0)};
@@ -111,19 +109,17 @@ std::tuple<at::Tensor, at::Tensor> mgda_weights_cuda(const at::Tensor& G, std::o
   constexpr const char* op = "mgda_weights";
   const at::Tensor Gb = as_batched_gram(G, op);
   const double rtol = resolve_rcond(rcond, G, op);
-  const c10::cuda::CUDAGuard guard(Gb.device());
+  const cuda::DeviceGuard guard(Gb.device());
   const int64_t B = Gb.size(0), K = Gb.size(1);
   at::Tensor w = at::empty({B, K}, Gb.options());
   at::Tensor status = at::empty({B}, Gb.options().dtype(at::kInt));
   if (B > 0) {
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const int64_t threads = solver_threads(B, mgda_workspace(K));
     at::Tensor workspace = at::empty({threads * mgda_workspace(K)}, Gb.options().dtype(at::kDouble));
     AT_DISPATCH_FLOATING_TYPES(Gb.scalar_type(), "mgda_weights_cuda", [&] {
-      mgda_weights_kernel<scalar_t><<<blocks_for(threads), kSolverBlock, 0, stream>>>(
-          Gb.const_data_ptr<scalar_t>(), static_cast<int>(K), rtol, B, threads, w.mutable_data_ptr<scalar_t>(),
-          status.mutable_data_ptr<int>(), workspace.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch<mgda_weights_kernel<scalar_t>>({blocks_for(threads), kSolverBlock}, Gb.const_data_ptr<scalar_t>(),
+                                            static_cast<int>(K), rtol, B, threads, w.mutable_data_ptr<scalar_t>(),
+                                            status.mutable_data_ptr<int>(), workspace.mutable_data_ptr<double>());
     });
   }
   if (G.dim() == 2) return {w.squeeze(0), status.squeeze(0)};
@@ -132,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> mgda_weights_cuda(const at::Tensor& G, std::o
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hrgrad_ext, CUDA, m) {
+HRGRAD_EXT_CUDA_KERNELS(m) {
   m.impl("dual_cone_weights", &dual_cone_weights_cuda);
   m.impl("mgda_weights", &mgda_weights_cuda);
 }

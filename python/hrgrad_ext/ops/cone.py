@@ -15,7 +15,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _vmap
+from .. import _C  # noqa: F401  (loading the compiled core registers torch.ops.hrgrad_ext)
+
 __all__ = ["dual_cone_weights", "mgda_weights"]
+
+_dual_cone = torch.ops.hrgrad_ext.dual_cone_weights.default
+_mgda = torch.ops.hrgrad_ext.mgda_weights.default
+
+# --- validation: the C++ kernels check every input; on failure these re-checks turn the
+# common mistakes into TypeError / ValueError with Python spellings (no cost on success) ------
 
 
 def _check_gram(G, op: str) -> None:
@@ -32,6 +41,30 @@ def _check_gram(G, op: str) -> None:
 def _check_rcond(rcond, op: str) -> None:
     if rcond is not None and not 0.0 <= rcond < 1.0:
         raise ValueError(f"{op}: rcond must be in [0, 1), got {rcond}")
+
+
+def _check_dual_cone(G, U, rcond) -> None:
+    op = "dual_cone_weights"
+    _check_gram(G, op)
+    if not isinstance(U, Tensor):
+        raise TypeError(f"{op}: U must be a torch.Tensor, got {type(U).__name__}")
+    if U.dtype != G.dtype:
+        raise TypeError(f"{op}: U has dtype {U.dtype} but G has {G.dtype}")
+    if U.device != G.device:
+        raise ValueError(f"{op}: G is on {G.device} but U is on {U.device}")
+    if U.dim() != G.dim() or U.shape[-1] != G.shape[-1] or (U.dim() == 3 and U.shape[0] != G.shape[0]):
+        raise ValueError(
+            f"{op}: U must be [T, K] for G [K, K] or [B, T, K] for G [B, K, K]; got G {tuple(G.shape)} and U {tuple(U.shape)}"
+        )
+    _check_rcond(rcond, op)
+
+
+def _check_mgda(G, rcond) -> None:
+    _check_gram(G, "mgda_weights")
+    _check_rcond(rcond, "mgda_weights")
+
+
+# --- public ops -----------------------------------------------------------------------------
 
 
 def dual_cone_weights(G: Tensor, U: Tensor, rcond: float | None = None) -> tuple[Tensor, Tensor]:
@@ -55,22 +88,14 @@ def dual_cone_weights(G: Tensor, U: Tensor, rcond: float | None = None) -> tuple
         rcond: eigenvalue cut-off; default ``10 * K * eps(G.dtype)``.
 
     Returns ``(W, status)``: ``W`` like ``U``, ``status`` int32 ``[T]`` or ``[B, T]`` with
-    :class:`~hrgrad_ext.ops.Status` bit flags per target. Not differentiable.
+    :class:`~hrgrad_ext.ops.Status` bit flags per target. Not differentiable (a gradient or
+    tangent on ``G`` or ``U`` raises); ``torch.vmap`` folds into the batch dimension.
     """
-    op = "dual_cone_weights"
-    _check_gram(G, op)
-    if not isinstance(U, Tensor):
-        raise TypeError(f"{op}: U must be a torch.Tensor, got {type(U).__name__}")
-    if U.dtype != G.dtype:
-        raise TypeError(f"{op}: U has dtype {U.dtype} but G has {G.dtype}")
-    if U.device != G.device:
-        raise ValueError(f"{op}: G is on {G.device} but U is on {U.device}")
-    if U.dim() != G.dim() or U.shape[-1] != G.shape[-1] or (U.dim() == 3 and U.shape[0] != G.shape[0]):
-        raise ValueError(
-            f"{op}: U must be [T, K] for G [K, K] or [B, T, K] for G [B, K, K]; got G {tuple(G.shape)} and U {tuple(U.shape)}"
-        )
-    _check_rcond(rcond, op)
-    return torch.ops.hrgrad_ext.dual_cone_weights(G, U, rcond)
+    try:
+        return _dual_cone(G, U, rcond)
+    except RuntimeError:
+        _check_dual_cone(G, U, rcond)
+        raise
 
 
 def mgda_weights(G: Tensor, rcond: float | None = None) -> tuple[Tensor, Tensor]:
@@ -88,21 +113,33 @@ def mgda_weights(G: Tensor, rcond: float | None = None) -> tuple[Tensor, Tensor]
             ``10 * K * eps(G.dtype)``.
 
     Returns ``(w, status)``: ``w`` ``[..., K]`` in ``G``'s dtype, ``status`` int32 ``[...]``.
-    Not differentiable.
+    Not differentiable (a gradient or tangent on ``G`` raises); ``torch.vmap`` folds into the
+    batch dimension.
     """
-    _check_gram(G, "mgda_weights")
-    _check_rcond(rcond, "mgda_weights")
-    return torch.ops.hrgrad_ext.mgda_weights(G, rcond)
+    try:
+        return _mgda(G, rcond)
+    except RuntimeError:
+        _check_mgda(G, rcond)
+        raise
 
 
-# --- fake kernels (shapes and dtypes only) for torch.compile / meta tensors ------------------
+# --- fake kernels (shapes and dtypes, and the same checks as the C++ kernels) for
+# torch.compile / meta tensors ---------------------------------------------------------------
 
 
 @torch.library.register_fake("hrgrad_ext::dual_cone_weights")
 def _dual_cone_weights_fake(G, U, rcond=None):
+    _check_dual_cone(G, U, rcond)
     return U.new_empty(U.shape), U.new_empty(U.shape[:-1], dtype=torch.int32)
 
 
 @torch.library.register_fake("hrgrad_ext::mgda_weights")
 def _mgda_weights_fake(G, rcond=None):
+    _check_mgda(G, rcond)
     return G.new_empty(G.shape[:-1]), G.new_empty(G.shape[:-2], dtype=torch.int32)
+
+
+# --- vmap rules: a vmapped dimension becomes (part of) the leading batch dimension ----------
+
+_vmap.register_leading_batch_rule(_dual_cone, bases=(2, 2, None))
+_vmap.register_leading_batch_rule(_mgda, bases=(2, None))
