@@ -3,6 +3,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <tuple>
+
 #include "gram/cone_solve.h"
 #include "gram/gram_common.h"
 
@@ -21,5 +24,50 @@ inline at::Tensor as_batched_targets(const at::Tensor& U, const at::Tensor& G, c
               G.size(0));
   return (U.dim() == 2 ? U.unsqueeze(0) : U).contiguous();
 }
+
+// One dual_cone_weights call as both kernels see it: the checked, batched inputs, the rcond,
+// the allocated outputs W [B, T, K] and status [B, T], and the result in the caller's shapes.
+struct DualConeCall {
+  at::Tensor Gb, Ub, W, status;
+  double rtol;
+  int64_t B, K, T;
+  bool unbatched;
+  DualConeCall(const at::Tensor& G, const at::Tensor& U, std::optional<double> rcond)
+      : Gb(as_batched_gram(G, "dual_cone_weights")),
+        Ub(as_batched_targets(U, G, "dual_cone_weights")),
+        rtol(resolve_rcond(rcond, G, "dual_cone_weights")),
+        B(Gb.size(0)),
+        K(Gb.size(1)),
+        T(Ub.size(1)),
+        unbatched(G.dim() == 2) {
+    W = at::empty({B, T, K}, Gb.options());
+    status = at::empty({B, T}, Gb.options().dtype(at::kInt));
+  }
+  std::tuple<at::Tensor, at::Tensor> result() const {
+    if (unbatched) return {W.squeeze(0), status.squeeze(0)};
+    return {W, status};
+  }
+};
+
+// One mgda_weights call: checked G [B, K, K], rcond, outputs w [B, K] and status [B].
+struct MgdaCall {
+  at::Tensor Gb, w, status;
+  double rtol;
+  int64_t B, K;
+  bool unbatched;
+  MgdaCall(const at::Tensor& G, std::optional<double> rcond)
+      : Gb(as_batched_gram(G, "mgda_weights")),
+        rtol(resolve_rcond(rcond, G, "mgda_weights")),
+        B(Gb.size(0)),
+        K(Gb.size(1)),
+        unbatched(G.dim() == 2) {
+    w = at::empty({B, K}, Gb.options());
+    status = at::empty({B}, Gb.options().dtype(at::kInt));
+  }
+  std::tuple<at::Tensor, at::Tensor> result() const {
+    if (unbatched) return {w.squeeze(0), status.squeeze(0)};
+    return {w, status};
+  }
+};
 
 }  // namespace hrgrad_ext

@@ -75,55 +75,42 @@ mgda_weights_kernel(const scalar_t* __restrict__ G, int K, double rtol, int64_t 
 
 std::tuple<at::Tensor, at::Tensor> dual_cone_weights_cuda(const at::Tensor& G, const at::Tensor& U,
                                                           std::optional<double> rcond) {
-  constexpr const char* op = "dual_cone_weights";
-  const at::Tensor Gb = as_batched_gram(G, op);
-  const at::Tensor Ub = as_batched_targets(U, G, op);
-  const double rtol = resolve_rcond(rcond, G, op);
-  const cuda::DeviceGuard guard(Gb.device());
-  const int64_t B = Gb.size(0), K = Gb.size(1), T = Ub.size(1);
-  at::Tensor W = at::empty({B, T, K}, Gb.options());
-  at::Tensor status = at::empty({B, T}, Gb.options().dtype(at::kInt));
-  if (B * T > 0) {
-    const at::TensorOptions f64 = Gb.options().dtype(at::kDouble);
-    // Scratch through the caching allocator: the device never waits on the host.
-    at::Tensor factors = at::empty({B * cone_factor_size(K)}, f64);
-    const int64_t factor_threads = solver_threads(B, cone_factor_scratch(K));
-    at::Tensor factor_scratch = at::empty({factor_threads * cone_factor_scratch(K)}, f64);
-    const int64_t project_threads = solver_threads(B * T, cone_project_workspace(K));
-    at::Tensor workspace = at::empty({project_threads * cone_project_workspace(K)}, f64);
-    AT_DISPATCH_FLOATING_TYPES(Gb.scalar_type(), "dual_cone_weights_cuda", [&] {
-      launch<cone_factor_kernel<scalar_t>>({blocks_for(factor_threads), kSolverBlock}, Gb.const_data_ptr<scalar_t>(),
-                                           static_cast<int>(K), rtol, B, factor_threads,
-                                           factors.mutable_data_ptr<double>(), factor_scratch.mutable_data_ptr<double>());
-      launch<cone_project_kernel<scalar_t>>({blocks_for(project_threads), kSolverBlock}, factors.const_data_ptr<double>(),
-                                            static_cast<int>(K), Ub.const_data_ptr<scalar_t>(), T, B * T, project_threads,
-                                            W.mutable_data_ptr<scalar_t>(), status.mutable_data_ptr<int>(),
-                                            workspace.mutable_data_ptr<double>());
-    });
-  }
-  if (G.dim() == 2) return {W.squeeze(0), status.squeeze(0)};
-  return {W, status};
+  const DualConeCall call(G, U, rcond);
+  const int64_t B = call.B, K = call.K, T = call.T;
+  if (B * T == 0) return call.result();
+  const cuda::DeviceGuard guard(call.Gb.device());
+  // Scratch through the caching allocator: the device never waits on the host.
+  const at::TensorOptions f64 = call.Gb.options().dtype(at::kDouble);
+  at::Tensor factors = at::empty({B * cone_factor_size(K)}, f64);
+  const int64_t factor_threads = solver_threads(B, cone_factor_scratch(K));
+  at::Tensor factor_scratch = at::empty({factor_threads * cone_factor_scratch(K)}, f64);
+  const int64_t project_threads = solver_threads(B * T, cone_project_workspace(K));
+  at::Tensor workspace = at::empty({project_threads * cone_project_workspace(K)}, f64);
+  AT_DISPATCH_FLOATING_TYPES(call.Gb.scalar_type(), "dual_cone_weights_cuda", [&] {
+    launch<cone_factor_kernel<scalar_t>>({blocks_for(factor_threads), kSolverBlock}, call.Gb.const_data_ptr<scalar_t>(),
+                                         static_cast<int>(K), call.rtol, B, factor_threads,
+                                         factors.mutable_data_ptr<double>(), factor_scratch.mutable_data_ptr<double>());
+    launch<cone_project_kernel<scalar_t>>({blocks_for(project_threads), kSolverBlock}, factors.const_data_ptr<double>(),
+                                          static_cast<int>(K), call.Ub.const_data_ptr<scalar_t>(), T, B * T,
+                                          project_threads, call.W.mutable_data_ptr<scalar_t>(),
+                                          call.status.mutable_data_ptr<int>(), workspace.mutable_data_ptr<double>());
+  });
+  return call.result();
 }
 
 std::tuple<at::Tensor, at::Tensor> mgda_weights_cuda(const at::Tensor& G, std::optional<double> rcond) {
-  constexpr const char* op = "mgda_weights";
-  const at::Tensor Gb = as_batched_gram(G, op);
-  const double rtol = resolve_rcond(rcond, G, op);
-  const cuda::DeviceGuard guard(Gb.device());
-  const int64_t B = Gb.size(0), K = Gb.size(1);
-  at::Tensor w = at::empty({B, K}, Gb.options());
-  at::Tensor status = at::empty({B}, Gb.options().dtype(at::kInt));
-  if (B > 0) {
-    const int64_t threads = solver_threads(B, mgda_workspace(K));
-    at::Tensor workspace = at::empty({threads * mgda_workspace(K)}, Gb.options().dtype(at::kDouble));
-    AT_DISPATCH_FLOATING_TYPES(Gb.scalar_type(), "mgda_weights_cuda", [&] {
-      launch<mgda_weights_kernel<scalar_t>>({blocks_for(threads), kSolverBlock}, Gb.const_data_ptr<scalar_t>(),
-                                            static_cast<int>(K), rtol, B, threads, w.mutable_data_ptr<scalar_t>(),
-                                            status.mutable_data_ptr<int>(), workspace.mutable_data_ptr<double>());
-    });
-  }
-  if (G.dim() == 2) return {w.squeeze(0), status.squeeze(0)};
-  return {w, status};
+  const MgdaCall call(G, rcond);
+  const int64_t B = call.B, K = call.K;
+  if (B == 0) return call.result();
+  const cuda::DeviceGuard guard(call.Gb.device());
+  const int64_t threads = solver_threads(B, mgda_workspace(K));
+  at::Tensor workspace = at::empty({threads * mgda_workspace(K)}, call.Gb.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(call.Gb.scalar_type(), "mgda_weights_cuda", [&] {
+    launch<mgda_weights_kernel<scalar_t>>({blocks_for(threads), kSolverBlock}, call.Gb.const_data_ptr<scalar_t>(),
+                                          static_cast<int>(K), call.rtol, B, threads, call.w.mutable_data_ptr<scalar_t>(),
+                                          call.status.mutable_data_ptr<int>(), workspace.mutable_data_ptr<double>());
+  });
+  return call.result();
 }
 
 }  // namespace

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import _vmap
 from .. import _C  # noqa: F401  (loading the compiled core registers torch.ops.hrgrad_ext)
+from .gram import _check_gram_matrix
 
 __all__ = ["dual_cone_weights", "mgda_weights"]
 
@@ -27,25 +28,9 @@ _mgda = torch.ops.hrgrad_ext.mgda_weights.default
 # common mistakes into TypeError / ValueError with Python spellings (no cost on success) ------
 
 
-def _check_gram(G, op: str) -> None:
-    if not isinstance(G, Tensor):
-        raise TypeError(f"{op}: G must be a torch.Tensor, got {type(G).__name__}")
-    if G.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{op}: G must be float32 or float64, got {G.dtype}")
-    if G.dim() not in (2, 3) or G.shape[-1] != G.shape[-2]:
-        raise ValueError(f"{op}: G must be square, [K, K] or [B, K, K], got shape {tuple(G.shape)}")
-    if G.shape[-1] == 0:
-        raise ValueError(f"{op}: G has K = 0 tasks")
-
-
-def _check_rcond(rcond, op: str) -> None:
-    if rcond is not None and not 0.0 <= rcond < 1.0:
-        raise ValueError(f"{op}: rcond must be in [0, 1), got {rcond}")
-
-
 def _check_dual_cone(G, U, rcond) -> None:
     op = "dual_cone_weights"
-    _check_gram(G, op)
+    _check_gram_matrix(G, rcond, op)
     if not isinstance(U, Tensor):
         raise TypeError(f"{op}: U must be a torch.Tensor, got {type(U).__name__}")
     if U.dtype != G.dtype:
@@ -56,12 +41,10 @@ def _check_dual_cone(G, U, rcond) -> None:
         raise ValueError(
             f"{op}: U must be [T, K] for G [K, K] or [B, T, K] for G [B, K, K]; got G {tuple(G.shape)} and U {tuple(U.shape)}"
         )
-    _check_rcond(rcond, op)
 
 
 def _check_mgda(G, rcond) -> None:
-    _check_gram(G, "mgda_weights")
-    _check_rcond(rcond, "mgda_weights")
+    _check_gram_matrix(G, rcond, "mgda_weights")
 
 
 # --- public ops -----------------------------------------------------------------------------

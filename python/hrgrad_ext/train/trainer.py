@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..aggregators import Aggregator, GramianAggregator, HRGrad, make_aggregator
+from ..aggregators import Aggregator, GramianAggregator, SolverAggregator, make_aggregator
 from ..backward import aggregate_jacobians, task_diagnostics
 from ..nn import EpsEncoding
 from ..ops import combine_into_grads
@@ -204,7 +204,7 @@ class Trainer:
         # the parameter average that evaluation uses (optim.ema > 0)
         self.ema = [p.detach().clone() for p in self.params] if o.ema > 0 else None
         self.aggregator = make_aggregator(cfg.method, cfg.aggregator.get(cfg.method), cfg.seed)
-        if isinstance(self.aggregator, HRGrad):
+        if isinstance(self.aggregator, SolverAggregator):
             # the trainer's own guard handles NaN/Inf gradients without a host sync per step
             self.aggregator.check_finite = False
         self.layout = TaskLayout(tuple(cfg.eps), self.form.groups, cfg.tasks)
