@@ -19,7 +19,8 @@ class MGDA(SolverAggregator):
     Solved exactly on the Gram matrix (:func:`~hrgrad_ext.ops.mgda_weights`: least-distance
     form, finite active-set solve, float64, on G's device). The update conflicts with no task
     (``g_i . u >= |u|^2``) and is zero exactly when the hull contains 0, even if some
-    non-conflicting update would improve a task.
+    non-conflicting update would improve a task. Not differentiable: on gradients that require
+    grad it raises; use it under ``torch.no_grad()`` or on detached gradients.
 
     Args: ``rcond``, ``check_finite``, see :class:`~hrgrad_ext.aggregators.SolverAggregator`.
     """

@@ -24,7 +24,8 @@ class UPGrad(SolverAggregator):
     tasks, linear under positive scaling of the gradients, and non-zero whenever some
     non-conflicting update improves a task. ``last_status`` holds the flags of the K
     projections combined: ``ZERO_UPDATE`` when all of them are zero, the other flags when any
-    has them.
+    has them. Not differentiable (as in TorchJD): on gradients that require grad it raises;
+    use it under ``torch.no_grad()`` or on detached gradients.
 
     Args: ``rcond``, ``check_finite``, see :class:`~hrgrad_ext.aggregators.SolverAggregator`.
     """
