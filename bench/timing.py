@@ -33,3 +33,31 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def environment(device: torch.device) -> dict:
+    """What a benchmark's JSON records about where it ran: device, versions, build, threads."""
+    import platform
+
+    import hrgrad_ext
+
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "hrgrad_ext": hrgrad_ext.__version__,
+        "build": hrgrad_ext.build_info(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write_json(result: dict, out: str | None) -> None:
+    """The JSON to ``out``, or to stdout without one."""
+    import json
+
+    text = json.dumps(result, indent=2)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + "\n")
+    else:
+        print(text)

@@ -97,3 +97,52 @@ def ref_transport(G, Gt, Gx, rho_t, rho_x, v, w, eps):
     micro = e**2 * gt + e * (v * gx - vgx) + v * rho_x[:, None] + g
     macro = rho_t + vgx[:, 0]
     return g, micro, macro
+
+
+def _subsets(K):
+    for mask in range(1 << K):
+        yield [i for i in range(K) if mask >> i & 1]
+
+
+def dual_cone_projection_ref(J, y, tol=1e-9):
+    """Euclidean projection of ``y [n]`` onto ``{x : J x >= 0}`` (float64), by enumerating the
+    active sets S: x = y + J_S^T lam with J_S x = 0 (lam from the pseudo-inverse) is the
+    projection when lam >= 0 and J x >= 0 (the KKT conditions). Exact; 2^K solves (K <= 8)."""
+    J, y = J.to(torch.float64), y.to(torch.float64)
+    norms = J.norm(dim=1)
+    for S in _subsets(J.shape[0]):
+        x, lam = y, torch.zeros(0, dtype=torch.float64)
+        if S:
+            JS = J[S]
+            lam = -torch.linalg.pinv(JS @ JS.T) @ (JS @ y)
+            x = y + JS.T @ lam
+        scale = y.norm() + (lam.abs() * norms[S]).sum()
+        if (lam >= -tol * scale).all() and (J @ x >= -tol * norms * scale).all():
+            return x
+    raise AssertionError("no active set satisfies the KKT conditions")
+
+
+def min_norm_hull_ref(J, tol=1e-9):
+    """Minimum-norm point of the convex hull of the rows of J (float64), by enumerating the
+    supports S: the minimum-norm point of the affine hull of J_S (a KKT solve) is the answer
+    when its weights are >= 0 and g_i . u >= |u|^2 for every row. Exact; 2^K solves."""
+    J = J.to(torch.float64)
+    G = J @ J.T
+    scale = G.diagonal().max()
+    for S in _subsets(J.shape[0]):
+        if not S:
+            continue
+        k = len(S)
+        kkt = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+        kkt[:k, :k] = G[S][:, S]
+        kkt[:k, k] = 1.0
+        kkt[k, :k] = 1.0
+        rhs = torch.zeros(k + 1, dtype=torch.float64)
+        rhs[k] = 1.0
+        alpha = (torch.linalg.pinv(kkt) @ rhs)[:k]
+        if (alpha < -tol).any() or abs(alpha.sum() - 1) > tol:
+            continue
+        u = J[S].T @ alpha
+        if (J @ u >= u @ u - tol * scale).all():
+            return u
+    raise AssertionError("no support satisfies the KKT conditions")

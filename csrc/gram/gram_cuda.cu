@@ -302,7 +302,7 @@ at::Tensor gram_cuda(const at::Tensor& J, std::optional<at::ScalarType> dtype) {
 // global memory otherwise. It runs the source of the CPU kernel (gram/hrgrad_solve.h), but
 // not bit for bit the same arithmetic: nvcc contracts a * b + c into FMAs where the host
 // compiler does not, and exp / log come from another math library, so the weights agree to
-// rounding (and to ~1e-7 on the dual-cone fallback, an iteration on a singular matrix).
+// rounding (the dual-cone fallback included: an exact active-set solve, cone_solve.h).
 constexpr int64_t kMaxDynamicSmem = 48 * 1024;  // without the opt-in attribute
 
 template <typename scalar_t>

@@ -8,7 +8,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .aggregators import Aggregator, GramianAggregator, HRGrad
+from .aggregators import Aggregator, GramianAggregator, HRGrad, SolverAggregator
 from .ops.gram import Status, combine_into_grads, gram_of_list
 
 __all__ = ["BackwardResult", "aggregate_jacobians", "aggregator_status", "backward", "task_diagnostics"]
@@ -25,7 +25,8 @@ class BackwardResult:
         cosines: ``[K, K]`` cosines between task gradients (0 where a gradient is zero).
         update_cosines: ``[K]`` cosine between the update and each task gradient.
         update_norm: 0-d norm of the update.
-        status: int32 :class:`~hrgrad_ext.ops.Status` flags for HRGrad, else ``None``.
+        status: int32 :class:`~hrgrad_ext.ops.Status` flags of the solver aggregators (HRGrad,
+            UPGrad, MGDA), else ``None``.
         names: the task names, in the order of the rows above: the keys of a mapping of
             losses, ``"0"``, ``"1"``, ... for a sequence.
 
@@ -174,7 +175,8 @@ def aggregate_jacobians(aggregator: Aggregator, jacobians: Sequence[Tensor]):
 
     Gramian aggregators work from the sum of per-parameter Gram matrices (``J`` is never
     concatenated); the others get the concatenated ``J``. ``G`` is float64, ``w`` the weights
-    (``update = J^T w``), ``status`` HRGrad's :class:`~hrgrad_ext.ops.Status` flags or ``None``.
+    (``update = J^T w``), ``status`` the :class:`~hrgrad_ext.ops.Status` flags of a solver
+    aggregator (HRGrad, UPGrad, MGDA) or ``None``.
     """
     if isinstance(aggregator, GramianAggregator):
         G = gram_of_list(jacobians)
@@ -189,5 +191,6 @@ def aggregate_jacobians(aggregator: Aggregator, jacobians: Sequence[Tensor]):
 
 
 def aggregator_status(aggregator: Aggregator) -> Tensor | None:
-    """The :class:`~hrgrad_ext.ops.Status` flags of the aggregator's last call (HRGrad), else ``None``."""
-    return aggregator.last_status if isinstance(aggregator, HRGrad) else None
+    """The :class:`~hrgrad_ext.ops.Status` flags of the last call of a solver aggregator (HRGrad,
+    UPGrad, MGDA), else ``None``."""
+    return aggregator.last_status if isinstance(aggregator, SolverAggregator) else None

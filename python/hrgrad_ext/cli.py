@@ -68,12 +68,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .aggregators import METHODS
+
     parser = argparse.ArgumentParser(prog="hrgrad-ext", description="HRGrad multi-task APNN training for kinetic equations")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train one multi-eps APNN")
     _add_run_options(tr)
-    tr.add_argument("--method", help="hrgrad (default), sum (plain APNN), mean, pcgrad, config, mgda, upgrad")
+    tr.add_argument("--method", help=f"one of {', '.join(METHODS)} (default hrgrad; sum is plain APNN training)")
     tr.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     tr.add_argument("--nproc", type=int, metavar="N",
                     help="train in N processes on this machine (torchrun's launcher; each rank draws its own points, "
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cp = sub.add_parser("compare", help="train several methods with the same seed and budget; markdown table")
     _add_run_options(cp)
-    cp.add_argument("--methods", default="hrgrad,sum,pcgrad,config", help="comma-separated methods")
+    cp.add_argument("--methods", default="hrgrad,sum,pcgrad,config", help=f"comma-separated, some of {','.join(METHODS)}")
     cp.add_argument("--seeds", help="comma-separated seeds (default: --seed); the table then shows the "
                                     "median and range over them")
 

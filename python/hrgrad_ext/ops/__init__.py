@@ -7,10 +7,13 @@ mode, every ``torch.func`` transform) is registered by the compiled core (``csrc
 - HRGrad kernels (:mod:`.gram`): ``gram``, ``hrgrad_weights`` / ``hrgrad_weights_ex``,
   ``combine``, ``hrgrad`` / ``hrgrad_ex`` and the per-parameter ``gram_of_list`` /
   ``combine_into_grads``.
+- Exact cone solves (:mod:`.cone`): ``dual_cone_weights`` (projection onto the dual cone of the
+  task gradients: UPGrad) and ``mgda_weights`` (minimum-norm point of their convex hull).
 - Velocity-space quadrature of the APNN residuals (:mod:`.kinetic`): ``velocity_moments``,
   ``maxwellian``, ``bgk_residuals``, ``transport_mm_residuals``, plus ``gauss_legendre``.
 """
 
+from .cone import dual_cone_weights, mgda_weights
 from .gram import (
     LENGTH_MODELS,
     HRGradResult,
@@ -41,6 +44,7 @@ __all__ = [
     "bgk_residuals",
     "combine",
     "combine_into_grads",
+    "dual_cone_weights",
     "gauss_legendre",
     "gram",
     "gram_of_list",
@@ -49,6 +53,7 @@ __all__ = [
     "hrgrad_weights",
     "hrgrad_weights_ex",
     "maxwellian",
+    "mgda_weights",
     "transport_mm_residuals",
     "velocity_moments",
 ]

@@ -106,8 +106,8 @@ def _check_gram(J, dtype) -> None:
         raise ValueError(f"gram: dtype must be torch.float32 or torch.float64, got {dtype}")
 
 
-def _check_weights(G, length_model, rcond) -> None:
-    op = "hrgrad_weights"
+def _check_gram_matrix(G, rcond, op: str) -> None:
+    """G [K, K] or [B, K, K] float32/float64 with K >= 1, rcond in [0, 1): the K x K solvers' inputs."""
     if not isinstance(G, Tensor):
         raise TypeError(f"{op}: G must be a torch.Tensor, got {type(G).__name__}")
     if G.dtype not in (torch.float32, torch.float64):
@@ -116,10 +116,14 @@ def _check_weights(G, length_model, rcond) -> None:
         raise ValueError(f"{op}: G must be square, [K, K] or [B, K, K], got shape {tuple(G.shape)}")
     if G.shape[-1] == 0:
         raise ValueError(f"{op}: G has K = 0 tasks")
-    if length_model not in LENGTH_MODELS:
-        raise ValueError(f"{op}: unknown length_model {length_model!r}; expected one of {LENGTH_MODELS}")
     if rcond is not None and not 0.0 <= rcond < 1.0:
         raise ValueError(f"{op}: rcond must be in [0, 1), got {rcond}")
+
+
+def _check_weights(G, length_model, rcond) -> None:
+    _check_gram_matrix(G, rcond, "hrgrad_weights")
+    if length_model not in LENGTH_MODELS:
+        raise ValueError(f"hrgrad_weights: unknown length_model {length_model!r}; expected one of {LENGTH_MODELS}")
 
 
 def _check_combine(J, w) -> None:

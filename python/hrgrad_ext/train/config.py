@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# METHODS: the aggregation methods accepted by ``method``, i.e. the registry of
+# hrgrad_ext.aggregators (see hrgrad_ext.aggregators.make_aggregator); re-exported here.
+from ..aggregators import METHODS
+
 __all__ = ["DISTRIBUTED_MODES", "DistributedConfig", "METHODS", "NONFINITE_POLICIES", "PROBLEMS", "DivergenceConfig", "TrainConfig", "default_config_path", "default_config", "load_config", "apply_overrides", "to_toml"]
 
 PROBLEMS = ("transport", "bgk")
-#: Aggregation methods accepted by ``method`` (see :func:`hrgrad_ext.train.trainer.make_aggregator`).
-METHODS = ("hrgrad", "sum", "mean", "pcgrad", "config", "mgda", "upgrad")
 _DTYPES = ("float32", "float64")
 #: ``compile`` values: off, or a torch.compile mode for the segmented loss function.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -158,8 +160,9 @@ class TrainConfig:
             ``depth``/``activation``; transport also ``reach`` (x input scaled by
             min(1, reach / eps)) and ``half_range`` (sign(v) as a g input), see
             :class:`hrgrad_ext.nn.TransportAPNN`.
-        aggregator: options per method, e.g. ``{hrgrad = {length_model = "min"}}`` (HRGrad
-            ``length_model``, ``rcond``; MGDA ``max_iters``, ``tol``); methods not listed get
+        aggregator: options per method, e.g. ``{hrgrad = {length_model = "min"}}`` (the
+            aggregator's constructor arguments: HRGrad ``length_model``, ``rcond``; UPGrad and
+            MGDA ``rcond``; PCGrad takes the run's ``seed``); methods not listed get
             their defaults, so one config serves every method of a comparison.
         grad_mode: ``"segmented"`` (per-task gradients in one pass) or ``"separate"`` (K
             eager backward passes; the baseline).

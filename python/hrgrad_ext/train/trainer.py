@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..aggregators import MGDA, Aggregator, ConFIG, GramianAggregator, HRGrad, Mean, PCGrad, Sum, UPGrad
+from ..aggregators import Aggregator, GramianAggregator, SolverAggregator, make_aggregator
 from ..backward import aggregate_jacobians, task_diagnostics
 from ..nn import EpsEncoding
 from ..ops import combine_into_grads
@@ -107,26 +107,6 @@ class _StopRequests:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
-
-
-def make_aggregator(method: str, options: dict | None = None, seed: int = 0) -> Aggregator:
-    """The aggregator of ``method`` with ``options`` (HRGrad: ``length_model``, ``rcond``;
-    MGDA: ``max_iters``, ``tol``; PCGrad is seeded with ``seed``)."""
-    options = dict(options or {})
-    try:
-        if method == "hrgrad":
-            return HRGrad(**options)
-        if method == "mgda":
-            return MGDA(**options)
-        if options:
-            raise TypeError(f"takes no options, got {sorted(options)}")
-        if method == "pcgrad":
-            return PCGrad(seed=seed)
-        return {"sum": Sum, "mean": Mean, "config": ConFIG, "upgrad": UPGrad}[method]()
-    except TypeError as exc:
-        raise ValueError(f"aggregator options for {method!r}: {exc}") from None
-    except KeyError:
-        raise ValueError(f"unknown method {method!r}") from None
 
 
 def make_formulation(cfg: TrainConfig) -> Formulation:
@@ -264,7 +244,7 @@ class Trainer:
             self.optimizer, _Schedule(o.schedule, cfg.iters, o.warmup, o.min_factor, o.gamma, o.step_size))
         # the parameter average that evaluation uses (optim.ema > 0)
         self.ema = [p.detach().clone() for p in self.params] if o.ema > 0 else None
-        if isinstance(self.aggregator, HRGrad):
+        if isinstance(self.aggregator, SolverAggregator):
             # the trainer's own guard handles NaN/Inf gradients without a host sync per step
             self.aggregator.check_finite = False
         self.layout = TaskLayout(tuple(cfg.eps), self.form.groups, cfg.tasks)
