@@ -134,3 +134,28 @@ def per_thread_count(script: str, argv: list[str], threads: list[int], out: str 
     else:
         print(text)
     return True
+
+
+def environment(device: torch.device) -> dict:
+    """What a benchmark's JSON records about where it ran: device, versions, build, threads
+    (with :func:`machine`'s CPU model and load average)."""
+    import hrgrad_ext
+
+    return {
+        **machine(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type,
+        "hrgrad_ext": hrgrad_ext.__version__,
+        "build": hrgrad_ext.build_info(),
+    }
+
+
+def write_json(result: dict, out: str | None) -> None:
+    """The JSON to ``out``, or to stdout without one."""
+    text = json.dumps(result, indent=2)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + "\n")
+    else:
+        print(text)
+

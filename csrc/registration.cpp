@@ -1,7 +1,8 @@
 // The one registration point of the extension: every op schema of the torch.ops.hrgrad_ext
 // namespace is declared here; CPU and CUDA kernels register their implementations next to
-// their code with TORCH_LIBRARY_IMPL. Fake (meta) kernels and autograd formulas are
-// registered from Python (hrgrad_ext/ops), as in PyTorch's custom-op tutorial.
+// their code with TORCH_LIBRARY_IMPL, autograd (Autograd key, every device) in csrc/autograd.
+// Fake (meta) kernels and vmap rules are registered from Python (hrgrad_ext/ops), as in
+// PyTorch's custom-op tutorial.
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -19,6 +20,13 @@ TORCH_LIBRARY(hrgrad_ext, m) {
   m.def("combine(Tensor J, Tensor w) -> Tensor");
   // out [n] += J^T w for J [K, n] (any shapes with n elements per row), in place.
   m.def("combine_accumulate_(Tensor(a!) out, Tensor J, Tensor w) -> ()");
+  // Projection onto the dual cone {x : J x >= 0} from G [..., K, K]: for each weight vector
+  // U [..., t, :], W [..., t, :] = U [..., t, :] + D^-1 mu (mu >= 0) with J^T W the projection
+  // of J^T U. status [..., T] int32 bit flags.
+  m.def("dual_cone_weights(Tensor G, Tensor U, float? rcond=None) -> (Tensor, Tensor)");
+  // MGDA: convex weights w [..., K] of the minimum-norm point of the convex hull of the task
+  // gradients (zero when the hull contains 0), status [...] int32.
+  m.def("mgda_weights(Tensor G, float? rcond=None) -> (Tensor, Tensor)");
 
   // --- Velocity-space quadrature of the kinetic residuals (csrc/kinetic) ------------------
 #include "kinetic/schemas.inc"

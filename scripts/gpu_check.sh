@@ -30,6 +30,8 @@ else
   python3 bench/bench_gram.py --device cuda --scale-n 2e8 --out "$OUT/bench_gram.json"
 fi
 python3 bench/bench_kinetic.py --device cuda --out "$OUT/bench_kinetic.json"
+# host time per op call (what dominates small GPU steps); seconds
+python3 bench/bench_overhead.py --device cuda --out "$OUT/bench_overhead.json"
 # the step target is K = 8; the compiled modes compile once each (about a minute)
 python3 bench/bench_train_step.py --device cuda --K 4 8 --compiled-K 8 --out "$OUT/bench_train_step.json"
 echo "done: $(( $(date +%s) - start )) s"

@@ -66,3 +66,25 @@ def test_backward_bad_arguments():
         hrgrad_ext.backward([torch.tensor(1.0)], model.parameters())
     with pytest.raises(ValueError, match="scalar"):
         hrgrad_ext.backward([torch.ones(2, requires_grad=True)], model.parameters())
+
+
+def test_backward_named_losses_report_by_name():
+    model, _, losses = _model_and_losses()
+    params = list(model.parameters())
+    J = _explicit_jacobian(losses, params)
+    result = hrgrad_ext.backward({"pde": losses[0], "bc": losses[1], "ic": losses[2]}, params)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), hrgrad_pinv_ref(J), rtol=1e-8, atol=1e-10)
+    assert result.names == ("pde", "bc", "ic")
+    assert list(result.named_weights) == ["pde", "bc", "ic"]
+    for k, name in enumerate(result.names):
+        assert torch.equal(result.named_weights[name], result.weights[k])
+        torch.testing.assert_close(result.named_norms[name], J[k].norm(), rtol=1e-10, atol=1e-12)
+        assert torch.equal(result.named_update_cosines[name], result.update_cosines[k])
+    cos_pde_bc = J[0] @ J[1] / (J[0].norm() * J[1].norm())
+    torch.testing.assert_close(result.named_cosines["pde"]["bc"], cos_pde_bc, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(result.named_cosines["bc"]["pde"], cos_pde_bc, rtol=1e-10, atol=1e-12)
+    # a sequence gets positional names
+    model, _, losses = _model_and_losses()
+    assert list(hrgrad_ext.backward(losses, list(model.parameters())).named_weights) == ["0", "1", "2"]
+    with pytest.raises(ValueError, match="loss 'bc' must be a scalar"):
+        hrgrad_ext.backward({"pde": losses[0], "bc": torch.ones(2, requires_grad=True)}, list(model.parameters()))

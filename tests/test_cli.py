@@ -35,8 +35,14 @@ def test_train_then_resume_with_more_iterations(tmp_path, capsys):
     assert main(["train", "--problem", "transport", "--method", "sum", "--iters", "2", "--out", str(out), *TINY]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["iters"] == 2 and s["method"] == "sum" and s["eps"] == [1e-8, 1e-7]
-    assert "rel L2" in capsys.readouterr().out or True
+    printed = capsys.readouterr().out
+    # the evaluation at the last step and the summary, with the numbers of summary.json
+    rho = s["rel_l2"]["1e-08"]["rho"]
+    assert f"step 2: rel L2 eps=1e-08: rho {rho:.2e}" in printed
+    assert "transport / sum: 2 steps on cpu" in printed and f"rho {rho:.3e}" in printed
+    assert f"outputs in {out}" in printed
     assert main(["train", "--resume", str(out), "--iters", "4", "--no-progress"]) == 0
+    assert f"resuming {out} at step 2 of 4" in capsys.readouterr().out
     s = json.loads((out / "summary.json").read_text())
     assert s["iters"] == 4
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]

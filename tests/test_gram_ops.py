@@ -118,6 +118,24 @@ def test_combine_low_precision(dtype):
     torch.testing.assert_close(out.double(), combine_ref(J, w), rtol=tol, atol=tol * 10)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_accumulate_in_float32(device, dtype):
+    # The tolerances above (bf16: rtol 2e-2, atol 0.2) would also pass an accumulation in the
+    # input dtype. Here it would be off by far more. Every term is exact in both dtypes:
+    # combine: 2048 * 1 + 1 * 1 - 2048 * 1 = 1 (float32: exact; in fp16 / bf16 2048 + 1 rounds
+    # back to 2048, and the sum is 0); gram: 4096 ones per row, G = 4096 (a half-precision
+    # running sum stops growing at 2048 (fp16) or 256 (bf16), where adding 1 rounds away).
+    J = torch.ones(3, 1000, dtype=dtype, device=device)
+    w = torch.tensor([2048.0, 1.0, -2048.0], device=device)
+    assert torch.equal(ops.combine(J, w), torch.ones(1000, dtype=dtype, device=device))
+    out = torch.zeros(1000, dtype=dtype, device=device)
+    OPS.combine_accumulate_(out, J, w)
+    assert torch.equal(out, torch.ones(1000, dtype=dtype, device=device))
+    G = ops.gram(torch.ones(2, 4096, dtype=dtype, device=device))
+    assert torch.equal(G, torch.full((2, 2), 4096.0, device=device))
+
+
 def test_combine_into_grads_and_gram_of_list_equal_concatenated_path():
     params = [torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True), torch.randn(2, 2, 2, requires_grad=True)]
     jac = [torch.randn(4, *p.shape) for p in params]
@@ -154,7 +172,7 @@ def test_float32_against_float64():
 
 def test_batched_weights_equal_per_entry():
     J = torch.randn(4, 6, 100, dtype=torch.float64)
-    out, w, status = hrgrad_ext.hrgrad(J, return_status=True)
+    out, w, status = hrgrad_ext.hrgrad_ex(J)
     assert w.shape == (4, 6) and status.shape == (4,) and status.dtype == torch.int32
     for b in range(4):
         torch.testing.assert_close(out[b], hrgrad_ext.hrgrad(J[b]), rtol=1e-12, atol=1e-12)
@@ -162,26 +180,26 @@ def test_batched_weights_equal_per_entry():
 
 def test_status_flags():
     zero_row = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
-    _, w, status = hrgrad_ext.hrgrad(zero_row, return_status=True)
+    _, w, status = hrgrad_ext.hrgrad_ex(zero_row)
     assert int(status) == Status.ZERO_TASKS and w[1] == 0
     # K > n: three directions in the plane, 1 is not in the range of C -> conflict -> fallback
     J = torch.tensor([[1.0, 0.0], [-0.9, 0.2], [0.0, 1.0]], dtype=torch.float64)
-    update, _, status = hrgrad_ext.hrgrad(J, return_status=True)
+    update, _, status = hrgrad_ext.hrgrad_ex(J)
     assert int(status) & Status.RANK_DEFICIENT
     assert (J @ update >= -1e-12).all()
     opposite = torch.tensor([[1.0, 2.0], [-1.0, -2.0]], dtype=torch.float64)
-    update, _, status = hrgrad_ext.hrgrad(opposite, return_status=True)
+    update, _, status = hrgrad_ext.hrgrad_ex(opposite)
     assert int(status) & Status.ZERO_UPDATE and torch.all(update == 0)
     nan = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
-    _, w, status = hrgrad_ext.hrgrad(nan, return_status=True)
+    _, w, status = hrgrad_ext.hrgrad_ex(nan)
     assert int(status) & Status.NON_FINITE and torch.isnan(w).all()
 
 
 def test_rcond_controls_rank_deficiency():
     # two nearly identical tasks: with a generous rcond the pair is treated as one direction
     J = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1e-4, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-    _, _, st_default = hrgrad_ext.hrgrad(J, return_status=True)
-    _, _, st_loose = hrgrad_ext.hrgrad(J, rcond=1e-6, return_status=True)
+    _, _, st_default = hrgrad_ext.hrgrad_ex(J)
+    _, _, st_loose = hrgrad_ext.hrgrad_ex(J, rcond=1e-6)
     assert not int(st_default) & Status.RANK_DEFICIENT
     assert int(st_loose) & Status.RANK_DEFICIENT
 
@@ -197,6 +215,7 @@ def _opcheck_cases():
         (OPS.gram.default, (J.clone().requires_grad_(),), {}),
         (OPS.hrgrad_weights.default, (G,), {}),
         (OPS.hrgrad_weights.default, (ops.gram(Jb),), {"length_model": "harmonic", "rcond": 1e-8}),
+        (OPS.hrgrad_weights.default, (ops.gram(Jb).requires_grad_(),), {"length_model": "min"}),
         (OPS.combine.default, (J, torch.randn(3)), {}),
         (OPS.combine.default, (Jb.clone().requires_grad_(), torch.randn(2, 3, dtype=torch.float64, requires_grad=True)), {}),
         (OPS.combine_accumulate_.default, (torch.zeros(40), J, torch.randn(3)), {}),
@@ -298,8 +317,8 @@ def test_cuda_gram_matches_cpu(K, dtype):
 @pytest.mark.cuda
 def test_cuda_batched_hrgrad_matches_cpu():
     J = torch.randn(3, 8, 100_003)
-    out_cpu, w_cpu, st_cpu = hrgrad_ext.hrgrad(J, return_status=True)
-    out_gpu, w_gpu, st_gpu = hrgrad_ext.hrgrad(J.cuda(), return_status=True)
+    out_cpu, w_cpu, st_cpu = hrgrad_ext.hrgrad_ex(J)
+    out_gpu, w_gpu, st_gpu = hrgrad_ext.hrgrad_ex(J.cuda())
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w_gpu.cpu(), w_cpu, rtol=1e-6, atol=1e-8)
     assert torch.equal(st_gpu.cpu(), st_cpu)
@@ -316,8 +335,8 @@ def test_cuda_weights_flags_match_cpu():
         dtype=torch.float64,
     )
     for lm in LENGTH_MODELS:
-        w_cpu, s_cpu = ops.hrgrad_weights(cases, lm)
-        w_gpu, s_gpu = ops.hrgrad_weights(cases.cuda(), lm)
+        w_cpu, s_cpu = ops.hrgrad_weights_ex(cases, lm)
+        w_gpu, s_gpu = ops.hrgrad_weights_ex(cases.cuda(), lm)
         torch.testing.assert_close(w_gpu.cpu(), w_cpu, rtol=1e-12, atol=1e-12)
         assert torch.equal(s_gpu.cpu(), s_cpu)
 
@@ -347,6 +366,6 @@ def test_cuda_large_n_and_device_mismatch():
 def test_empty_batch(device):
     J = torch.randn(0, 3, 10, device=device)
     assert ops.gram(J).shape == (0, 3, 3)
-    w, status = ops.hrgrad_weights(torch.zeros(0, 3, 3, device=device))
+    w, status = ops.hrgrad_weights_ex(torch.zeros(0, 3, 3, device=device))
     assert w.shape == (0, 3) and status.shape == (0,)
     assert ops.combine(J, torch.zeros(0, 3, device=device)).shape == (0, 10)

@@ -1,7 +1,7 @@
 """Tests of the fused velocity-quadrature ops (hrgrad_ext.ops.kinetic).
 
-The references below are plain PyTorch written from the formulas of issue 3, independent of
-the op implementations. Tolerances: float64 CPU vs reference rtol 1e-12 (the op sums in double
+The references (reference_impls.py) are plain PyTorch written from the formulas of issue 3,
+independent of the op implementations. Tolerances: float64 CPU vs reference rtol 1e-12 (the op sums in double
 like the reference; only the summation order differs), float32 rtol ~1e-5. The CPU kernels are
 compiled for AVX-512, AVX2 and SSE2 (``HRGRAD_EXT_CPU_ISA`` selects one); the tests taking the
 ``isa`` fixture run each.
@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from reference_impls import ref_bgk, ref_maxwellian, ref_moments, ref_transport
+
 import hrgrad_ext  # noqa: F401  (registers the ops)
 from hrgrad_ext.ops import kinetic as K
 
@@ -26,46 +28,6 @@ needs_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and hrgrad_ext.build_info()["cuda"]),
     reason="needs a CUDA device and a CUDA build of hrgrad_ext",
 )
-
-
-# --- plain-PyTorch references (from the issue's formulas) ---------------------------------------
-
-
-def ref_moments(F, v, w, order):
-    return torch.stack([(w * v**k * F).sum(-1) for k in range(order + 1)], -1)
-
-
-def ref_maxwellian(rho, u, T, v):
-    rho, u, T = rho[:, None], u[:, None], T[:, None]
-    return rho / torch.sqrt(2 * math.pi * T) * torch.exp(-((v - u) ** 2) / (2 * T))
-
-
-def ref_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn):
-    k = kn if kn.dim() == 0 else kn[:, None]
-    M = ref_maxwellian(rho, u, T, v)
-    kinetic = k * (Ft + v * Fx) - (M - F)
-    E = 0.5 * rho * (u**2 + T)
-    rhou_t = rho_t * u + rho * u_t
-    E_t = 0.5 * rho_t * (u**2 + T) + 0.5 * rho * (2 * u * u_t + T_t)
-    conservation = torch.stack(
-        [rho_t + (w * v * Fx).sum(-1), rhou_t + (w * v**2 * Fx).sum(-1), E_t + 0.5 * (w * v**3 * Fx).sum(-1)], -1
-    )
-    consistency = torch.stack(
-        [rho - (w * F).sum(-1), rho * u - (w * v * F).sum(-1), E - 0.5 * (w * v**2 * F).sum(-1)], -1
-    )
-    return kinetic, conservation, consistency
-
-
-def ref_transport(G, Gt, Gx, rho_t, rho_x, v, w, eps):
-    def avg(phi):
-        return (w * phi).sum(-1, keepdim=True) / w.sum()
-
-    g, gt, gx = G - avg(G), Gt - avg(Gt), Gx - avg(Gx)
-    e = eps if eps.dim() == 0 else eps[:, None]
-    vgx = avg(v * gx)
-    micro = e**2 * gt + e * (v * gx - vgx) + v * rho_x[:, None] + g
-    macro = rho_t + vgx[:, 0]
-    return g, micro, macro
 
 
 # --- input factories ----------------------------------------------------------------------------

@@ -48,12 +48,40 @@ def test_encoding_single_point_range_and_bad_args():
         EpsEncoding(-1, 0, fourier=-1)
 
 
+# the activations written out (gelu: the exact erf form)
+ACTIVATION_FORMULAS = {
+    "tanh": torch.tanh,
+    "silu": lambda z: z / (1 + torch.exp(-z)),
+    "gelu": lambda z: 0.5 * z * (1 + torch.erf(z / math.sqrt(2))),
+    "sin": torch.sin,
+    "softplus": lambda z: torch.log1p(torch.exp(z)),
+}
+
+
 @pytest.mark.parametrize("kind,cls", [("mlp", MLP), ("resnet", ResNet)])
-@pytest.mark.parametrize("act", ["tanh", "silu", "gelu", "sin", "softplus"])
-def test_bodies(kind, cls, act):
+@pytest.mark.parametrize("act", sorted(ACTIVATION_FORMULAS))
+def test_bodies_compute_their_documented_formula(kind, cls, act):
     net = make_body(kind, 3, 2, width=8, depth=2, activation=act)
     assert isinstance(net, cls)
-    assert net(torch.randn(4, 5, 3)).shape == (4, 5, 2)
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    # MLP: depth hidden layers and an output layer; ResNet: input, two per block, output
+    assert len(linears) == (2 + 1 if kind == "mlp" else 1 + 2 * 2 + 1)
+    assert all(m.out_features == 8 for m in linears[:-1]) and linears[-1].out_features == 2
+
+    def lin(m, z):
+        return z @ m.weight.T + m.bias
+
+    sigma = ACTIVATION_FORMULAS[act]
+    x = torch.randn(4, 5, 3)
+    if kind == "mlp":  # act(W_k ... act(W_1 x)) then a linear output
+        h = x
+        for m in linears[:-1]:
+            h = sigma(lin(m, h))
+    else:  # h = act(W_in x), then h <- h + act(W_2 act(W_1 h)) per block
+        h = sigma(lin(linears[0], x))
+        for l1, l2 in zip(linears[1:-1:2], linears[2:-1:2]):
+            h = h + sigma(lin(l2, sigma(lin(l1, h))))
+    torch.testing.assert_close(net(x), lin(linears[-1], h), rtol=1e-12, atol=1e-12)
 
 
 def test_body_errors():

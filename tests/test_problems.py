@@ -70,6 +70,30 @@ def test_bgk_initial_data_matches_reference_solver(case):
     torch.testing.assert_close(p.moments(f0)[0], p.initial_state(x)[0], rtol=1e-9, atol=0)
 
 
+# spec KINETIC.md section 2, written out: q0 = q_L + (q_R - q_L) s(x)
+SPEC_PROFILES = {
+    "I": lambda x: (1 + np.sin(np.pi * x)) / 2,
+    "II": lambda x: (1 + np.sign(x) * np.abs(np.sin(np.pi * x)) ** (3 / 7)) / 2,
+    "III": lambda x: (1 + np.tanh(10 * x)) / 2,
+    "IV": lambda x: (1 + np.tanh(20 * x)) / 2,
+    "V": lambda x: (x > 0).astype(float),  # Riemann step: the left state for x < 0
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPEC_PROFILES))
+def test_bgk_initial_state_is_the_spec_formula(case):
+    p = BGK(case, dtype=torch.float64)
+    x = torch.linspace(-0.49, 0.49, 41, dtype=torch.float64)  # avoids x = 0 (the step's face)
+    s = SPEC_PROFILES[case](x.numpy())
+    want = [ql + (qr - ql) * s for ql, qr in zip((1.5, 0.0, 1.5), (0.625, 0.0, 0.75))]
+    for got, q in zip(p.initial_state(x), want):
+        np.testing.assert_allclose(got.numpy(), q, rtol=1e-14, atol=1e-15)
+    rho, u, T = want
+    v = p.v.numpy()
+    f0 = rho[:, None] / np.sqrt(2 * np.pi * T[:, None]) * np.exp(-(v - u[:, None]) ** 2 / (2 * T[:, None]))
+    np.testing.assert_allclose(p.initial_f(x[:, None], p.v[None, :]).numpy(), f0, rtol=1e-13, atol=1e-300)
+
+
 def test_defaults_follow_the_spec():
     assert (BGK("I").kn, BGK("I").t_final) == (1e-3, 0.1)
     assert (BGK("IV").kn, BGK("V").kn, BGK("V").t_final) == (1.0, 1e-2, 0.05)

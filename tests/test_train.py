@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from apnn_reference import reference_task_gradients
 
 from hrgrad_ext.ops import combine_into_grads
 from hrgrad_ext.train.config import (METHODS, TrainConfig, apply_overrides, default_config_path, default_config,
@@ -50,6 +51,20 @@ def assert_same_task_gradients(L, J, L_ref, J_ref, rtol=1e-12):
     assert (J[0][0] - J[0][1]).abs().max() > 0
 
 
+def task_gradient_references(tr, batch):
+    """The two references for task losses and gradients: the formulation's own K-pass path (one
+    eager backward per task) and the spec losses written out in plain PyTorch
+    (``tests/apnn_reference.py``: no ``form.forward`` / ``form.loss``, no fused ops)."""
+    return (separate_task_gradients(tr.model, tr.form, batch, tr.layout),
+            reference_task_gradients(tr.model, tr.form, batch, tr.layout))
+
+
+def assert_task_gradients_match_references(L, J, refs, rtol=1e-12):
+    (L_sep, J_sep), (L_spec, J_spec) = refs
+    assert_same_task_gradients(L, J, L_sep, J_sep, rtol)
+    assert_same_task_gradients(L, J, L_spec, J_spec, max(rtol, 1e-10))
+
+
 # --- per-segment gradients --------------------------------------------------------------------
 
 
@@ -60,13 +75,13 @@ def test_segmented_gradients_equal_separate_backward_passes(tmp_path, problem, m
     cfg = tiny_config(tmp_path, problem, eps=eps, tasks=mode, dtype="float64")
     tr = Trainer(cfg)
     batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
-    L_ref, J_ref = separate_task_gradients(tr.model, tr.form, batch, tr.layout)  # one backward per task
     T = tr.layout.num_tasks
     assert T == len(eps) * (len(tr.form.groups) if mode == "eps_group" else 1)
+    refs = task_gradient_references(tr, batch)
     for deriv in ("fast", "jvp"):
         L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, deriv)
         assert J[0].shape[0] == T
-        assert_same_task_gradients(L, J, L_ref, J_ref)
+        assert_task_gradients_match_references(L, J, refs)
 
 
 @pytest.mark.parametrize("opts", BGK_FORMS[2:], ids=lambda o: f"hard_ic={o['hard_ic']}-{o['f_form']}")
@@ -76,10 +91,10 @@ def test_bgk_parametrisations_segmented_gradients_equal_separate_backward_passes
     tr = Trainer(cfg)
     assert tr.model.hard_ic == opts["hard_ic"] and tr.form.f_form == opts["f_form"]
     batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
-    L_ref, J_ref = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
+    refs = task_gradient_references(tr, batch)
     for deriv in ("fast", "jvp"):
         L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, deriv)
-        assert_same_task_gradients(L, J, L_ref, J_ref)
+        assert_task_gradients_match_references(L, J, refs)
         if opts == {"hard_ic": True, "f_form": "maxwellian"}:
             # every initial-data term vanishes identically
             assert groups["initial"].abs().max() < 1e-24
@@ -185,13 +200,14 @@ def test_front_sampling_puts_points_where_the_inflow_has_reached():
         TrainConfig(sampling={"fron": 0.5}).validate()
 
 
-def test_default_transport_model_resolves_the_eps1_front():
+def test_default_transport_config_gives_eps1_its_own_window_half_range_and_front_sampling():
     # Root cause of the eps = 1 failure (rel L2 0.78-0.89 at t = 0.1 for any width or step
     # count): at t = 0.1 its solution is a wedge in x < 0.1, behind the incompatible corner of
     # the data, which smooth networks smear, plus the inflow jump in v at v = 0 that g could
     # not represent. The defaults give eps = 1 the anchor's window [0, 1] (the solution then
     # fills the slab), keep the half-range input and the front sampling, and every smaller eps
-    # the window [0, 0.1].
+    # the window [0, 0.1]. This checks the configuration only; that it resolves the front is a
+    # measurement of a full run (docs/RESULTS.md), too long for a test.
     cfg = default_config("transport")
     tr = Trainer(apply_overrides(cfg, ["log.progress=false", "log.plots=false"]))
     m = tr.model
@@ -221,32 +237,40 @@ def test_ic_corner_ramps_the_initial_residual_in_next_to_the_wall():
 
 
 def test_hrgrad_decreases_every_task_loss_where_sum_lets_one_grow(tmp_path):
-    # transport, tasks = (eps, point group): at this seed the summed gradient conflicts with the
-    # eps = 1 interior task and the eps = 1e-8 initial task. Small SGD steps on a fixed batch.
-    cfg = tiny_config(tmp_path, eps=[1.0, 1e-2, 1e-8], tasks="eps_group", dtype="float64", seed=0,
-                      points={"interior": 16, "boundary": 8, "initial": 8}, nv=30)
-    cfg.model = {"rho": {"width": 8, "depth": 2}, "g": {"width": 8, "depth": 2}}
-    tr = Trainer(cfg)
-    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
-    history = {}
+    # transport, tasks = (eps, point group). Whether the plain sum of the nine task gradients
+    # conflicts with one of them depends on the initial network (it does for about half the
+    # seeds), so the test takes the first seed of several where it clearly does (cosine < -0.05),
+    # instead of relying on one seed's numbers. Then one small SGD step along each update
+    # (small: first order, the change of L_i is -lr g_i . update): Sum's raises the loss of the
+    # task it conflicts with most, HRGrad's lowers every task loss (its update makes the same
+    # positive angle with every task gradient).
+    for seed in range(12):
+        cfg = tiny_config(tmp_path, eps=[1.0, 1e-2, 1e-8], tasks="eps_group", dtype="float64", seed=seed,
+                          points={"interior": 16, "boundary": 8, "initial": 8}, nv=30)
+        cfg.model = {"rho": {"width": 8, "depth": 2}, "g": {"width": 8, "depth": 2}}
+        tr = Trainer(cfg)
+        batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+        L0, _, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout)
+        Jf = torch.cat([j.reshape(j.shape[0], -1) for j in J], 1)
+        cos_sum = (Jf @ Jf.sum(0)) / (Jf.norm(dim=1) * Jf.sum(0).norm())
+        if cos_sum.min() < -0.05:
+            break
+    else:
+        pytest.fail(f"the summed gradient conflicts with no task at seeds 0-11 (expected at about half of them)")
+    change = {}
     for method in ("sum", "hrgrad"):
         model = copy.deepcopy(tr.model)
         params = list(model.parameters())
-        opt = torch.optim.SGD(params, lr=1e-3)
-        agg = make_aggregator(method)
-        hist = []
-        for _ in range(10):
-            L, _, J = segmented_task_gradients(model, tr.form, batch, tr.layout)
-            hist.append(L)
-            _, w, _ = aggregate_jacobians(agg, J)
-            opt.zero_grad()
-            combine_into_grads(J, w, params)
-            opt.step()
-        history[method] = torch.stack(hist)
-    H = history["sum"]
-    assert (H[-1] > H[0]).any(), "Sum should let at least one task loss grow here"
-    H = history["hrgrad"]
-    assert (H[1:] < H[:-1]).all(), f"HRGrad should decrease every task loss at every step: {H}"
+        _, w, _ = aggregate_jacobians(make_aggregator(method), J)
+        update_norm = float((w[:, None] * Jf).sum(0).norm())
+        opt = torch.optim.SGD(params, lr=1e-6 / update_norm)  # a step of length 1e-6
+        combine_into_grads(J, w, params)
+        opt.step()
+        L1, _, _ = segmented_task_gradients(model, tr.form, batch, tr.layout)
+        change[method] = L1 - L0
+    worst = int(cos_sum.argmin())
+    assert change["sum"][worst] > 0, f"seed {seed}: Sum should raise the loss of task {worst}: {change['sum']}"
+    assert (change["hrgrad"] < 0).all(), f"seed {seed}: HRGrad should lower every task loss: {change['hrgrad']}"
 
 
 # --- training runs ----------------------------------------------------------------------------
@@ -487,9 +511,8 @@ def test_per_task_time_windows_sampling_scaling_and_scoring(tmp_path):
     # the per-task gradients stay exact with windows in the model
     tr64 = Trainer(tiny_config(tmp_path, eps=[1.0, 1e-2], t_final=[1.0, 0.1], dtype="float64"))
     batch = tr64.form.sample_batch(tr64.gen, tr64.eps_tensor, "cpu", torch.float64)
-    L_ref, J_ref = separate_task_gradients(tr64.model, tr64.form, batch, tr64.layout)
     L, _, J = segmented_task_gradients(tr64.model, tr64.form, batch, tr64.layout)
-    assert_same_task_gradients(L, J, L_ref, J_ref)
+    assert_task_gradients_match_references(L, J, task_gradient_references(tr64, batch))
     with pytest.raises(ValueError, match="t_final"):
         Trainer(tiny_config(tmp_path, t_final=[0.1, 0.1, 0.1]))
     with pytest.raises(ValueError, match="t_final"):
@@ -542,6 +565,8 @@ def test_compiled_segmented_losses_give_the_eager_gradients(tmp_path):
     L_ref, _, J_ref = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, losses_fn=eager)
     L, _, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, losses_fn=tr.losses_fn)
     assert_same_task_gradients(L, J, L_ref, J_ref, rtol=1e-10)
+    L_spec, J_spec = reference_task_gradients(tr.model, tr.form, batch, tr.layout)
+    assert_same_task_gradients(L, J, L_spec, J_spec, rtol=1e-10)
     tr.run()  # a compiled run trains (2 more steps, same shapes: no recompilation)
     assert tr.step == cfg.iters
     with pytest.raises(ValueError, match="compile"):
@@ -556,9 +581,8 @@ def test_bgk_per_task_windows_keep_the_task_gradients_exact(tmp_path):
     tr = Trainer(cfg)
     batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
     assert batch["interior"]["t"][0].max() <= 0.05 < batch["interior"]["t"][1].max()
-    L_ref, J_ref = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
     L, _, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout)
-    assert_same_task_gradients(L, J, L_ref, J_ref)
+    assert_task_gradients_match_references(L, J, task_gradient_references(tr, batch))
 
 
 def test_update_clipping(tmp_path):

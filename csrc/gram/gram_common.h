@@ -28,14 +28,13 @@ inline at::ScalarType gram_out_dtype(const at::Tensor& J, std::optional<at::Scal
   return out;
 }
 
-// G [K, K] or [B, K, K]: returns a contiguous [B, K, K] view.
-inline at::Tensor as_batched_gram(const at::Tensor& G) {
-  TORCH_CHECK(G.dim() == 2 || G.dim() == 3, "hrgrad_weights: G must be [K, K] or [B, K, K], got shape ",
-              G.sizes());
-  TORCH_CHECK(G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble,
-              "hrgrad_weights: G must be float32 or float64, got ", G.scalar_type());
-  TORCH_CHECK(G.size(-1) == G.size(-2), "hrgrad_weights: G must be square, got shape ", G.sizes());
-  TORCH_CHECK(G.size(-1) > 0, "hrgrad_weights: G has K = 0 tasks");
+// G [K, K] or [B, K, K] (float32/float64, square, K >= 1): returns a contiguous [B, K, K] view.
+inline at::Tensor as_batched_gram(const at::Tensor& G, const char* op = "hrgrad_weights") {
+  TORCH_CHECK(G.dim() == 2 || G.dim() == 3, op, ": G must be [K, K] or [B, K, K], got shape ", G.sizes());
+  TORCH_CHECK(G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble, op,
+              ": G must be float32 or float64, got ", G.scalar_type());
+  TORCH_CHECK(G.size(-1) == G.size(-2), op, ": G must be square, got shape ", G.sizes());
+  TORCH_CHECK(G.size(-1) > 0, op, ": G has K = 0 tasks");
   return (G.dim() == 2 ? G.unsqueeze(0) : G).contiguous();
 }
 
@@ -53,9 +52,9 @@ inline int parse_length_model(const std::string& name) {
 
 // Default cut-off of the pseudo-inverse, relative to the largest eigenvalue of C: ten times
 // K times the unit round-off of G's dtype (rounding noise in C is of that size).
-inline double resolve_rcond(std::optional<double> rcond, const at::Tensor& G) {
+inline double resolve_rcond(std::optional<double> rcond, const at::Tensor& G, const char* op = "hrgrad_weights") {
   if (rcond.has_value()) {
-    TORCH_CHECK(*rcond >= 0.0 && *rcond < 1.0, "hrgrad_weights: rcond must be in [0, 1), got ", *rcond);
+    TORCH_CHECK(*rcond >= 0.0 && *rcond < 1.0, op, ": rcond must be in [0, 1), got ", *rcond);
     return *rcond;
   }
   const double eps = G.scalar_type() == at::kDouble ? 2.220446049250313e-16 : 1.1920928955078125e-07;

@@ -1,37 +1,41 @@
 // CUDA kernels of the gram family: gram, hrgrad_weights, combine, combine_accumulate_.
 //
 // gram is a split-n reduction, not a GEMM: J is skinny (K <= 64 rows, n up to ~1e9 columns),
-// so the kernel is bound by reading J once. Each block reduces a strided share of the
-// columns into a private K x K partial (float32 registers for float32/half inputs, float64
-// for float64) and writes it as float64 to a workspace; a second tiny kernel sums the
-// partials in a fixed order (deterministic, no atomics) and writes the symmetric result.
-//   K <= 16: every thread keeps all K(K+1)/2 products of its columns in registers.
+// so the kernel is bound by reading J once. Each block reduces a strided share of the columns
+// of one batch entry into a private K x K partial and writes it to a float64 workspace; a
+// second small kernel sums the partials in a fixed order (deterministic, no atomics) and
+// writes the symmetric result.
+//   K <= 8:  every thread keeps the K(K+1)/2 products of its columns in registers.
 //   K <= 64: a block stages a chunk of columns in shared memory and each thread owns a 4x4
 //            register tile of G (upper-triangular tiles only).
-//   K  > 64: falls back to at::matmul (documented; not the skinny regime this is built for).
+//   K  > 64: float64 GEMMs over chunks of columns (not the skinny regime this is built for).
+// Products and sums are float64 whatever the input dtype, as in the CPU kernel. The rotation
+// solve decides rank deficiency from the eigenvalues of the cosine matrix relative to eps of
+// G's dtype; a G summed in float32 carries ~1e-7 relative noise, which turned rank-deficient
+// float32 problems into conflicting updates without the RANK_DEFICIENT flag. The price is one
+// float64 FMA per product: about (K + 1) / 2 per element of J read for K <= 8, which memory
+// traffic still hides, and about K / 2 on the tile path, which at K = 64 with float32 input is
+// bound by float64 throughput (estimated ~2x the float32-accumulation time on an H100, ~3x on
+// an A100; bench/bench_gram.py measures it).
+// Any batch size: the batch is folded into gridDim.x (blocks b * nblk ... b * nblk + nblk - 1
+// serve entry b), in several launches when that exceeds the grid.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
+#include "common/cuda_kernel.h"
 #include "gram/gram_common.h"
 
 namespace hrgrad_ext {
 namespace {
 
 constexpr int kThreads = 256;
-
-int sm_count(int device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
+constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+using cuda::launch;
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -40,31 +44,37 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// ---- gram, K <= KMAX <= 16: products in registers ----------------------------------------
-// partial layout: [B, nblk, K*K] float64, upper triangle (i <= j) filled.
-template <typename scalar_t, typename acc_t, int KMAX, int UNROLL>
+// Calls launch_range(b0, count) for consecutive ranges of the batch whose grid, count *
+// blocks_per_entry blocks, fits in gridDim.x.
+template <typename F>
+void over_batch(int64_t B, int64_t blocks_per_entry, F&& launch_range) {
+  const int64_t per_launch = std::max<int64_t>(1, kMaxGridX / blocks_per_entry);
+  for (int64_t b0 = 0; b0 < B; b0 += per_launch) launch_range(b0, std::min(per_launch, B - b0));
+}
+
+// ---- gram, K <= KMAX <= 8: products in registers ---------------------------------------------
+// partial: [B, nblk, K * K] float64, upper triangle (i <= j) filled.
+template <typename scalar_t, int KMAX, int UNROLL>
 __global__ void __launch_bounds__(kThreads)
-gram_registers_kernel(const scalar_t* __restrict__ J, int K, int64_t n, int nblk,
-                      double* __restrict__ partial) {
+gram_registers_kernel(const scalar_t* __restrict__ J, int K, int64_t n, int nblk, double* __restrict__ partial) {
   constexpr int P = KMAX * (KMAX + 1) / 2;
-  const int b = blockIdx.y;
+  const int b = blockIdx.x / nblk, blk = blockIdx.x % nblk;
   const scalar_t* Jb = J + static_cast<int64_t>(b) * K * n;
-  acc_t acc[P];
+  double acc[P];
 #pragma unroll
-  for (int p = 0; p < P; ++p) acc[p] = acc_t(0);
+  for (int p = 0; p < P; ++p) acc[p] = 0.0;
 
   const int64_t stride = static_cast<int64_t>(nblk) * kThreads * UNROLL;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * UNROLL + threadIdx.x; base < n;
-       base += stride) {
-    acc_t v[UNROLL][KMAX];
-    // Issue all loads of this iteration before any arithmetic: KMAX * UNROLL independent
-    // coalesced loads in flight per thread is what hides DRAM latency here.
+  for (int64_t base = static_cast<int64_t>(blk) * kThreads * UNROLL + threadIdx.x; base < n; base += stride) {
+    double v[UNROLL][KMAX];
+    // All loads of this iteration before any arithmetic: KMAX * UNROLL independent coalesced
+    // loads in flight per thread is what hides DRAM latency here.
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int64_t c = base + static_cast<int64_t>(u) * kThreads;
 #pragma unroll
       for (int k = 0; k < KMAX; ++k) {
-        v[u][k] = (k < K && c < n) ? static_cast<acc_t>(Jb[static_cast<int64_t>(k) * n + c]) : acc_t(0);
+        v[u][k] = (k < K && c < n) ? static_cast<double>(Jb[static_cast<int64_t>(k) * n + c]) : 0.0;
       }
     }
 #pragma unroll
@@ -79,18 +89,17 @@ gram_registers_kernel(const scalar_t* __restrict__ J, int K, int64_t n, int nblk
   }
 
   // Block reduction: warp shuffles, then one value per warp through shared memory.
-  __shared__ double warp_partial[kThreads / 32][P];
+  HRGRAD_SHARED(double, warp_partial, [kThreads / 32][P]);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int p = 0; p < P; ++p) {
-    const acc_t s = warp_sum(acc[p]);
-    if (lane == 0) warp_partial[warp][p] = static_cast<double>(s);
+    const double s = warp_sum(acc[p]);
+    if (lane == 0) warp_partial[warp][p] = s;
   }
   __syncthreads();
-  double* out = partial + (static_cast<int64_t>(b) * nblk + blockIdx.x) * K * K;
+  double* out = partial + static_cast<int64_t>(blockIdx.x) * K * K;
   for (int p = threadIdx.x; p < P; p += kThreads) {
-    // p -> (i, j) with i <= j in the same order as the accumulation loop above
-    int i = 0, rem = p;
+    int i = 0, rem = p;  // p -> (i, j), i <= j, in the order of the accumulation above
     while (rem >= KMAX - i) {
       rem -= KMAX - i;
       ++i;
@@ -104,43 +113,50 @@ gram_registers_kernel(const scalar_t* __restrict__ J, int K, int64_t n, int nblk
   }
 }
 
-// ---- gram, 16 < K <= KMAX (32 or 64): shared-memory chunk, 4x4 register tiles ------------
-template <typename scalar_t, typename acc_t, int KMAX>
-__global__ void __launch_bounds__(kThreads)
-gram_tiles_kernel(const scalar_t* __restrict__ J, int K, int64_t n, int nblk,
-                  double* __restrict__ partial) {
-  constexpr int CHUNK = 32;                       // columns staged per iteration
-  constexpr int T = KMAX / 4;                     // 4x4 tiles per side
-  constexpr int TILES = T * T;                    // 64 (KMAX=32) or 256 (KMAX=64)
-  constexpr int GROUPS = kThreads / TILES;        // column groups sharing the chunk
-  constexpr int COLS_PER_GROUP = CHUNK / GROUPS;
-  __shared__ acc_t tile[KMAX][CHUNK + 1];         // +1: fewer bank conflicts on column reads
+// ---- gram, 8 < K <= KMAX (16, 32 or 64): shared-memory chunks, 4x4 register tiles ------------
+template <int KMAX>
+struct TileShape {
+  static constexpr int kTiles = (KMAX / 4) * (KMAX / 4);  // 16, 64 or 256 tiles of 4x4
+  static constexpr int kGroups = kThreads / kTiles;         // column groups sharing a chunk
+  static constexpr int kChunk = 2048 / KMAX;                // columns staged per iteration: 128, 64, 32
+  static constexpr int kLd = kChunk + 1;                    // +1: fewer bank conflicts on column reads
+  // The chunk buffer, reused after the loop for the sums of the column groups.
+  static constexpr int kSmemDoubles = std::max(KMAX * kLd, kGroups > 1 ? kGroups * kTiles * 16 : 0);
+};
 
-  const int b = blockIdx.y;
+template <typename scalar_t, int KMAX>
+__global__ void __launch_bounds__(kThreads)
+gram_tiles_kernel(const scalar_t* __restrict__ J, int K, int64_t n, int nblk, double* __restrict__ partial) {
+  using S = TileShape<KMAX>;
+  constexpr int T = KMAX / 4, CHUNK = S::kChunk, LD = S::kLd, GROUPS = S::kGroups;
+  constexpr int COLS_PER_GROUP = CHUNK / GROUPS;
+  HRGRAD_SHARED(double, smem, [S::kSmemDoubles]);
+
+  const int b = blockIdx.x / nblk, blk = blockIdx.x % nblk;
   const scalar_t* Jb = J + static_cast<int64_t>(b) * K * n;
-  const int t = threadIdx.x % TILES, group = threadIdx.x / TILES;
+  const int t = threadIdx.x % S::kTiles, group = threadIdx.x / S::kTiles;
   const int ti = t / T, tj = t % T;
   const bool active = ti <= tj;
-  acc_t acc[4][4];
+  double acc[4][4];
 #pragma unroll
   for (int r = 0; r < 4; ++r)
 #pragma unroll
-    for (int s = 0; s < 4; ++s) acc[r][s] = acc_t(0);
+    for (int s = 0; s < 4; ++s) acc[r][s] = 0.0;
 
-  for (int64_t c0 = static_cast<int64_t>(blockIdx.x) * CHUNK; c0 < n; c0 += static_cast<int64_t>(nblk) * CHUNK) {
+  for (int64_t c0 = static_cast<int64_t>(blk) * CHUNK; c0 < n; c0 += static_cast<int64_t>(nblk) * CHUNK) {
     for (int e = threadIdx.x; e < KMAX * CHUNK; e += kThreads) {
       const int k = e / CHUNK, c = e % CHUNK;
       const int64_t col = c0 + c;
-      tile[k][c] = (k < K && col < n) ? static_cast<acc_t>(Jb[static_cast<int64_t>(k) * n + col]) : acc_t(0);
+      smem[k * LD + c] = (k < K && col < n) ? static_cast<double>(Jb[static_cast<int64_t>(k) * n + col]) : 0.0;
     }
     __syncthreads();
     if (active) {
       for (int c = group * COLS_PER_GROUP; c < (group + 1) * COLS_PER_GROUP; ++c) {
-        acc_t a[4], bb[4];
+        double a[4], bb[4];
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-          a[r] = tile[ti * 4 + r][c];
-          bb[r] = tile[tj * 4 + r][c];
+          a[r] = smem[(ti * 4 + r) * LD + c];
+          bb[r] = smem[(tj * 4 + r) * LD + c];
         }
 #pragma unroll
         for (int r = 0; r < 4; ++r)
@@ -148,27 +164,25 @@ gram_tiles_kernel(const scalar_t* __restrict__ J, int K, int64_t n, int nblk,
           for (int s = 0; s < 4; ++s) acc[r][s] += a[r] * bb[s];
       }
     }
-    __syncthreads();
+    __syncthreads();  // before the next chunk (or the group sums) overwrites the buffer
   }
 
-  // Reduce the column groups through shared memory (reusing nothing: a separate buffer).
-  // Sized 1 when there is a single group, to stay within 48 KB of static shared memory.
-  __shared__ double group_sum[GROUPS > 1 ? GROUPS : 1][GROUPS > 1 ? TILES : 1][16];
+  // Sum the column groups through the (now free) chunk buffer: group g, tile t at (g * T^2 + t) * 16.
   if (GROUPS > 1) {
 #pragma unroll
     for (int r = 0; r < 4; ++r)
 #pragma unroll
-      for (int s = 0; s < 4; ++s) group_sum[group][t][r * 4 + s] = static_cast<double>(acc[r][s]);
+      for (int s = 0; s < 4; ++s) smem[(group * S::kTiles + t) * 16 + r * 4 + s] = acc[r][s];
     __syncthreads();
   }
   if (group == 0 && active) {
-    double* out = partial + (static_cast<int64_t>(b) * nblk + blockIdx.x) * K * K;
+    double* out = partial + static_cast<int64_t>(blockIdx.x) * K * K;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
-        double v = static_cast<double>(acc[r][s]);
-        for (int g = 1; g < GROUPS; ++g) v += group_sum[g][t][r * 4 + s];
+        double v = acc[r][s];
+        for (int g = 1; g < GROUPS; ++g) v += smem[(g * S::kTiles + t) * 16 + r * 4 + s];
         const int i = ti * 4 + r, j = tj * 4 + s;
         if (i < K && j < K && i <= j) out[i * K + j] = v;
       }
@@ -176,118 +190,130 @@ gram_tiles_kernel(const scalar_t* __restrict__ J, int K, int64_t n, int nblk,
   }
 }
 
-// Sums the per-block partials and writes G symmetric. One warp per entry of the upper
-// triangle, lanes striding over the blocks: hundreds of partials are summed in parallel, in
-// a fixed order (deterministic, no atomics).
+// Sums the per-block partials of each upper-triangular entry (b, i, j) and writes G
+// symmetric. One warp per entry, its lanes striding over the blocks: a fixed order
+// (deterministic, no atomics). Entries e0 .. e0 + gridDim.x * 8 of the B * K(K+1)/2.
 template <typename out_t>
-__global__ void gram_finalize_kernel(const double* __restrict__ partial, int K, int nblk,
-                                     out_t* __restrict__ G) {
-  const int b = blockIdx.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const double* pb = partial + static_cast<int64_t>(b) * nblk * K * K;
-  for (int e = warp; e < K * K; e += warps) {
-    const int i = e / K, j = e % K;
-    if (i > j) continue;  // uniform across the warp: e is the same for all lanes
-    double s = 0.0;
-    for (int blk = lane; blk < nblk; blk += 32) s += pb[static_cast<int64_t>(blk) * K * K + e];
-    s = warp_sum(s);
-    if (lane == 0) {
-      G[static_cast<int64_t>(b) * K * K + i * K + j] = static_cast<out_t>(s);
-      G[static_cast<int64_t>(b) * K * K + j * K + i] = static_cast<out_t>(s);
-    }
+__global__ void __launch_bounds__(kThreads)
+gram_finalize_kernel(const double* __restrict__ partial, int K, int nblk, int64_t e0, int64_t entries,
+                     out_t* __restrict__ G) {
+  const int64_t e = e0 + static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  if (e >= entries) return;  // the whole warp leaves together
+  const int lane = threadIdx.x & 31, P = K * (K + 1) / 2;
+  const int64_t b = e / P;
+  int i = 0, rem = static_cast<int>(e - b * P);
+  while (rem >= K - i) {
+    rem -= K - i;
+    ++i;
+  }
+  const int j = i + rem;
+  const double* pe = partial + b * nblk * K * K + i * K + j;
+  double s = 0.0;
+  for (int blk = lane; blk < nblk; blk += 32) s += pe[static_cast<int64_t>(blk) * K * K];
+  s = warp_sum(s);
+  if (lane == 0) {
+    G[b * K * K + i * K + j] = static_cast<out_t>(s);
+    G[b * K * K + j * K + i] = static_cast<out_t>(s);
   }
 }
 
-// Launches the partial-sum kernel; returns the [B, nblk, K*K] float64 partials and nblk.
-template <typename scalar_t>
-std::pair<at::Tensor, int> launch_gram_partials(const at::Tensor& Jb, cudaStream_t stream) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int B = static_cast<int>(Jb.size(0)), K = static_cast<int>(Jb.size(1));
-  const int64_t n = Jb.size(2);
-  const scalar_t* J = Jb.const_data_ptr<scalar_t>();
+// Launches one partial-sum kernel over the batch; returns the [B, nblk, K*K] float64 partials
+// and nblk. cols_per_block: columns a block covers per iteration.
+template <auto kernel, typename scalar_t>
+std::pair<at::Tensor, int> gram_partials(const at::Tensor& Jb, int64_t cols_per_block) {
+  const int64_t B = Jb.size(0), K = Jb.size(1), n = Jb.size(2);
   // Enough blocks to fill the GPU a few times over, split among the batch entries.
-  const int target = 4 * sm_count(Jb.get_device());
-  const int per_entry = std::max(1, target / std::max(1, B));
-  auto blocks_for = [&](int64_t cols_per_block) {
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(per_entry, (n + cols_per_block - 1) / cols_per_block)));
-  };
-  int nblk = 1;
-  at::Tensor partial;
-  auto alloc = [&](int blocks) {
-    nblk = blocks;
-    partial = at::empty({static_cast<int64_t>(B) * nblk * K * K}, Jb.options().dtype(at::kDouble));
-  };
-  TORCH_CHECK(B <= 65535, "gram: batch size ", B, " exceeds the CUDA grid limit of 65535");
-#define HRGRAD_LAUNCH_REG(KM, U)                                                                   \
-  do {                                                                                              \
-    alloc(blocks_for(static_cast<int64_t>(kThreads) * U));                                          \
-    gram_registers_kernel<scalar_t, acc_t, KM, U><<<dim3(nblk, B), kThreads, 0, stream>>>(           \
-        J, K, n, nblk, partial.mutable_data_ptr<double>());                                         \
-  } while (0)
-  if (K <= 2) {
-    HRGRAD_LAUNCH_REG(2, 4);
-  } else if (K <= 4) {
-    HRGRAD_LAUNCH_REG(4, 4);
-  } else if (K <= 8) {
-    HRGRAD_LAUNCH_REG(8, 4);
-  } else if (K <= 16) {
-    HRGRAD_LAUNCH_REG(16, 2);
-  } else if (K <= 32) {
-    alloc(blocks_for(32));
-    gram_tiles_kernel<scalar_t, acc_t, 32><<<dim3(nblk, B), kThreads, 0, stream>>>(
-        J, K, n, nblk, partial.mutable_data_ptr<double>());
-  } else {
-    alloc(blocks_for(32));
-    gram_tiles_kernel<scalar_t, acc_t, 64><<<dim3(nblk, B), kThreads, 0, stream>>>(
-        J, K, n, nblk, partial.mutable_data_ptr<double>());
-  }
-#undef HRGRAD_LAUNCH_REG
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t per_entry = std::max<int64_t>(1, 4 * cuda::multiprocessor_count(Jb.get_device()) / B);
+  const int nblk = static_cast<int>(std::min<int64_t>(per_entry, (n + cols_per_block - 1) / cols_per_block));
+  at::Tensor partial = at::empty({B * nblk * K * K}, Jb.options().dtype(at::kDouble));
+  const scalar_t* J = Jb.const_data_ptr<scalar_t>();
+  double* out = partial.mutable_data_ptr<double>();
+  over_batch(B, nblk, [&](int64_t b0, int64_t count) {
+    launch<kernel>({static_cast<unsigned>(count * nblk), kThreads}, J + b0 * K * n, static_cast<int>(K), n, nblk,
+                   out + b0 * nblk * K * K);
+  });
   return {partial, nblk};
+}
+
+template <typename scalar_t>
+std::pair<at::Tensor, int> launch_gram_partials(const at::Tensor& Jb) {
+  const int64_t K = Jb.size(1);
+  if (K <= 2) return gram_partials<gram_registers_kernel<scalar_t, 2, 4>, scalar_t>(Jb, kThreads * 4);
+  if (K <= 4) return gram_partials<gram_registers_kernel<scalar_t, 4, 4>, scalar_t>(Jb, kThreads * 4);
+  if (K <= 8) return gram_partials<gram_registers_kernel<scalar_t, 8, 2>, scalar_t>(Jb, kThreads * 2);
+  if (K <= 16) return gram_partials<gram_tiles_kernel<scalar_t, 16>, scalar_t>(Jb, TileShape<16>::kChunk);
+  if (K <= 32) return gram_partials<gram_tiles_kernel<scalar_t, 32>, scalar_t>(Jb, TileShape<32>::kChunk);
+  return gram_partials<gram_tiles_kernel<scalar_t, 64>, scalar_t>(Jb, TileShape<64>::kChunk);
+}
+
+// K > 64: G = sum over chunks of columns of Jc Jc^T, each chunk converted to float64 and
+// multiplied by a float64 GEMM (cuBLAS: exact products, float64 sums, never TF32). At most one
+// chunk of J is converted at a time (2^22 elements, 32 MB), not the whole J.
+constexpr int64_t kGemmChunkElements = int64_t(1) << 22;
+
+at::Tensor gram_by_gemm(const at::Tensor& Jb) {
+  const int64_t B = Jb.size(0), K = Jb.size(1), n = Jb.size(2);
+  at::Tensor G;
+  if (Jb.scalar_type() == at::kDouble) {
+    G = at::bmm(Jb, Jb.transpose(1, 2));
+  } else {
+    G = at::zeros({B, K, K}, Jb.options().dtype(at::kDouble));
+    const int64_t cols = std::max<int64_t>(1, kGemmChunkElements / (B * K));
+    for (int64_t c0 = 0; c0 < n; c0 += cols) {
+      const at::Tensor Jc = Jb.narrow(2, c0, std::min(cols, n - c0)).to(at::kDouble);
+      G.baddbmm_(Jc, Jc.transpose(1, 2));
+    }
+  }
+  // Exactly symmetric, like the other paths: the upper triangle mirrored.
+  return G.triu() + G.triu(1).transpose(1, 2);
 }
 
 at::Tensor gram_cuda(const at::Tensor& J, std::optional<at::ScalarType> dtype) {
   const at::Tensor Jb = as_batched_jacobian(J, "gram");
   const at::ScalarType out_dtype = gram_out_dtype(J, dtype);
-  const c10::cuda::CUDAGuard guard(Jb.device());
+  const cuda::DeviceGuard guard(Jb.device());
+  const int64_t B = Jb.size(0), K = Jb.size(1);
   at::Tensor G;
-  if (Jb.size(0) == 0) {  // empty batch: nothing to launch (a 0-block grid is a CUDA error)
-    G = at::empty({0, Jb.size(1), Jb.size(1)}, Jb.options().dtype(out_dtype));
-  } else if (Jb.size(1) > 64) {
-    // Outside the skinny regime a tiled GEMM is the right tool.
-    const at::Tensor Ja = Jb.to(out_dtype);
-    G = at::matmul(Ja, Ja.transpose(1, 2));
+  if (B == 0) {  // nothing to launch (a 0-block grid is a CUDA error)
+    G = at::empty({0, K, K}, Jb.options().dtype(out_dtype));
+  } else if (K > 64) {
+    G = gram_by_gemm(Jb).to(out_dtype);
   } else {
-    const int B = static_cast<int>(Jb.size(0)), K = static_cast<int>(Jb.size(1));
     G = at::empty({B, K, K}, Jb.options().dtype(out_dtype));
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     std::pair<at::Tensor, int> partials;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jb.scalar_type(), "gram_cuda",
-                                    [&] { partials = launch_gram_partials<scalar_t>(Jb, stream); });
+                                    [&] { partials = launch_gram_partials<scalar_t>(Jb); });
+    const int64_t entries = B * (K * (K + 1) / 2), per_launch = kMaxGridX * (kThreads / 32);
     AT_DISPATCH_FLOATING_TYPES(out_dtype, "gram_finalize", [&] {
-      gram_finalize_kernel<scalar_t><<<B, 256, 0, stream>>>(partials.first.const_data_ptr<double>(), K,
-                                                            partials.second, G.mutable_data_ptr<scalar_t>());
+      for (int64_t e0 = 0; e0 < entries; e0 += per_launch) {
+        const int64_t warps = std::min(per_launch, entries - e0);
+        launch<gram_finalize_kernel<scalar_t>>({static_cast<unsigned>((warps + kThreads / 32 - 1) / (kThreads / 32)), kThreads},
+                                               partials.first.const_data_ptr<double>(), static_cast<int>(K),
+                                               partials.second, e0, entries, G.mutable_data_ptr<scalar_t>());
+      }
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return J.dim() == 2 ? G.squeeze(0) : G;
 }
 
-// ---- hrgrad_weights: one block per batch entry, the same solve as the CPU kernel ------------
+// ---- hrgrad_weights: one block per batch entry, one thread solving ---------------------------
 // The K x K solve is short, sequential and latency-bound, so one thread does it, with its
-// scratch in shared memory when it fits (48 KB: K <= 52) and in global memory otherwise.
-constexpr int64_t kMaxStaticSmem = 48 * 1024;
+// scratch (hrgrad_solve_workspace(K) doubles) in shared memory when that fits in 48 KB and in
+// global memory otherwise. It runs the source of the CPU kernel (gram/hrgrad_solve.h), but
+// not bit for bit the same arithmetic: nvcc contracts a * b + c into FMAs where the host
+// compiler does not, and exp / log come from another math library, so the weights agree to
+// rounding (the dual-cone fallback included: an exact active-set solve, cone_solve.h).
+constexpr int64_t kMaxDynamicSmem = 48 * 1024;  // without the opt-in attribute
 
 template <typename scalar_t>
 __global__ void hrgrad_weights_kernel(const scalar_t* __restrict__ G, int K, int length_model, double rtol,
                                       bool scratch_in_smem, scalar_t* __restrict__ w, int* __restrict__ status,
                                       double* __restrict__ workspace) {
-  extern __shared__ double smem_scratch[];
-  const int b = blockIdx.x;
+  HRGRAD_DYNAMIC_SHARED(double, smem_scratch);
+  const int64_t b = blockIdx.x;
   if (threadIdx.x != 0) return;
   double* ws = scratch_in_smem ? smem_scratch : workspace + b * hrgrad_solve_workspace(K);
-  status[b] = hrgrad_solve<scalar_t, scalar_t>(G + static_cast<int64_t>(b) * K * K, K, length_model, rtol,
-                                               w + static_cast<int64_t>(b) * K, ws);
+  status[b] = hrgrad_solve<scalar_t, scalar_t>(G + b * K * K, K, length_model, rtol, w + b * K, ws);
 }
 
 std::tuple<at::Tensor, at::Tensor> hrgrad_weights_cuda(const at::Tensor& G, c10::string_view length_model,
@@ -295,47 +321,46 @@ std::tuple<at::Tensor, at::Tensor> hrgrad_weights_cuda(const at::Tensor& G, c10:
   const at::Tensor Gb = as_batched_gram(G);
   const int lm = parse_length_model(std::string(length_model));
   const double rtol = resolve_rcond(rcond, G);
-  const c10::cuda::CUDAGuard guard(Gb.device());
+  const cuda::DeviceGuard guard(Gb.device());
   const int64_t B = Gb.size(0), K = Gb.size(1);
-  TORCH_CHECK(B <= 2147483647LL, "hrgrad_weights: batch size ", B, " exceeds the CUDA grid limit");
   at::Tensor w = at::empty({B, K}, Gb.options());
   at::Tensor status = at::empty({B}, Gb.options().dtype(at::kInt));
   const int64_t scratch_bytes = hrgrad_solve_workspace(K) * static_cast<int64_t>(sizeof(double));
-  const bool in_smem = scratch_bytes <= kMaxStaticSmem;
+  const bool in_smem = scratch_bytes <= kMaxDynamicSmem;
   // Global scratch only when shared memory is too small; allocated through the caching
   // allocator, so the device never waits on the host.
   at::Tensor workspace = at::empty({in_smem ? 1 : B * hrgrad_solve_workspace(K)}, Gb.options().dtype(at::kDouble));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (B > 0) AT_DISPATCH_FLOATING_TYPES(Gb.scalar_type(), "hrgrad_weights_cuda", [&] {
-    hrgrad_weights_kernel<scalar_t><<<static_cast<unsigned>(B), 32, in_smem ? scratch_bytes : 0, stream>>>(
-        Gb.const_data_ptr<scalar_t>(), static_cast<int>(K), lm, rtol, in_smem, w.mutable_data_ptr<scalar_t>(),
-        status.mutable_data_ptr<int>(), workspace.mutable_data_ptr<double>());
+    over_batch(B, 1, [&](int64_t b0, int64_t count) {
+      launch<hrgrad_weights_kernel<scalar_t>>(
+          {static_cast<unsigned>(count), 32, static_cast<size_t>(in_smem ? scratch_bytes : 0)},
+          Gb.const_data_ptr<scalar_t>() + b0 * K * K, static_cast<int>(K), lm, rtol, in_smem,
+          w.mutable_data_ptr<scalar_t>() + b0 * K, status.mutable_data_ptr<int>() + b0,
+          workspace.mutable_data_ptr<double>() + (in_smem ? 0 : b0 * hrgrad_solve_workspace(K)));
+    });
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (G.dim() == 2) return {w.squeeze(0), status.squeeze(0)};
   return {w, status};
 }
 
 // ---- combine: out[b, c] (+)= sum_k w[b, k] J[b, k, c] --------------------------------------
+// The weights are read from global memory: every thread of a block reads the same w[b, k] at
+// the same time (one cached transaction per warp), and no shared memory bounds K.
 template <typename scalar_t, typename acc_t, bool kAccumulate, int UNROLL>
 __global__ void __launch_bounds__(kThreads)
-combine_kernel(const scalar_t* __restrict__ J, const acc_t* __restrict__ w, int K, int64_t n,
+combine_kernel(const scalar_t* __restrict__ J, const acc_t* __restrict__ w, int K, int64_t n, int nblk,
                scalar_t* __restrict__ out) {
-  extern __shared__ unsigned char smem_raw[];
-  acc_t* ws = reinterpret_cast<acc_t*>(smem_raw);
-  const int b = blockIdx.y;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) ws[k] = w[static_cast<int64_t>(b) * K + k];
-  __syncthreads();
+  const int b = blockIdx.x / nblk, blk = blockIdx.x % nblk;
   const scalar_t* Jb = J + static_cast<int64_t>(b) * K * n;
+  const acc_t* wb = w + static_cast<int64_t>(b) * K;
   scalar_t* ob = out + static_cast<int64_t>(b) * n;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * UNROLL;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * UNROLL + threadIdx.x; base < n;
-       base += stride) {
+  const int64_t stride = static_cast<int64_t>(nblk) * kThreads * UNROLL;
+  for (int64_t base = static_cast<int64_t>(blk) * kThreads * UNROLL + threadIdx.x; base < n; base += stride) {
     acc_t s[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) s[u] = acc_t(0);
     for (int k = 0; k < K; ++k) {
-      const acc_t wk = ws[k];
+      const acc_t wk = wb[k];
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
         const int64_t c = base + static_cast<int64_t>(u) * kThreads;
@@ -356,27 +381,26 @@ template <bool kAccumulate>
 void launch_combine(const at::Tensor& Jb, const at::Tensor& w, at::Tensor& out) {
   const int64_t B = Jb.size(0), K = Jb.size(1), n = Jb.size(2);
   if (B == 0) return;
-  TORCH_CHECK(B <= 65535, "combine: batch size ", B, " exceeds the CUDA grid limit of 65535");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   constexpr int U = 4;
-  const int target = 4 * sm_count(Jb.get_device());
-  const int64_t per_entry = std::max<int64_t>(1, target / std::max<int64_t>(1, B));
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(per_entry * 4, (n + kThreads * U - 1) / (kThreads * U))));
+  const int64_t target = 4 * cuda::multiprocessor_count(Jb.get_device());
+  const int64_t per_entry = std::max<int64_t>(1, target / B);
+  const int nblk = static_cast<int>(std::min<int64_t>(per_entry * 4, (n + kThreads * U - 1) / (kThreads * U)));
   const at::ScalarType acc = acc_type_of(Jb.scalar_type());
   const at::Tensor wb = w.reshape({B, K}).to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jb.scalar_type(), "combine_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    combine_kernel<scalar_t, acc_t, kAccumulate, U><<<dim3(blocks, B), kThreads, K * sizeof(acc_t), stream>>>(
-        Jb.const_data_ptr<scalar_t>(), wb.const_data_ptr<acc_t>(), static_cast<int>(K), n,
-        out.mutable_data_ptr<scalar_t>());
+    over_batch(B, nblk, [&](int64_t b0, int64_t count) {
+      launch<combine_kernel<scalar_t, acc_t, kAccumulate, U>>(
+          {static_cast<unsigned>(count * nblk), kThreads}, Jb.const_data_ptr<scalar_t>() + b0 * K * n,
+          wb.const_data_ptr<acc_t>() + b0 * K, static_cast<int>(K), n, nblk, out.mutable_data_ptr<scalar_t>() + b0 * n);
+    });
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor combine_cuda(const at::Tensor& J, const at::Tensor& w) {
   const at::Tensor Jb = as_batched_jacobian(J, "combine");
   check_combine_weights(J, w, "combine");
-  const c10::cuda::CUDAGuard guard(Jb.device());
+  const cuda::DeviceGuard guard(Jb.device());
   at::Tensor out = at::empty({Jb.size(0), Jb.size(2)}, Jb.options());
   launch_combine<false>(Jb, w, out);
   return J.dim() == 2 ? out.squeeze(0) : out;
@@ -384,13 +408,13 @@ at::Tensor combine_cuda(const at::Tensor& J, const at::Tensor& w) {
 
 void combine_accumulate_cuda(at::Tensor& out, const at::Tensor& J, const at::Tensor& w) {
   const at::Tensor Jb = check_combine_accumulate(out, J, w);
-  const c10::cuda::CUDAGuard guard(Jb.device());
+  const cuda::DeviceGuard guard(Jb.device());
   launch_combine<true>(Jb, w, out);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hrgrad_ext, CUDA, m) {
+HRGRAD_EXT_CUDA_KERNELS(m) {
   m.impl("gram", &gram_cuda);
   m.impl("hrgrad_weights", &hrgrad_weights_cuda);
   m.impl("combine", &combine_cuda);

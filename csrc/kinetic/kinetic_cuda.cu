@@ -11,13 +11,13 @@
 // V <= 32 * kMaxPer (template parameter PER = values per lane); for larger V (PER = 0) they
 // re-read the row from global memory (served by L1/L2), so every V works.
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
 #include <type_traits>
 
+#include "common/cuda_kernel.h"
 #include "kinetic/kinetic_common.h"
 
 namespace hrgrad_ext {
@@ -28,9 +28,13 @@ constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr double kInvSqrt2PiD = 0.39894228040143267794;
+using cuda::launch;
 
-__device__ __forceinline__ float dexp(float x) { return expf(x); }
-__device__ __forceinline__ double dexp(double x) { return exp(x); }
+// exp of a Maxwellian's exponent. Below -746 (double) / -104 (float) exp rounds to 0 anyway;
+// clamped there, ptxas drops exp's out-of-range path, a call whose saved register was the one
+// spill of maxwellian_backward_kernel<double> on sm_90. NaN passes through (fmax would drop it).
+__device__ __forceinline__ double gauss_exp(double x) { return x != x ? x : exp(fmax(x, -746.0)); }
+__device__ __forceinline__ float gauss_exp(float x) { return x != x ? x : expf(fmaxf(x, -104.0f)); }
 __device__ __forceinline__ float drsqrt(float x) { return rsqrtf(x); }
 __device__ __forceinline__ double drsqrt(double x) { return rsqrt(x); }
 
@@ -48,7 +52,13 @@ __device__ __forceinline__ int64_t warp_row(int64_t N) {
   return row < N ? row : -1;
 }
 
-inline unsigned row_blocks(int64_t N) { return static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock); }
+// Blocks of kWarpsPerBlock rows covering N rows.
+inline unsigned row_blocks(int64_t N) {
+  const int64_t blocks = (N + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "kinetic op: ", N, " rows exceed the CUDA grid (",
+              std::numeric_limits<int32_t>::max(), " blocks of ", kWarpsPerBlock, " rows)");
+  return static_cast<unsigned>(blocks);
+}
 
 // Picks PER (values per lane kept in registers) from V: 1, 2, 4 or 0 (re-read from memory).
 template <typename F>
@@ -111,37 +121,36 @@ __global__ void __launch_bounds__(kThreads) velocity_moments_kernel(const scalar
   }
 }
 
-// Element-wise: dF_ij = w_j sum_k g_ik v_j^k (Horner).
+// Element-wise: dF_ij = w_j sum_k g_ik v_j^k (Horner). One warp per row like the reductions
+// (no 64-bit division of a flat index per element); the lanes stride over the nodes.
 template <typename scalar_t, typename acc_t>
-__global__ void velocity_moments_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ v,
-                                                 const scalar_t* __restrict__ w, int64_t N, int V, int K,
-                                                 scalar_t* __restrict__ dF) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= N * V) return;
-  const int64_t i = idx / V;
-  const int j = static_cast<int>(idx - i * V);
+__global__ void __launch_bounds__(kThreads) velocity_moments_backward_kernel(
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ v, const scalar_t* __restrict__ w, int64_t N, int V,
+    int K, scalar_t* __restrict__ dF) {
+  const int64_t i = warp_row(N);
+  if (i < 0) return;
   const scalar_t* gi = g + i * K;
-  const acc_t x = static_cast<acc_t>(v[j]);
-  acc_t s = static_cast<acc_t>(gi[K - 1]);
-  for (int k = K - 2; k >= 0; --k) s = s * x + static_cast<acc_t>(gi[k]);
-  dF[idx] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) * s);
+  for (int j = threadIdx.x % kWarp; j < V; j += kWarp) {
+    const acc_t x = static_cast<acc_t>(v[j]);
+    acc_t s = static_cast<acc_t>(gi[K - 1]);
+    for (int k = K - 2; k >= 0; --k) s = s * x + static_cast<acc_t>(gi[k]);
+    dF[i * V + j] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) * s);
+  }
 }
 
 at::Tensor velocity_moments_cuda(const at::Tensor& F_, const at::Tensor& v_, const at::Tensor& w_, int64_t order) {
   check_velocity_moments(F_, v_, w_, order);
-  const c10::cuda::CUDAGuard guard(F_.device());
+  const cuda::DeviceGuard guard(F_.device());
   const at::Tensor F = F_.contiguous(), v = v_.contiguous(), w = w_.contiguous();
   const int64_t N = F.size(0), V = F.size(1), K = order + 1;
   at::Tensor out = at::empty({N, K}, F.options());
   if (N == 0) return out;
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "velocity_moments_cuda", [&] {
     using acc_t = scalar_t;
     with_per(V, [&](auto per) {
-      velocity_moments_kernel<scalar_t, acc_t, decltype(per)::value><<<row_blocks(N), kThreads, 0, stream>>>(
+      launch<velocity_moments_kernel<scalar_t, acc_t, decltype(per)::value>>({row_blocks(N), kThreads},
           F.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), N,
           static_cast<int>(V), static_cast<int>(K), out.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return out;
@@ -149,35 +158,36 @@ at::Tensor velocity_moments_cuda(const at::Tensor& F_, const at::Tensor& v_, con
 
 at::Tensor velocity_moments_backward_cuda(const at::Tensor& grad_, const at::Tensor& v_, const at::Tensor& w_) {
   check_velocity_moments_backward(grad_, v_, w_);
-  const c10::cuda::CUDAGuard guard(grad_.device());
+  const cuda::DeviceGuard guard(grad_.device());
   const at::Tensor grad = grad_.contiguous(), v = v_.contiguous(), w = w_.contiguous();
   const int64_t N = grad.size(0), K = grad.size(1), V = v.size(0);
   at::Tensor dF = at::empty({N, V}, grad.options());
   if (N == 0) return dF;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t blocks = (N * V + kThreads - 1) / kThreads;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "velocity_moments_backward_cuda", [&] {
-    velocity_moments_backward_kernel<scalar_t, scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    launch<velocity_moments_backward_kernel<scalar_t, scalar_t>>({row_blocks(N), kThreads},
         grad.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), N,
         static_cast<int>(V), static_cast<int>(K), dF.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return dF;
 }
 
 // ---- maxwellian ---------------------------------------------------------------------------
 
+// One warp per row (see velocity_moments_backward_kernel): the row's rho, u, T are read once.
 template <typename scalar_t, typename acc_t>
-__global__ void maxwellian_kernel(const scalar_t* __restrict__ rho, const scalar_t* __restrict__ u,
-                                  const scalar_t* __restrict__ T, const scalar_t* __restrict__ v, int64_t N, int V,
-                                  scalar_t* __restrict__ M) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= N * V) return;
-  const int64_t i = idx / V;
-  const int j = static_cast<int>(idx - i * V);
-  const acc_t TT = T[i], d = static_cast<acc_t>(v[j]) - static_cast<acc_t>(u[i]);
-  M[idx] = static_cast<scalar_t>(static_cast<acc_t>(rho[i]) * acc_t(kInvSqrt2PiD) * drsqrt(TT) *
-                                 dexp(-d * d / (acc_t(2) * TT)));
+__global__ void __launch_bounds__(kThreads) maxwellian_kernel(const scalar_t* __restrict__ rho,
+                                                              const scalar_t* __restrict__ u,
+                                                              const scalar_t* __restrict__ T,
+                                                              const scalar_t* __restrict__ v, int64_t N, int V,
+                                                              scalar_t* __restrict__ M) {
+  const int64_t i = warp_row(N);
+  if (i < 0) return;
+  const acc_t TT = T[i], uu = u[i], coef = static_cast<acc_t>(rho[i]) * acc_t(kInvSqrt2PiD) * drsqrt(TT);
+  const acc_t inv2T = acc_t(0.5) / TT;
+  for (int j = threadIdx.x % kWarp; j < V; j += kWarp) {
+    const acc_t d = static_cast<acc_t>(v[j]) - uu;
+    M[i * V + j] = static_cast<scalar_t>(coef * gauss_exp(-d * d * inv2T));
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -193,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) maxwellian_backward_kernel(
   acc_t s0 = 0, s1 = 0, s2 = 0;
   for (int j = lane; j < V; j += kWarp) {
     const acc_t d = static_cast<acc_t>(v[j]) - uu;
-    const acc_t gm0 = static_cast<acc_t>(g[i * V + j]) * c * dexp(-d * d * inv2T);
+    const acc_t gm0 = static_cast<acc_t>(g[i * V + j]) * c * gauss_exp(-d * d * inv2T);
     s0 += gm0;
     s1 += gm0 * d;
     s2 += gm0 * (d * d - TT);
@@ -210,18 +220,15 @@ __global__ void __launch_bounds__(kThreads) maxwellian_backward_kernel(
 
 at::Tensor maxwellian_cuda(const at::Tensor& rho_, const at::Tensor& u_, const at::Tensor& T_, const at::Tensor& v_) {
   check_maxwellian("maxwellian", rho_, u_, T_, v_);
-  const c10::cuda::CUDAGuard guard(rho_.device());
+  const cuda::DeviceGuard guard(rho_.device());
   const at::Tensor rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous(), v = v_.contiguous();
   const int64_t N = rho.size(0), V = v.size(0);
   at::Tensor M = at::empty({N, V}, rho.options());
   if (N == 0) return M;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t blocks = (N * V + kThreads - 1) / kThreads;
   AT_DISPATCH_FLOATING_TYPES(rho.scalar_type(), "maxwellian_cuda", [&] {
-    maxwellian_kernel<scalar_t, scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    launch<maxwellian_kernel<scalar_t, scalar_t>>({row_blocks(N), kThreads},
         rho.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(), T.const_data_ptr<scalar_t>(),
         v.const_data_ptr<scalar_t>(), N, static_cast<int>(V), M.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return M;
 }
@@ -230,20 +237,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxwellian_backward_cuda(const at
                                                                         const at::Tensor& u_, const at::Tensor& T_,
                                                                         const at::Tensor& v_) {
   check_maxwellian_backward(grad_, rho_, u_, T_, v_);
-  const c10::cuda::CUDAGuard guard(rho_.device());
+  const cuda::DeviceGuard guard(rho_.device());
   const at::Tensor grad = grad_.contiguous(), rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous(),
                    v = v_.contiguous();
   const int64_t N = rho.size(0), V = v.size(0);
   at::Tensor drho = at::empty({N}, rho.options()), du = at::empty({N}, rho.options()),
              dT = at::empty({N}, rho.options());
   if (N == 0) return {drho, du, dT};
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(rho.scalar_type(), "maxwellian_backward_cuda", [&] {
-    maxwellian_backward_kernel<scalar_t, scalar_t><<<row_blocks(N), kThreads, 0, stream>>>(
+    launch<maxwellian_backward_kernel<scalar_t, scalar_t>>({row_blocks(N), kThreads},
         grad.const_data_ptr<scalar_t>(), rho.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
         T.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), N, static_cast<int>(V),
         drho.mutable_data_ptr<scalar_t>(), du.mutable_data_ptr<scalar_t>(), dT.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {drho, du, dT};
 }
@@ -273,7 +278,7 @@ __global__ void __launch_bounds__(kThreads) bgk_forward_kernel(
   for (int j = lane; j < V; j += kWarp) {
     const acc_t vj = v[j], wj = w[j], fj = F[o + j], ftj = Ft[o + j], fxj = Fx[o + j];
     const acc_t d = vj - uu;
-    const acc_t M = coef * dexp(-d * d * inv2T);
+    const acc_t M = coef * gauss_exp(-d * d * inv2T);
     kin[o + j] = static_cast<scalar_t>(k * (ftj + vj * fxj) - (M - fj));
     const acc_t wf = wj * fj, wx = wj * vj * fxj;
     sF0 += wf;
@@ -329,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) bgk_backward_kernel(
     dFx[o + j] = static_cast<scalar_t>(k * vj * g + wj * vj * (c0 + vj * (c1 + acc_t(0.5) * vj * c2)));
     skn += g * (static_cast<acc_t>(Ft[o + j]) + vj * static_cast<acc_t>(Fx[o + j]));
     const acc_t d = vj - uu;
-    const acc_t gm0 = g * cm * dexp(-d * d * inv2T);  // g * M / rho
+    const acc_t gm0 = g * cm * gauss_exp(-d * d * inv2T);  // g * M / rho
     sm0 += gm0;
     sm1 += gm0 * d;
     sm2 += gm0 * (d * d - TT);
@@ -364,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bgk_residuals_cuda(
     const at::Tensor& u_, const at::Tensor& T_, const at::Tensor& rho_t_, const at::Tensor& u_t_,
     const at::Tensor& T_t_, const at::Tensor& v_, const at::Tensor& w_, const at::Tensor& kn_) {
   const int64_t ks = check_bgk(F_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v_, w_, kn_);
-  const c10::cuda::CUDAGuard guard(F_.device());
+  const cuda::DeviceGuard guard(F_.device());
   const at::Tensor F = F_.contiguous(), Ft = Ft_.contiguous(), Fx = Fx_.contiguous(), rho = rho_.contiguous(),
                    u = u_.contiguous(), T = T_.contiguous(), rho_t = rho_t_.contiguous(),
                    u_t = u_t_.contiguous(), T_t = T_t_.contiguous(), v = v_.contiguous(), w = w_.contiguous(),
@@ -373,14 +378,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bgk_residuals_cuda(
   at::Tensor kin = at::empty({N, V}, F.options()), cons = at::empty({N, 3}, F.options()),
              consis = at::empty({N, 3}, F.options());
   if (N == 0) return {kin, cons, consis};
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "bgk_residuals_cuda", [&] {
-    bgk_forward_kernel<scalar_t, scalar_t><<<row_blocks(N), kThreads, 0, stream>>>(
+    launch<bgk_forward_kernel<scalar_t, scalar_t>>({row_blocks(N), kThreads},
         F.const_data_ptr<scalar_t>(), Ft.const_data_ptr<scalar_t>(), Fx.const_data_ptr<scalar_t>(),
         bgk_rows<scalar_t>(rho, u, T, rho_t, u_t, T_t, kn, ks), v.const_data_ptr<scalar_t>(),
         w.const_data_ptr<scalar_t>(), N, static_cast<int>(V), kin.mutable_data_ptr<scalar_t>(),
         cons.mutable_data_ptr<scalar_t>(), consis.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {kin, cons, consis};
 }
@@ -393,7 +396,7 @@ bgk_residuals_backward_cuda(const at::Tensor& gK_, const at::Tensor& gC_, const 
                             const at::Tensor& u_t_, const at::Tensor& T_t_, const at::Tensor& v_,
                             const at::Tensor& w_, const at::Tensor& kn_) {
   const int64_t ks = check_bgk_backward(gK_, gC_, gS_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v_, w_, kn_);
-  const c10::cuda::CUDAGuard guard(Ft_.device());
+  const cuda::DeviceGuard guard(Ft_.device());
   const at::Tensor gK = gK_.contiguous(), gC = gC_.contiguous(), gS = gS_.contiguous(), Ft = Ft_.contiguous(),
                    Fx = Fx_.contiguous(), rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous(),
                    rho_t = rho_t_.contiguous(), u_t = u_t_.contiguous(), T_t = T_t_.contiguous(),
@@ -404,19 +407,17 @@ bgk_residuals_backward_cuda(const at::Tensor& gK_, const at::Tensor& gC_, const 
   at::Tensor r[7];
   for (auto& t : r) t = at::empty({N}, opt);
   if (N > 0) {
-    auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(Ft.scalar_type(), "bgk_residuals_backward_cuda", [&] {
       BgkGradRows<scalar_t> out{r[0].mutable_data_ptr<scalar_t>(), r[1].mutable_data_ptr<scalar_t>(),
                                 r[2].mutable_data_ptr<scalar_t>(), r[3].mutable_data_ptr<scalar_t>(),
                                 r[4].mutable_data_ptr<scalar_t>(), r[5].mutable_data_ptr<scalar_t>(),
                                 r[6].mutable_data_ptr<scalar_t>()};
-      bgk_backward_kernel<scalar_t, scalar_t><<<row_blocks(N), kThreads, 0, stream>>>(
+      launch<bgk_backward_kernel<scalar_t, scalar_t>>({row_blocks(N), kThreads},
           gK.const_data_ptr<scalar_t>(), gC.const_data_ptr<scalar_t>(), gS.const_data_ptr<scalar_t>(),
           Ft.const_data_ptr<scalar_t>(), Fx.const_data_ptr<scalar_t>(),
           bgk_rows<scalar_t>(rho, u, T, rho_t, u_t, T_t, kn, ks), v.const_data_ptr<scalar_t>(),
           w.const_data_ptr<scalar_t>(), N, static_cast<int>(V), dF.mutable_data_ptr<scalar_t>(),
           dFt.mutable_data_ptr<scalar_t>(), dFx.mutable_data_ptr<scalar_t>(), out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   return {dF, dFt, dFx, r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
@@ -596,7 +597,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> transport_mm_residuals_cuda(
     const at::Tensor& G_, const at::Tensor& Gt_, const at::Tensor& Gx_, const at::Tensor& rho_t_,
     const at::Tensor& rho_x_, const at::Tensor& v_, const at::Tensor& w_, const at::Tensor& eps_) {
   const int64_t es = check_transport(G_, Gt_, Gx_, rho_t_, rho_x_, v_, w_, eps_);
-  const c10::cuda::CUDAGuard guard(G_.device());
+  const cuda::DeviceGuard guard(G_.device());
   const at::Tensor G = G_.contiguous(), Gt = Gt_.contiguous(), Gx = Gx_.contiguous(),
                    rho_t = rho_t_.contiguous(), rho_x = rho_x_.contiguous(), v = v_.contiguous(),
                    w = w_.contiguous(), eps = eps_.contiguous();
@@ -604,15 +605,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> transport_mm_residuals_cuda(
   at::Tensor g = at::empty({N, V}, G.options()), micro = at::empty({N, V}, G.options()),
              macro = at::empty({N}, G.options());
   if (N == 0) return {g, micro, macro};
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "transport_mm_residuals_cuda", [&] {
     with_per(V, [&](auto per) {
-      transport_forward_kernel<scalar_t, scalar_t, decltype(per)::value><<<row_blocks(N), kThreads, 0, stream>>>(
+      launch<transport_forward_kernel<scalar_t, scalar_t, decltype(per)::value>>({row_blocks(N), kThreads},
           G.const_data_ptr<scalar_t>(), Gt.const_data_ptr<scalar_t>(), Gx.const_data_ptr<scalar_t>(),
           rho_t.const_data_ptr<scalar_t>(), rho_x.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
           w.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), es, N, static_cast<int>(V),
           g.mutable_data_ptr<scalar_t>(), micro.mutable_data_ptr<scalar_t>(), macro.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return {g, micro, macro};
@@ -622,7 +621,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> transport
     const at::Tensor& gg_, const at::Tensor& gm_, const at::Tensor& gc_, const at::Tensor& Gt_,
     const at::Tensor& Gx_, const at::Tensor& v_, const at::Tensor& w_, const at::Tensor& eps_) {
   const int64_t es = check_transport_backward(gg_, gm_, gc_, Gt_, Gx_, v_, w_, eps_);
-  const c10::cuda::CUDAGuard guard(Gt_.device());
+  const cuda::DeviceGuard guard(Gt_.device());
   const at::Tensor gg = gg_.contiguous(), gm = gm_.contiguous(), gc = gc_.contiguous(), Gt = Gt_.contiguous(),
                    Gx = Gx_.contiguous(), v = v_.contiguous(), w = w_.contiguous(), eps = eps_.contiguous();
   const int64_t N = Gt.size(0), V = Gt.size(1);
@@ -630,16 +629,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> transport
   at::Tensor dG = at::empty({N, V}, opt), dGt = at::empty({N, V}, opt), dGx = at::empty({N, V}, opt);
   at::Tensor drho_x = at::empty({N}, opt), deps = at::empty({N}, opt);
   if (N == 0) return {dG, dGt, dGx, drho_x, deps};
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(Gt.scalar_type(), "transport_mm_residuals_backward_cuda", [&] {
     with_per(V, [&](auto per) {
-      transport_backward_kernel<scalar_t, scalar_t, decltype(per)::value><<<row_blocks(N), kThreads, 0, stream>>>(
+      launch<transport_backward_kernel<scalar_t, scalar_t, decltype(per)::value>>({row_blocks(N), kThreads},
           gg.const_data_ptr<scalar_t>(), gm.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
           Gt.const_data_ptr<scalar_t>(), Gx.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
           w.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), es, N, static_cast<int>(V),
           dG.mutable_data_ptr<scalar_t>(), dGt.mutable_data_ptr<scalar_t>(), dGx.mutable_data_ptr<scalar_t>(),
           drho_x.mutable_data_ptr<scalar_t>(), deps.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return {dG, dGt, dGx, drho_x, deps};
@@ -647,7 +644,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> transport
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hrgrad_ext, CUDA, m) {
+HRGRAD_EXT_CUDA_KERNELS(m) {
   m.impl("velocity_moments", &velocity_moments_cuda);
   m.impl("velocity_moments_backward", &velocity_moments_backward_cuda);
   m.impl("maxwellian", &maxwellian_cuda);

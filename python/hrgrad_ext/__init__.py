@@ -10,7 +10,7 @@ import torch  # noqa: F401  (must precede the compiled module: it has no RPATH t
 
 from ._build import build_info, cuda_available
 from . import ops
-from .ops import combine, gram, hrgrad, hrgrad_weights
+from .ops import combine, gram, hrgrad, hrgrad_ex, hrgrad_weights, hrgrad_weights_ex
 from .aggregators import (
     Aggregator,
     ConFIG,
@@ -41,6 +41,8 @@ __all__ = [
     "cuda_available",
     "gram",
     "hrgrad",
+    "hrgrad_ex",
     "hrgrad_weights",
+    "hrgrad_weights_ex",
     "ops",
 ]

@@ -3,9 +3,24 @@
     hrgrad-ext train --problem transport --method hrgrad --iters 3000 --out runs/t
     hrgrad-ext train --config my.toml --set optim.lr=5e-4 --set model.g.width=64
     hrgrad-ext train --resume runs/t                 # continue an interrupted run
+    hrgrad-ext train --nproc 4 --out runs/t4         # 4 processes (torchrun's launcher), see below
+    torchrun --nproc-per-node 4 -m hrgrad_ext.cli train --out runs/t4   # the same under torchrun
     hrgrad-ext compare --problem transport --methods hrgrad,sum,pcgrad,config --out runs/cmp
     hrgrad-ext demo                                  # aggregators on conflicting gradients
     hrgrad-ext reference ...                         # reference solutions (hrgrad_ext.reference.cli)
+
+Exit codes of ``train`` and ``compare``: 0 finished; 2 bad input (arguments, config, a run
+directory in use by another process, no usable or an unsafe checkpoint); 3 training diverged
+(a non-finite loss or gradient that ``divergence.on_nonfinite`` did not recover from); 4 an
+output could not be written (disk full, permissions); 5 (distributed runs) this rank stopped
+because another rank failed (``--nproc`` returns the exit code of the rank that failed first);
+130 interrupted by Ctrl-C and 143 stopped by SIGTERM (preemption), in both cases after writing a
+checkpoint that ``--resume`` continues from.
+
+Distributed runs (``--nproc N``, or started by ``torchrun``): every rank trains on its own share
+of the points and all ranks take the same step, the one a single process would take on all
+their points together (``[distributed]`` in the config, :mod:`hrgrad_ext.train.distributed`);
+rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -14,7 +29,15 @@ import argparse
 import json
 import sys
 
-__all__ = ["build_parser", "main"]
+__all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_OUTPUT_ERROR", "EXIT_PEER_FAILED", "EXIT_PREEMPTED", "EXIT_USAGE",
+           "build_parser", "main"]
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_OUTPUT_ERROR = 4
+EXIT_PEER_FAILED = 5  # a distributed run's rank stopped because another one failed
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process killed by Ctrl-C
+EXIT_PREEMPTED = 143  # 128 + SIGTERM
 
 DEMO_J = [[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]
 
@@ -45,17 +68,23 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .aggregators import METHODS
+
     parser = argparse.ArgumentParser(prog="hrgrad-ext", description="HRGrad multi-task APNN training for kinetic equations")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train one multi-eps APNN")
     _add_run_options(tr)
-    tr.add_argument("--method", help="hrgrad (default), sum (plain APNN), mean, pcgrad, config, mgda, upgrad")
+    tr.add_argument("--method", help=f"one of {', '.join(METHODS)} (default hrgrad; sum is plain APNN training)")
     tr.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    tr.add_argument("--nproc", type=int, metavar="N",
+                    help="train in N processes on this machine (torchrun's launcher; each rank draws its own points, "
+                         "every step is the single-process step on all of them; gloo on the CPU, NCCL on CUDA, one GPU "
+                         "per process); see [distributed] in the config")
 
     cp = sub.add_parser("compare", help="train several methods with the same seed and budget; markdown table")
     _add_run_options(cp)
-    cp.add_argument("--methods", default="hrgrad,sum,pcgrad,config", help="comma-separated methods")
+    cp.add_argument("--methods", default="hrgrad,sum,pcgrad,config", help=f"comma-separated, some of {','.join(METHODS)}")
     cp.add_argument("--seeds", help="comma-separated seeds (default: --seed); the table then shows the "
                                     "median and range over them")
 
@@ -105,8 +134,30 @@ def _print_summary(s: dict) -> None:
 
 
 def _train(args) -> int:
+    from .train.distributed import init_from_env
     from .train.trainer import Trainer
 
+    cfg = None if args.resume else _resolve_config(args)
+    # under torchrun: join the process group (the options a resumed run's rank 0 alone could
+    # read from its config.toml come from --set, or their defaults)
+    opts = (cfg if cfg is not None else _overridden_defaults(args.set)).distributed
+    distributed = init_from_env(opts.backend, opts.timeout_s)
+    try:
+        return _train_process(args, cfg, Trainer)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _overridden_defaults(assignments: list[str]):
+    from .train.config import TrainConfig, apply_overrides
+
+    return apply_overrides(TrainConfig(), [a for a in assignments if a.strip().startswith("distributed.")])
+
+
+def _train_process(args, cfg, Trainer) -> int:
     if args.resume:
         over = list(args.set)
         for key in ("iters", "threads"):
@@ -115,16 +166,17 @@ def _train(args) -> int:
                 over.append(f"{key}={val}")
         if args.no_progress:
             over.append("log.progress=false")
+        if args.no_plots:
+            over.append("log.plots=false")
         trainer = Trainer.resume(args.resume, over)
-        print(f"resuming {args.resume} at step {trainer.step} of {trainer.cfg.iters}")
+        if trainer.is_writer:
+            print(f"resuming {args.resume} at step {trainer.step} of {trainer.cfg.iters}", flush=True)
     else:
-        trainer = Trainer(_resolve_config(args))
-    try:
-        summary = trainer.run()
-    except KeyboardInterrupt:
-        return 130
-    _print_summary(summary)
-    print(f"outputs in {trainer.out}")
+        trainer = Trainer(cfg)
+    summary = trainer.run()
+    if trainer.is_writer:
+        _print_summary(summary)
+        print(f"outputs in {trainer.out}")
     return 0
 
 
@@ -172,10 +224,40 @@ def _demo(args) -> int:
     return 0
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import PeerFailureError
+    from .train.distributed import launch, started_by_torchrun
+    from .train.rundir import RunDirectoryInUse
+    from .train.trainer import NonFiniteError, Preempted
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+
+    def error(exc) -> None:
+        import torch.distributed as dist
+
+        rank = f" (rank {dist.get_rank()})" if dist.is_available() and dist.is_initialized() else ""
+        print(f"hrgrad-ext {args.command}{rank}: error: {exc}", file=sys.stderr)
+
     try:
+        if args.command == "train" and args.nproc is not None and not started_by_torchrun():
+            if args.nproc < 1:
+                raise ValueError(f"--nproc: must be >= 1, got {args.nproc}")
+            if args.nproc > 1:
+                return launch(args.nproc, _without_nproc(argv))
         if args.command == "train":
             return _train(args)
         if args.command == "compare":
@@ -185,9 +267,22 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "func"):
             return int(args.func(args) or 0)
         parser.error(f"no handler for {args.command!r}")
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"hrgrad-ext {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, RunDirectoryInUse) as exc:
+        error(exc)
+        return EXIT_USAGE
+    except NonFiniteError as exc:
+        error(exc)
+        return EXIT_DIVERGED
+    except PeerFailureError as exc:
+        error(exc)
+        return EXIT_PEER_FAILED
+    except OSError as exc:
+        error(exc)
+        return EXIT_OUTPUT_ERROR
+    except KeyboardInterrupt:  # the trainer has saved a checkpoint and said so
+        return EXIT_INTERRUPTED
+    except Preempted:
+        return EXIT_PREEMPTED
     return 0
 
 

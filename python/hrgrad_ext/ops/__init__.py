@@ -1,23 +1,32 @@
 """The custom ops of ``torch.ops.hrgrad_ext`` with validated Python wrappers.
 
-Importing this module registers the fake (meta) kernels and the autograd formulas of the
-ops, so they work with ``torch.compile`` and ``torch.autograd``.
+Importing this module registers the fake (meta) kernels and the vmap rules of the ops, so
+they work with ``torch.compile`` and ``torch.vmap``; their autograd (reverse and forward
+mode, every ``torch.func`` transform) is registered by the compiled core (``csrc/autograd``).
 
-- HRGrad kernels (:mod:`.gram`): ``gram``, ``hrgrad_weights``, ``combine``, ``hrgrad`` and the
-  per-parameter ``gram_of_list`` / ``combine_into_grads``.
+- HRGrad kernels (:mod:`.gram`): ``gram``, ``hrgrad_weights`` / ``hrgrad_weights_ex``,
+  ``combine``, ``hrgrad`` / ``hrgrad_ex`` and the per-parameter ``gram_of_list`` /
+  ``combine_into_grads``.
+- Exact cone solves (:mod:`.cone`): ``dual_cone_weights`` (projection onto the dual cone of the
+  task gradients: UPGrad) and ``mgda_weights`` (minimum-norm point of their convex hull).
 - Velocity-space quadrature of the APNN residuals (:mod:`.kinetic`): ``velocity_moments``,
   ``maxwellian``, ``bgk_residuals``, ``transport_mm_residuals``, plus ``gauss_legendre``.
 """
 
+from .cone import dual_cone_weights, mgda_weights
 from .gram import (
     LENGTH_MODELS,
+    HRGradResult,
     Status,
+    WeightsResult,
     combine,
     combine_into_grads,
     gram,
     gram_of_list,
     hrgrad,
+    hrgrad_ex,
     hrgrad_weights,
+    hrgrad_weights_ex,
 )
 from .kinetic import (
     bgk_residuals,
@@ -28,17 +37,23 @@ from .kinetic import (
 )
 
 __all__ = [
+    "HRGradResult",
     "LENGTH_MODELS",
     "Status",
+    "WeightsResult",
     "bgk_residuals",
     "combine",
     "combine_into_grads",
+    "dual_cone_weights",
     "gauss_legendre",
     "gram",
     "gram_of_list",
     "hrgrad",
+    "hrgrad_ex",
     "hrgrad_weights",
+    "hrgrad_weights_ex",
     "maxwellian",
+    "mgda_weights",
     "transport_mm_residuals",
     "velocity_moments",
 ]

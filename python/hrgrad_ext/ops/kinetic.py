@@ -19,9 +19,13 @@ Conventions (all ops):
     * Inputs may be non-contiguous (they are made contiguous inside the op); outputs are new
       contiguous tensors.
     * Every output is differentiable with respect to every floating input except ``v`` and
-      ``w`` (their gradient is ``None``: they are fixed quadrature rules). The backward is a
-      fused op of its own (``*_backward``), so it also runs under ``torch.compile``;
-      double backward is not supported.
+      ``w`` (fixed quadrature rules: a gradient or tangent on them raises a clear error rather
+      than being silently dropped). Autograd lives in C++ (``csrc/autograd``): the first-order
+      backward is one call of a fused op of its own (``*_backward``, so it also runs under
+      ``torch.compile``); double backward, forward mode (``torch.func.jvp``,
+      ``torch.autograd.forward_ad``) and every ``torch.func`` transform (``grad``, ``vjp``,
+      ``jacrev``, ``jacfwd``, ``hessian``) are exact through differentiable formulas.
+    * ``torch.vmap`` folds the vmapped dimension into the rows (one kernel call).
     * ``torch.compile(fullgraph=True)`` works (fake kernels are registered below).
 """
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _vmap
 from .. import _C  # noqa: F401  (loading the compiled core registers torch.ops.hrgrad_ext)
 
 __all__ = [
@@ -44,7 +49,8 @@ _ops = torch.ops.hrgrad_ext
 _DTYPES = (torch.float32, torch.float64)
 
 
-# --- validation (shared by the public wrappers and the fake kernels) ----------------------------
+# --- validation (the fake kernels; and the public wrappers when the C++ checks refuse an input,
+# to raise TypeError / ValueError with Python spellings: no cost when the input is valid) -------
 
 
 def _check_dtype(op: str, name: str, t) -> None:
@@ -152,11 +158,16 @@ def _check_transport(G, Gt, Gx, rho_t, rho_x, v, w, eps) -> None:
 
 
 def _as_param(x, ref: Tensor, op: str, name: str) -> Tensor:
-    """kn / eps given as a Python number become a 0-d tensor of ref's dtype and device."""
+    """kn / eps given as a Python number become a 0-d tensor of ref's dtype and device.
+
+    Made by a fill on the device (the value is an argument of the fill kernel), not copied
+    from host memory: ``torch.tensor(x, device="cuda")`` would be a blocking host-to-device
+    copy on every call, and an error inside CUDA-graph capture.
+    """
     if isinstance(x, Tensor):
         return x
     if isinstance(x, (int, float)):
-        return torch.tensor(float(x), dtype=ref.dtype, device=ref.device)
+        return torch.full((), float(x), dtype=ref.dtype, device=ref.device)
     raise TypeError(f"{op}: {name} must be a tensor ([N] or 0-d) or a float, got {type(x).__name__}")
 
 
@@ -175,8 +186,11 @@ def velocity_moments(F: Tensor, v: Tensor, w: Tensor, order: int) -> Tensor:
     """
     if not isinstance(order, int) or isinstance(order, bool):
         raise TypeError(f"velocity_moments: order must be an int, got {type(order).__name__}")
-    _check_moments(F, v, w, order)
-    return _ops.velocity_moments(F, v, w, order)
+    try:
+        return _ops.velocity_moments.default(F, v, w, order)
+    except RuntimeError:
+        _check_moments(F, v, w, order)
+        raise
 
 
 def maxwellian(rho: Tensor, u: Tensor, T: Tensor, v: Tensor) -> Tensor:
@@ -189,8 +203,11 @@ def maxwellian(rho: Tensor, u: Tensor, T: Tensor, v: Tensor) -> Tensor:
 
     Returns ``[N, V]``. Differentiable with respect to ``rho``, ``u`` and ``T``.
     """
-    _check_maxwellian("maxwellian", rho, u, T, v)
-    return _ops.maxwellian(rho, u, T, v)
+    try:
+        return _ops.maxwellian.default(rho, u, T, v)
+    except RuntimeError:
+        _check_maxwellian("maxwellian", rho, u, T, v)
+        raise
 
 
 def bgk_residuals(
@@ -227,8 +244,11 @@ def bgk_residuals(
     input except ``v`` and ``w``.
     """
     kn = _as_param(kn, F, "bgk_residuals", "kn") if isinstance(F, Tensor) else kn
-    _check_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn)
-    return _ops.bgk_residuals(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn)
+    try:
+        return _ops.bgk_residuals.default(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn)
+    except RuntimeError:
+        _check_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn)
+        raise
 
 
 def transport_mm_residuals(
@@ -260,8 +280,11 @@ def transport_mm_residuals(
     and ``w``.
     """
     eps = _as_param(eps, Graw, "transport_mm_residuals", "eps") if isinstance(Graw, Tensor) else eps
-    _check_transport(Graw, Graw_t, Graw_x, rho_t, rho_x, v, w, eps)
-    return _ops.transport_mm_residuals(Graw, Graw_t, Graw_x, rho_t, rho_x, v, w, eps)
+    try:
+        return _ops.transport_mm_residuals.default(Graw, Graw_t, Graw_x, rho_t, rho_x, v, w, eps)
+    except RuntimeError:
+        _check_transport(Graw, Graw_t, Graw_x, rho_t, rho_x, v, w, eps)
+        raise
 
 
 def gauss_legendre(
@@ -356,83 +379,17 @@ def _transport_backward_fake(gg, gm, gc, Graw_t, Graw_x, v, w, eps):
     return Graw_t.new_empty(S), Graw_t.new_empty(S), Graw_t.new_empty(S), Graw_t.new_empty(N), Graw_t.new_empty(N)
 
 
-# --- autograd: each backward is one call of the fused backward op -------------------------------
-# Gradients of outputs that do not reach the loss arrive as zeros (autograd materialises them);
-# the `_zeros_if_none` guards keep the formulas valid if that default ever changes.
+# --- vmap rules: the vmapped dimension is folded into the rows ----------------------------------
 
-
-def _zeros_if_none(g, like_shape, ref: Tensor) -> Tensor:
-    return ref.new_zeros(like_shape) if g is None else g
-
-
-def _moments_setup(ctx, inputs, output):
-    _, v, w, _ = inputs
-    ctx.save_for_backward(v, w)
-
-
-def _moments_backward(ctx, grad):
-    v, w = ctx.saved_tensors
-    return _ops.velocity_moments_backward(grad, v, w), None, None, None
-
-
-torch.library.register_autograd("hrgrad_ext::velocity_moments", _moments_backward, setup_context=_moments_setup)
-
-
-def _maxwellian_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _maxwellian_backward(ctx, grad):
-    rho, u, T, v = ctx.saved_tensors
-    drho, du, dT = _ops.maxwellian_backward(grad, rho, u, T, v)
-    return drho, du, dT, None
-
-
-torch.library.register_autograd("hrgrad_ext::maxwellian", _maxwellian_backward, setup_context=_maxwellian_setup)
-
-
-def _bgk_setup(ctx, inputs, output):
-    F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn = inputs
-    # F itself is not needed: every derivative is linear in F or independent of it.
-    ctx.save_for_backward(Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn)
-    ctx.kn_scalar = kn.dim() == 0
-
-
-def _bgk_backward(ctx, g_kin, g_cons, g_consis):
-    Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn = ctx.saved_tensors
-    N = Ft.shape[0]
-    g_kin = _zeros_if_none(g_kin, Ft.shape, Ft)
-    g_cons = _zeros_if_none(g_cons, (N, 3), Ft)
-    g_consis = _zeros_if_none(g_consis, (N, 3), Ft)
-    dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, dkn = _ops.bgk_residuals_backward(
-        g_kin, g_cons, g_consis, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn
-    )
-    if ctx.kn_scalar:
-        dkn = dkn.sum()  # a 0-d kn is shared by every row
-    return dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, None, None, dkn
-
-
-torch.library.register_autograd("hrgrad_ext::bgk_residuals", _bgk_backward, setup_context=_bgk_setup)
-
-
-def _transport_setup(ctx, inputs, output):
-    Graw, Graw_t, Graw_x, rho_t, rho_x, v, w, eps = inputs
-    ctx.save_for_backward(Graw_t, Graw_x, v, w, eps)
-    ctx.eps_scalar = eps.dim() == 0
-
-
-def _transport_backward(ctx, g_g, g_micro, g_macro):
-    Graw_t, Graw_x, v, w, eps = ctx.saved_tensors
-    g_g = _zeros_if_none(g_g, Graw_t.shape, Graw_t)
-    g_micro = _zeros_if_none(g_micro, Graw_t.shape, Graw_t)
-    g_macro = _zeros_if_none(g_macro, (Graw_t.shape[0],), Graw_t)
-    dG, dGt, dGx, drho_x, deps = _ops.transport_mm_residuals_backward(g_g, g_micro, g_macro, Graw_t, Graw_x, v, w, eps)
-    if ctx.eps_scalar:
-        deps = deps.sum()
-    # macro = rho_t + ...: its gradient passes through unchanged.
-    return dG, dGt, dGx, g_macro, drho_x, None, None, deps
-
-
-torch.library.register_autograd(
-    "hrgrad_ext::transport_mm_residuals", _transport_backward, setup_context=_transport_setup
-)
+_R, _N, _P, _O = _vmap.ROWS, _vmap.NODES, _vmap.PARAM, _vmap.OTHER
+for _op, _kinds in (
+    (_ops.velocity_moments.default, (_R, _N, _N, _O)),
+    (_ops.velocity_moments_backward.default, (_R, _N, _N)),
+    (_ops.maxwellian.default, (_R, _R, _R, _N)),
+    (_ops.maxwellian_backward.default, (_R, _R, _R, _R, _N)),
+    (_ops.bgk_residuals.default, (_R,) * 9 + (_N, _N, _P)),
+    (_ops.bgk_residuals_backward.default, (_R,) * 11 + (_N, _N, _P)),
+    (_ops.transport_mm_residuals.default, (_R,) * 5 + (_N, _N, _P)),
+    (_ops.transport_mm_residuals_backward.default, (_R,) * 5 + (_N, _N, _P)),
+):
+    _vmap.register_row_fold_rule(_op, _kinds)

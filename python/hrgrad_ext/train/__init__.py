@@ -3,7 +3,12 @@
 * :mod:`.config` - :class:`TrainConfig` (TOML + overrides, validation);
 * :mod:`.losses` - the transport and BGK APNN loss formulations per point group;
 * :mod:`.segmented` - per-task gradients in one backward pass (and the K-pass reference);
-* :mod:`.trainer` - :class:`Trainer` (steps, metrics, evaluation, checkpoints, resume);
+* :mod:`.trainer` - :class:`Trainer` (steps, metrics, evaluation, checkpoints, resume,
+  signals, the divergence policy);
+* :mod:`.rundir` - the run directory's files: durable, verified checkpoints loaded with
+  ``weights_only=True``, metrics lines, the lock; :mod:`.faults` - fault injection for tests;
+* :mod:`.distributed` - runs on several processes (``--nproc``, torchrun): shares of the points,
+  the step's communication, rank-0 outputs, the launcher;
 * :mod:`.evaluation`, :mod:`.plots`, :mod:`.compare` - scoring, figures, method comparison.
 """
 

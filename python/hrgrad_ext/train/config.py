@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METHODS", "PROBLEMS", "TrainConfig", "default_config_path", "default_config", "load_config", "apply_overrides", "to_toml"]
+# METHODS: the aggregation methods accepted by ``method``, i.e. the registry of
+# hrgrad_ext.aggregators (see hrgrad_ext.aggregators.make_aggregator); re-exported here.
+from ..aggregators import METHODS
+
+__all__ = ["DISTRIBUTED_MODES", "DistributedConfig", "METHODS", "NONFINITE_POLICIES", "PROBLEMS", "DivergenceConfig", "TrainConfig", "default_config_path", "default_config", "load_config", "apply_overrides", "to_toml"]
 
 PROBLEMS = ("transport", "bgk")
-#: Aggregation methods accepted by ``method`` (see :func:`hrgrad_ext.train.trainer.make_aggregator`).
-METHODS = ("hrgrad", "sum", "mean", "pcgrad", "config", "mgda", "upgrad")
 _DTYPES = ("float32", "float64")
 #: ``compile`` values: off, or a torch.compile mode for the segmented loss function.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -66,6 +68,68 @@ class LogConfig:
     plots: bool = True
 
 
+#: ``divergence.on_nonfinite`` policies.
+NONFINITE_POLICIES = ("stop", "skip", "rollback")
+
+
+@dataclass
+class DivergenceConfig:
+    """What the trainer does when a task loss, a task gradient or the update is NaN or Inf.
+
+    The check runs every step without a host synchronisation: the flags are computed on the
+    device, the update of a bad step is dropped there (on CUDA by the fused optimizer's
+    ``found_inf`` input, as in mixed-precision training), and the host reads the flags with the
+    losses it already copies for the progress bar. Whatever the policy, a non-finite update
+    never reaches the parameters or the optimizer state.
+
+    ``on_nonfinite``:
+        ``"stop"`` (default): stop with an error naming the task(s) and the step; no
+        checkpoint of that step is written (exit code 3 from ``hrgrad-ext train``).
+        ``"skip"``: drop the step's update, log it (a ``"skip"`` record in ``metrics.jsonl``)
+        and go on; stop after ``max_skips`` consecutive skipped steps.
+        ``"rollback"``: reload the last good checkpoint, multiply the learning rate by
+        ``lr_factor``, log it (a ``"rollback"`` record) and go on; stop after
+        ``max_rollbacks`` rollbacks in the run. A fresh run writes a checkpoint at step 0 so
+        that there is always one to go back to.
+    """
+
+    on_nonfinite: str = "stop"
+    max_skips: int = 10
+    max_rollbacks: int = 3
+    lr_factor: float = 0.5
+
+
+#: ``distributed.mode`` values (:data:`hrgrad_ext.distributed.MODES`).
+DISTRIBUTED_MODES = ("data_parallel", "sharded")
+
+
+@dataclass
+class DistributedConfig:
+    """How a run started by ``torchrun`` or ``hrgrad-ext train --nproc N`` is distributed
+    (ignored by a single process, except ``shards``).
+
+    ``mode``: ``"data_parallel"`` (every rank holds the model and the optimizer; the per-task
+    gradients are all-reduced) or ``"sharded"`` (the per-task gradients are reduce-scattered,
+    each rank keeps them and the optimizer state for its share of the parameters only); both
+    give the single-process update on the global batch (:mod:`hrgrad_ext.distributed`).
+    ``backend``: ``"auto"`` (gloo on the CPU, NCCL on CUDA), ``"gloo"`` or ``"nccl"``.
+    ``shards``: the points of a step come in this many equal shares (``points`` each), each
+    drawn from its own random stream (seeded from ``seed`` and the share's index); each rank
+    draws ``shards / world_size`` of them. 0 (default) means one per rank, fixed to the world
+    size when the run starts and recorded in its ``config.toml``, so a resumed run draws the
+    same points with any world size that divides it (one process included).
+    ``timeout_s``: collectives wait at most this long for the other ranks (the process group's
+    timeout); a rank that dies is normally noticed at once, this bounds the rest.
+    ``bucket_mb``: size of one task's share of a gradient bucket (as DDP's ``bucket_cap_mb``).
+    """
+
+    mode: str = "data_parallel"
+    backend: str = "auto"
+    shards: int = 0
+    timeout_s: float = 1800.0
+    bucket_mb: float = 25.0
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on (the resolved config is saved next to its outputs).
@@ -96,8 +160,9 @@ class TrainConfig:
             ``depth``/``activation``; transport also ``reach`` (x input scaled by
             min(1, reach / eps)) and ``half_range`` (sign(v) as a g input), see
             :class:`hrgrad_ext.nn.TransportAPNN`.
-        aggregator: options per method, e.g. ``{hrgrad = {length_model = "min"}}`` (HRGrad
-            ``length_model``, ``rcond``; MGDA ``max_iters``, ``tol``); methods not listed get
+        aggregator: options per method, e.g. ``{hrgrad = {length_model = "min"}}`` (the
+            aggregator's constructor arguments: HRGrad ``length_model``, ``rcond``; UPGrad and
+            MGDA ``rcond``; PCGrad takes the run's ``seed``); methods not listed get
             their defaults, so one config serves every method of a comparison.
         grad_mode: ``"segmented"`` (per-task gradients in one pass) or ``"separate"`` (K
             eager backward passes; the baseline).
@@ -105,6 +170,9 @@ class TrainConfig:
             ``"reduce-overhead"``: CUDA graphs on a GPU, ``"max-autotune"``,
             ``"max-autotune-no-cudagraphs"``) for the segmented loss function (forward and its
             backward graph); the first step pays the compilation (about a minute).
+        optim, log, divergence, distributed: see :class:`OptimConfig`, :class:`LogConfig`,
+            :class:`DivergenceConfig`, :class:`DistributedConfig` (``[optim]``, ``[log]``,
+            ``[divergence]``, ``[distributed]`` tables).
         out: output directory.
     """
 
@@ -129,6 +197,8 @@ class TrainConfig:
     compile: str = "off"
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     out: str = "runs/run"
 
     def validate(self) -> "TrainConfig":
@@ -193,6 +263,27 @@ class TrainConfig:
         for k in ("log_every", "eval_every", "checkpoint_every"):
             if getattr(lg, k) < 1:
                 raise ValueError(f"log.{k}: must be >= 1, got {getattr(lg, k)}")
+        ds = self.distributed
+        if ds.mode not in DISTRIBUTED_MODES:
+            raise ValueError(f"distributed.mode: expected one of {DISTRIBUTED_MODES}, got {ds.mode!r}")
+        if ds.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"distributed.backend: expected 'auto', 'gloo' or 'nccl', got {ds.backend!r}")
+        if not isinstance(ds.shards, int) or isinstance(ds.shards, bool) or ds.shards < 0:
+            raise ValueError(f"distributed.shards: must be an integer >= 0 (0: one per rank), got {ds.shards!r}")
+        for k in ("timeout_s", "bucket_mb"):
+            v = getattr(ds, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"distributed.{k}: must be a number > 0, got {v!r}")
+        dv = self.divergence
+        if dv.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"divergence.on_nonfinite: expected one of {NONFINITE_POLICIES}, got {dv.on_nonfinite!r}")
+        for k in ("max_skips", "max_rollbacks"):
+            v = getattr(dv, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"divergence.{k}: must be an integer >= 1, got {v!r}")
+        if isinstance(dv.lr_factor, bool) or not isinstance(dv.lr_factor, (int, float)) or not 0 < dv.lr_factor < 1:
+            raise ValueError(f"divergence.lr_factor: the learning rate factor of a rollback must be in (0, 1), "
+                             f"got {dv.lr_factor!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -232,6 +323,9 @@ def task_windows(cfg: "TrainConfig") -> float | list[float]:
     return cfg.t_final
 
 
+_TABLES = {"optim": OptimConfig, "log": LogConfig, "divergence": DivergenceConfig, "distributed": DistributedConfig}
+
+
 def _from_dict(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {data!r}")
@@ -239,8 +333,8 @@ def _from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ValueError(f"unknown config key {prefix}{key!r}; expected one of {sorted(fields)}")
-        sub = {"optim": OptimConfig, "log": LogConfig}.get(key) if cls is TrainConfig else None
+            raise ValueError(f"unknown config key {prefix + key!r}; expected one of {sorted(fields)}")
+        sub = _TABLES.get(key) if cls is TrainConfig else None
         kwargs[key] = _from_dict(sub, value, f"{prefix}{key}.") if sub else value
     return cls(**kwargs)
 
@@ -325,7 +419,7 @@ def to_toml(cfg: TrainConfig) -> str:
     data = cfg.to_dict()
     lines, tables = [], []
     for k, v in data.items():
-        if isinstance(v, dict) and k in ("optim", "log"):
+        if isinstance(v, dict) and k in _TABLES:
             tables.append((k, v))
         else:
             lines.append(f"{k} = {_toml_value(v)}")

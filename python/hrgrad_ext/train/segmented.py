@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -155,7 +156,7 @@ class SegmentedLosses:
 
 
 def segmented_task_gradients(model: nn.Module, form: Formulation, batch: dict, layout: TaskLayout,
-                             deriv: str = "fast", losses_fn: SegmentedLosses | None = None):
+                             deriv: str = "fast", losses_fn: SegmentedLosses | None = None, grad_hook=None):
     """Task losses and per-parameter Jacobians from one forward and one backward pass.
 
     Args:
@@ -166,6 +167,10 @@ def segmented_task_gradients(model: nn.Module, form: Formulation, batch: dict, l
         deriv: input-derivative mode (see :func:`hrgrad_ext.train.losses.value_and_derivatives`).
         losses_fn: a :class:`SegmentedLosses` to reuse (e.g. a compiled one); built from the
             other arguments when omitted.
+        grad_hook: ``grad_hook(copy, i, grad)`` is called with each ``[K, *params[i].shape]``
+            block of task gradients (copy ``copy`` of parameter ``i``) as soon as the backward
+            pass has produced it, and takes it over (a distributed run sends it to the other
+            ranks while the backward pass goes on); ``jacobians`` is then ``None``.
 
     Returns ``(losses [T] detached, group_losses {group: [K] detached}, jacobians)`` with
     ``jacobians[i]`` of shape ``[T, *params[i].shape]`` for ``params = list(model.parameters())``.
@@ -178,6 +183,12 @@ def segmented_task_gradients(model: nn.Module, form: Formulation, batch: dict, l
     expanded = [[p.unsqueeze(0).expand(K, *p.shape) for p in params] for _ in range(copies)]
     losses, group_losses = losses_fn(expanded, batch)
     leaves = [e for copy in expanded for e in copy]
+    if grad_hook is not None:
+        for c, copy in enumerate(expanded):
+            for i, e in enumerate(copy):
+                e.register_hook(functools.partial(_hand_over, grad_hook, c, i))
+        torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        return losses.detach(), {g: v.detach() for g, v in group_losses.items()}, None
     grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
     grads = [torch.zeros_like(e) if g is None else g for g, e in zip(grads, leaves)]
     n = len(params)
@@ -188,6 +199,13 @@ def segmented_task_gradients(model: nn.Module, form: Formulation, batch: dict, l
         jacobians = [torch.stack([grads[c * n + i] for c in range(copies)], 1).reshape(K * copies, *params[i].shape)
                      for i in range(n)]
     return losses.detach(), {g: v.detach() for g, v in group_losses.items()}, jacobians
+
+
+def _hand_over(grad_hook, copy: int, i: int, grad: Tensor) -> Tensor:
+    grad_hook(copy, i, grad)
+    # what autograd.grad returns for this leaf: a zero view (no memory), so that the full
+    # block is freed as soon as the hook has copied it
+    return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
 
 
 def task_losses(model: nn.Module, form: Formulation, batch: dict, layout: TaskLayout, k: int,
