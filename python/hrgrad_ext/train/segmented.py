@@ -52,8 +52,10 @@ def keep_freed_memory() -> bool:
     one step are reused by the next.
 
     Process-wide (it changes malloc for everything in the process) and irreversible: the
-    resident size stays at its peak. Used for CPU training with the segmented gradients; set
-    ``HRGRAD_EXT_KEEP_FREED_MEMORY=0`` to leave malloc alone. A no-op (returns False) on other
+    resident size stays at its peak. So the library never calls it on its own: the training job
+    (:class:`~hrgrad_ext.train.trainer.Trainer`, which owns its process) and the benchmarks do,
+    for CPU training with the segmented gradients; set ``HRGRAD_EXT_KEEP_FREED_MEMORY=0`` to leave
+    malloc alone there too. A user who builds a CPU loop on :class:`SegmentedLosses` may call it. A no-op (returns False) on other
     C libraries; preloading jemalloc or tcmalloc has the same effect.
     """
     global _KEPT
@@ -124,8 +126,6 @@ class SegmentedLosses:
         self.copies = 1 if layout.mode == "eps" else len(layout.groups)
         self.compile = compile or None
         self._fn = torch.compile(self._losses, mode=None if compile == "default" else compile) if self.compile else self._losses
-        if any(p.device.type == "cpu" for p in model.parameters()):
-            keep_freed_memory()  # K-fold activations: see keep_freed_memory
 
     def _losses(self, expanded: list[list[Tensor]], batch: dict):
         model, form, layout = self.model, self.form, self.layout
