@@ -7,7 +7,10 @@
 // writes the symmetric result.
 //   K <= 8:  every thread keeps the K(K+1)/2 products of its columns in registers.
 //   K <= 64: a block stages a chunk of columns in shared memory and each thread owns a 4x4
-//            register tile of G (upper-triangular tiles only).
+//            register tile of G (upper-triangular tiles only). The loads are double-buffered:
+//            each thread's share of the next chunk is loaded into registers while the tiles
+//            of the current one are multiplied, so the DRAM latency overlaps the float64 FMAs
+//            instead of following them.
 //   K  > 64: float64 GEMMs over chunks of columns (not the skinny regime this is built for).
 // Products and sums are float64 whatever the input dtype, as in the CPU kernel. The rotation
 // solve decides rank deficiency from the eigenvalues of the cosine matrix relative to eps of
@@ -120,9 +123,25 @@ struct TileShape {
   static constexpr int kGroups = kThreads / kTiles;         // column groups sharing a chunk
   static constexpr int kChunk = 2048 / KMAX;                // columns staged per iteration: 128, 64, 32
   static constexpr int kLd = kChunk + 1;                    // +1: fewer bank conflicts on column reads
+  static constexpr int kLoads = KMAX * kChunk / kThreads;   // elements of a chunk per thread: 8
   // The chunk buffer, reused after the loop for the sums of the column groups.
   static constexpr int kSmemDoubles = std::max(KMAX * kLd, kGroups > 1 ? kGroups * kTiles * 16 : 0);
 };
+
+// A thread's share of the chunk of columns [c0, c0 + kChunk) (zeros past K and n), in the
+// input type: element e = threadIdx.x + q * kThreads of the chunk is row e / kChunk, column
+// e % kChunk (consecutive threads, consecutive columns: coalesced).
+template <typename scalar_t, int KMAX>
+__device__ __forceinline__ void gram_fetch_chunk(const scalar_t* __restrict__ Jb, int K, int64_t n, int64_t c0,
+                                                 scalar_t (&share)[TileShape<KMAX>::kLoads]) {
+  constexpr int CHUNK = TileShape<KMAX>::kChunk;
+#pragma unroll
+  for (int q = 0; q < TileShape<KMAX>::kLoads; ++q) {
+    const int e = threadIdx.x + q * kThreads, k = e / CHUNK;
+    const int64_t col = c0 + e % CHUNK;
+    share[q] = (k < K && col < n) ? Jb[static_cast<int64_t>(k) * n + col] : scalar_t(0);
+  }
+}
 
 template <typename scalar_t, int KMAX>
 __global__ void __launch_bounds__(kThreads)
@@ -143,13 +162,20 @@ gram_tiles_kernel(const scalar_t* __restrict__ J, int K, int64_t n, int nblk, do
 #pragma unroll
     for (int s = 0; s < 4; ++s) acc[r][s] = 0.0;
 
-  for (int64_t c0 = static_cast<int64_t>(blk) * CHUNK; c0 < n; c0 += static_cast<int64_t>(nblk) * CHUNK) {
-    for (int e = threadIdx.x; e < KMAX * CHUNK; e += kThreads) {
-      const int k = e / CHUNK, c = e % CHUNK;
-      const int64_t col = c0 + c;
-      smem[k * LD + c] = (k < K && col < n) ? static_cast<double>(Jb[static_cast<int64_t>(k) * n + col]) : 0.0;
+  static_assert(S::kLoads * kThreads == KMAX * CHUNK, "a chunk is a whole number of loads per thread");
+  const int64_t step = static_cast<int64_t>(nblk) * CHUNK;
+  scalar_t share[S::kLoads];  // this thread's share of the next chunk, loaded a chunk ahead
+  int64_t c0 = static_cast<int64_t>(blk) * CHUNK;
+  if (c0 < n) gram_fetch_chunk<scalar_t, KMAX>(Jb, K, n, c0, share);
+  for (; c0 < n; c0 += step) {
+#pragma unroll
+    for (int q = 0; q < S::kLoads; ++q) {
+      const int e = threadIdx.x + q * kThreads;
+      smem[(e / CHUNK) * LD + e % CHUNK] = static_cast<double>(share[q]);
     }
     __syncthreads();
+    // The next chunk's loads go out now and land while this chunk's products are summed.
+    if (c0 + step < n) gram_fetch_chunk<scalar_t, KMAX>(Jb, K, n, c0 + step, share);
     if (active) {
       for (int c = group * COLS_PER_GROUP; c < (group + 1) * COLS_PER_GROUP; ++c) {
         double a[4], bb[4];
