@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "common/cuda_kernel.h"
 #include "gram/gram_common.h"
@@ -322,24 +323,49 @@ at::Tensor gram_cuda(const at::Tensor& J, std::optional<at::ScalarType> dtype) {
   return J.dim() == 2 ? G.squeeze(0) : G;
 }
 
-// ---- hrgrad_weights: one block per batch entry, one thread solving ---------------------------
-// The K x K solve is short, sequential and latency-bound, so one thread does it, with its
-// scratch (hrgrad_solve_workspace(K) doubles) in shared memory when that fits in 48 KB and in
-// global memory otherwise. It runs the source of the CPU kernel (gram/hrgrad_solve.h), but
-// not bit for bit the same arithmetic: nvcc contracts a * b + c into FMAs where the host
-// compiler does not, and exp / log come from another math library, so the weights agree to
-// rounding (the dual-cone fallback included: an exact active-set solve, cone_solve.h).
+// ---- hrgrad_weights: one block (one warp) per batch entry -----------------------------------
+// The K x K solve is short and latency-bound. It runs the source of the CPU kernel
+// (gram/hrgrad_solve.h) with its scratch (hrgrad_solve_workspace(K) doubles) in shared memory
+// when that fits in 48 KB and in global memory otherwise:
+//   K <= 16: one thread solves (the other lanes leave);
+//   K  > 16: the whole warp (WarpTeam): the lanes split every Jacobi rotation's O(K) updates,
+//            the O(K^3) part of the solve, and lane 0 does the rest. A rotation then costs
+//            about K / 32 element updates and 3 __syncwarp instead of 3 K dependent updates.
+// The arithmetic is that of the CPU kernel, but not bit for bit: nvcc contracts a * b + c into
+// FMAs where the host compiler does not, and exp / log come from another math library, so the
+// weights agree to rounding (the dual-cone fallback included: an exact active-set solve,
+// cone_solve.h). The warp's result equals the one thread's (the same expression per element,
+// in the same order).
 constexpr int64_t kMaxDynamicSmem = 48 * 1024;  // without the opt-in attribute
+constexpr int kWarpSolveAbove = 16;             // K above which a warp solves
 
-template <typename scalar_t>
+// The 32 lanes of a warp as a team of cone_solve.h (lane 0 leads). __syncwarp orders the
+// lanes' shared- and global-memory accesses to the problem's scratch.
+struct WarpTeam {
+  __device__ int rank() const { return threadIdx.x % 32; }
+  __device__ int size() const { return 32; }
+  __device__ bool leader() const { return threadIdx.x % 32 == 0; }
+  __device__ void sync() const { __syncwarp(); }
+  __device__ int broadcast(int x) const {
+    __syncwarp();
+    return __shfl_sync(0xffffffffu, x, 0);
+  }
+};
+
+template <typename scalar_t, bool kWarpSolve>
 __global__ void hrgrad_weights_kernel(const scalar_t* __restrict__ G, int K, int length_model, double rtol,
                                       bool scratch_in_smem, scalar_t* __restrict__ w, int* __restrict__ status,
                                       double* __restrict__ workspace) {
   HRGRAD_DYNAMIC_SHARED(double, smem_scratch);
   const int64_t b = blockIdx.x;
-  if (threadIdx.x != 0) return;
   double* ws = scratch_in_smem ? smem_scratch : workspace + b * hrgrad_solve_workspace(K);
-  status[b] = hrgrad_solve<scalar_t, scalar_t>(G + b * K * K, K, length_model, rtol, w + b * K, ws);
+  if constexpr (kWarpSolve) {
+    const int s = hrgrad_solve<scalar_t, scalar_t>(G + b * K * K, K, length_model, rtol, w + b * K, ws, WarpTeam{});
+    if (threadIdx.x == 0) status[b] = s;
+  } else {
+    if (threadIdx.x != 0) return;
+    status[b] = hrgrad_solve<scalar_t, scalar_t>(G + b * K * K, K, length_model, rtol, w + b * K, ws);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> hrgrad_weights_cuda(const at::Tensor& G, c10::string_view length_model,
@@ -357,13 +383,17 @@ std::tuple<at::Tensor, at::Tensor> hrgrad_weights_cuda(const at::Tensor& G, c10:
   // allocator, so the device never waits on the host.
   at::Tensor workspace = at::empty({in_smem ? 1 : B * hrgrad_solve_workspace(K)}, Gb.options().dtype(at::kDouble));
   if (B > 0) AT_DISPATCH_FLOATING_TYPES(Gb.scalar_type(), "hrgrad_weights_cuda", [&] {
-    over_batch(B, 1, [&](int64_t b0, int64_t count) {
-      launch<hrgrad_weights_kernel<scalar_t>>(
-          {static_cast<unsigned>(count), 32, static_cast<size_t>(in_smem ? scratch_bytes : 0)},
-          Gb.const_data_ptr<scalar_t>() + b0 * K * K, static_cast<int>(K), lm, rtol, in_smem,
-          w.mutable_data_ptr<scalar_t>() + b0 * K, status.mutable_data_ptr<int>() + b0,
-          workspace.mutable_data_ptr<double>() + (in_smem ? 0 : b0 * hrgrad_solve_workspace(K)));
-    });
+    const auto run = [&](auto warp_solve) {
+      over_batch(B, 1, [&](int64_t b0, int64_t count) {
+        launch<hrgrad_weights_kernel<scalar_t, decltype(warp_solve)::value>>(
+            {static_cast<unsigned>(count), 32, static_cast<size_t>(in_smem ? scratch_bytes : 0)},
+            Gb.const_data_ptr<scalar_t>() + b0 * K * K, static_cast<int>(K), lm, rtol, in_smem,
+            w.mutable_data_ptr<scalar_t>() + b0 * K, status.mutable_data_ptr<int>() + b0,
+            workspace.mutable_data_ptr<double>() + (in_smem ? 0 : b0 * hrgrad_solve_workspace(K)));
+      });
+    };
+    if (K > kWarpSolveAbove) run(std::true_type{});
+    else run(std::false_type{});
   });
   if (G.dim() == 2) return {w.squeeze(0), status.squeeze(0)};
   return {w, status};
