@@ -213,14 +213,16 @@ def _demo(args) -> int:
     print(f"task gradients (rows of J):\n{J.numpy()}")
     G = J @ J.T
     print(f"cosine(g_1, g_2) = {float(G[0, 1] / (G[0, 0] * G[1, 1]).sqrt()):.4f}" if J.shape[0] == 2 else "")
-    print(f"{'method':<8} {'update':<34} {'weights':<24} cos(update, g_i)")
+    print(f"{'method':<9} {'update':<34} {'weights':<24} cos(update, g_i)")
     for m in METHODS:
         agg = make_aggregator(m)
+        # the loss-weighting methods at their first step (equal losses: there is no history yet)
+        agg.observe_losses(torch.ones(J.shape[0], dtype=torch.float64))
         w = agg.weights(J).to(torch.float64)
         upd = J.T @ w
         d = task_diagnostics(G, w)
         fmt = lambda t: "[" + ", ".join(f"{v:8.4f}" for v in t.tolist()) + "]"
-        print(f"{m:<8} {fmt(upd):<34} {fmt(w):<24} {fmt(d.update_cosines)}")
+        print(f"{m:<9} {fmt(upd):<34} {fmt(w):<24} {fmt(d.update_cosines)}")
     return 0
 
 

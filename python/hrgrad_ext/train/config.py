@@ -162,7 +162,9 @@ class TrainConfig:
             :class:`hrgrad_ext.nn.TransportAPNN`.
         aggregator: options per method, e.g. ``{hrgrad = {length_model = "min"}}`` (the
             aggregator's constructor arguments: HRGrad ``length_model``, ``rcond``; UPGrad and
-            MGDA ``rcond``; PCGrad takes the run's ``seed``); methods not listed get
+            MGDA ``rcond``; ReLoBRaLo ``alpha``, ``expected_rho``, ``temperature``; lra
+            ``alpha``, ``reference``, ``every``; GradNorm ``alpha``, ``lr``; SoftAdapt ``beta``,
+            ``variant``; PCGrad and ReLoBRaLo take the run's ``seed``); methods not listed get
             their defaults, so one config serves every method of a comparison.
         grad_mode: ``"segmented"`` (per-task gradients in one pass) or ``"separate"`` (K
             eager backward passes; the baseline).

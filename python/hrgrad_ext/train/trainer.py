@@ -337,6 +337,8 @@ class Trainer:
         losses, jac = self.task_gradients(batch)
         if self._inject is not None:
             losses, jac = self._inject.apply(self.step + 1, losses, jac)
+        if self.aggregator.needs_losses:  # loss-weighting methods (ReLoBRaLo, GradNorm, SoftAdapt)
+            self.aggregator.observe_losses(losses.detach())
         if isinstance(self.aggregator, GramianAggregator):
             G, w, status = aggregate_jacobians(self.aggregator, jac)
             # G's diagonal holds |g_i|^2: a NaN/Inf anywhere in task i's gradient shows there
