@@ -58,6 +58,9 @@ def _eps_list(text: str) -> list[float]:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config file (default: the problem's defaults, hrgrad_ext/configs/<problem>.toml)")
     p.add_argument("--problem", choices=("transport", "bgk"), help="kinetic problem (default transport)")
+    p.add_argument("--preset", default="default",
+                   help="packaged config of the problem: 'default' (laptop CPU, minutes) or 'long' (the accuracy "
+                        "runs, up to an hour on 2 CPU cores); ignored with --config")
     p.add_argument("--eps", type=_eps_list, help="task set, comma-separated (eps, or Kn for BGK)")
     p.add_argument("--iters", type=int, help="optimizer steps")
     p.add_argument("--device", help="cpu or cuda")
@@ -115,7 +118,7 @@ def _resolve_config(args):
     if args.config:
         cfg = load_config(args.config)
     else:
-        cfg = default_config(args.problem or "transport")
+        cfg = default_config(args.problem or "transport", args.preset)
     over = list(args.set)
     for key in ("problem", "iters", "device", "dtype", "seed", "tasks", "threads", "out"):
         val = getattr(args, key, None)
@@ -179,7 +182,7 @@ def _train_process(args, cfg, Trainer) -> int:
             over.append("log.plots=false")
         trainer = Trainer.resume(args.resume, over)
         if trainer.is_writer:
-            print(f"resuming {args.resume} at step {trainer.step} of {trainer.cfg.iters}", flush=True)
+            print(f"resuming {args.resume} at step {trainer.step} of {trainer.cfg.total_steps}", flush=True)
     else:
         trainer = Trainer(cfg)
     summary = trainer.run()

@@ -238,7 +238,7 @@ def _state(run_dir: Path, cfg: TrainConfig) -> str:
     """``"done"``, ``"diverged"``, ``"partial"`` (a checkpoint to resume) or ``"fresh"``."""
     _check_same_run(run_dir, cfg)
     summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("iters") == cfg.iters:
+    if summary.is_file() and json.loads(summary.read_text()).get("iters") == cfg.total_steps:
         return "done"
     if (run_dir / DIVERGED).is_file():
         return "diverged"
