@@ -381,6 +381,8 @@ def run_compare(base: TrainConfig, methods: list[str] | str, out: str | Path, se
                 say(f"{m} seed {seed}: {state} ({cfg.out}), not run again")
             else:
                 todo.append((cfg, state))
+    # seed-major: an interrupted study already holds every method on the first seeds
+    todo.sort(key=lambda run: seeds.index(run[0].seed))
     if todo:
         say(f"compare: {len(todo)} of {len(plan)} runs to train ({sum(s == 'partial' for _, s in todo)} resumed), "
             f"{jobs} at a time")
