@@ -61,6 +61,12 @@ __device__ __forceinline__ T row_sum(T x) {
   return x;
 }
 
+// row_sum of each argument, in place.
+template <int L, typename... T>
+__device__ __forceinline__ void row_sums(T&... x) {
+  ((x = row_sum<L>(x)), ...);
+}
+
 // The row a lane serves: `i` (clamped to N - 1 for the segments of the last warp that are past
 // N), whether it is a real row (`live`: stores only then), and the lane's index in its segment.
 struct RowLane {
@@ -262,9 +268,7 @@ __global__ void __launch_bounds__(kThreads) maxwellian_backward_kernel(
     s1 += gm0 * d;
     s2 += gm0 * (d * d - TT);
   }
-  s0 = row_sum<L>(s0);
-  s1 = row_sum<L>(s1);
-  s2 = row_sum<L>(s2);
+  row_sums<L>(s0, s1, s2);
   if (row.live && lane == 0) {
     drho[i] = static_cast<scalar_t>(s0);
     du[i] = static_cast<scalar_t>(r * s1 / TT);
@@ -349,12 +353,7 @@ __global__ void __launch_bounds__(kThreads) bgk_forward_kernel(
     sX2 += wx * vj;
     sX3 += wx * vj * vj;
   }
-  sF0 = row_sum<L>(sF0);
-  sF1 = row_sum<L>(sF1);
-  sF2 = row_sum<L>(sF2);
-  sX1 = row_sum<L>(sX1);
-  sX2 = row_sum<L>(sX2);
-  sX3 = row_sum<L>(sX3);
+  row_sums<L>(sF0, sF1, sF2, sX1, sX2, sX3);
   if (row.live && lane == 0) {
     const acc_t rt = p.rho_t[i], ut = p.u_t[i], Tt = p.T_t[i];
     const acc_t q = uu * uu + TT;
@@ -403,10 +402,7 @@ __global__ void __launch_bounds__(kThreads) bgk_backward_kernel(
     sm1 += gm0 * d;
     sm2 += gm0 * (d * d - TT);
   }
-  skn = row_sum<L>(skn);
-  sm0 = row_sum<L>(sm0);
-  sm1 = row_sum<L>(sm1);
-  sm2 = row_sum<L>(sm2);
+  row_sums<L>(skn, sm0, sm1, sm2);
   if (row.live && lane == 0) {
     const acc_t r = p.rho[i], rt = p.rho_t[i], ut = p.u_t[i], Tt = p.T_t[i];
     const acc_t q = uu * uu + TT, h = acc_t(0.5);
@@ -533,10 +529,7 @@ __global__ void __launch_bounds__(kThreads) transport_forward_kernel(
       rx[t] = a_x;
     }
   }
-  W = row_sum<L>(W);
-  sg = row_sum<L>(sg);
-  st = row_sum<L>(st);
-  sx = row_sum<L>(sx);
+  row_sums<L>(W, sg, st, sx);
   const acc_t invW = acc_t(1) / W, mg = sg * invW, mt = st * invW, mx = sx * invW;
   // a = <v g_x> from the centred g_x (one more reduction over the values in registers): the
   // one-pass form <v Graw_x> - <v><Graw_x> would cancel digits in float32 when the row mean
@@ -614,13 +607,7 @@ __global__ void __launch_bounds__(kThreads) transport_backward_kernel(
       rx[t] = a_x;
     }
   }
-  W = row_sum<L>(W);
-  Wv = row_sum<L>(Wv);
-  Sgm = row_sum<L>(Sgm);
-  Sm = row_sum<L>(Sm);
-  Svm = row_sum<L>(Svm);
-  st = row_sum<L>(st);
-  sx = row_sum<L>(sx);
+  row_sums<L>(W, Wv, Sgm, Sm, Svm, st, sx);
   const acc_t invW = acc_t(1) / W, vbar = Wv * invW, mt = st * invW, mx = sx * invW;
   // a = <v g_x> from the centred g_x, as in the forward kernel.
   acc_t a = 0;
