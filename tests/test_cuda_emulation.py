@@ -169,10 +169,11 @@ def assert_weights(got, want, what, rtol):
         assert_same(wb, wb0, f"{what}: entry {b} (status {int(sb)})", rtol=rtol, atol=1e-9)
 
 
-@pytest.mark.parametrize("K", [1, 2, 3, 5, 8, 16, 33, 42, 43, 60])
+@pytest.mark.parametrize("K", [1, 2, 3, 5, 8, 16, 17, 33, 42, 43, 60])
 def test_hrgrad_weights(backend, K):
-    # 42 / 43: the solver's scratch (3 K^2 + 15 K doubles) fits in 48 KB of shared memory / goes
-    # to global memory
+    # 16 / 17: one thread / a warp solves (17: most lanes idle in each rotation; 33: a lane
+    # updates two elements); 42 / 43: the solver's scratch (3 K^2 + 15 K doubles) fits in 48 KB
+    # of shared memory / goes to global memory
     gen = torch.Generator().manual_seed(K)
     for dtype in (f32, f64):
         G = gram_batch(K, dtype, gen)
