@@ -10,11 +10,13 @@ Per (K, n), timed side by side in interleaved rounds (same-run ratios):
   against the sum of ``gram(J, float64)`` and ``combine`` timed alone - target <= 1.1x;
 * ``hrgrad_weights`` against an eager float64 pseudo-inverse; the eager Gram-form update (and,
   with ``--compile``, the same under torch.compile); ``conflictfree.ConFIG_update`` when
-  installed (n <= 1e6); a plain read of J (``J.sum(0)``) as the bandwidth yardstick;
+  installed (n <= 1e6); plain reads of J (``J.sum(0)``, and ``J.sum(1)``, which writes only K
+  numbers: the yardstick of the GPU target ``hrgrad <= 1.3x J.sum(1)``, issue 11);
 * float64 input (n <= 1e6): ``gram`` and ``combine`` against ``J @ J.T`` and ``w @ J`` in float64.
 
-Each record also gives bytes moved and achieved GB/s (and, on CUDA, the fraction of the
-device's peak bandwidth). One command does a whole CPU run, every thread count in its own
+Each record also gives, per timed function (``floor``, bench/memory_model.py): the bytes it must
+move, the read-once floor at the device's memory bandwidth (GPUs of the model's table; none on
+the CPU), the achieved GB/s and the percentage of the floor reached. One command does a whole CPU run, every thread count in its own
 process::
 
     python bench/bench_gram.py --device cpu --threads 1 2 --out docs/bench/gram_cpu.json
@@ -32,6 +34,7 @@ import json
 import sys
 
 import torch
+from memory_model import bandwidth, combine_bytes, floor_figures, gram_bytes, hrgrad_bytes, read_bytes
 from timing import compare, machine, per_thread_count
 
 import hrgrad_ext
@@ -58,18 +61,6 @@ def eager_weights(G: torch.Tensor) -> torch.Tensor:
     Ca = C @ a
     xn = (a @ Ca).sqrt()
     return (d * Ca).sum() / xn * a / (d * xn)
-
-
-def peak_bandwidth(device: torch.device) -> float | None:
-    """Theoretical DRAM bandwidth in bytes/s from the device properties (None if unknown)."""
-    if device.type != "cuda":
-        return None
-    props = torch.cuda.get_device_properties(device)
-    clock_khz = getattr(props, "memory_clock_rate", None)
-    bus_bits = getattr(props, "memory_bus_width", None)
-    if not clock_khz or not bus_bits:
-        return None
-    return 2.0 * clock_khz * 1e3 * bus_bits / 8.0  # double data rate
 
 
 def gram_target(K: int) -> float:
@@ -120,7 +111,7 @@ def main(argv=None) -> int:
 
     compiled_update = torch.compile(eager_gram_update) if args.compile else None
     compiled_gram = torch.compile(lambda J: J @ J.T) if args.compile else None
-    peak = peak_bandwidth(device)
+    bw = bandwidth(device)
     info = machine(device)
     records = []
     for n_f in args.n:
@@ -135,6 +126,7 @@ def main(argv=None) -> int:
             # large temporaries that flush the caches between the kernels' calls) on their own.
             targets = {
                 "read_J": lambda: J.sum(0),
+                "sum_rows": lambda: J.sum(1),  # a pure read of J: the GPU targets' yardstick
                 "gram": lambda: ops.gram(J),
                 "gram_f64": lambda: ops.gram(J, dtype=torch.float64),
                 "mm": lambda: J @ J.T,
@@ -177,19 +169,24 @@ def main(argv=None) -> int:
             bytes_J = J.numel() * J.element_size()
             rec["bytes_J"] = bytes_J
             rec["flops_gram"] = K * (K + 1) * n  # K(K+1)/2 multiply-adds per column
-            gbps = {}
-            for key, reads in (("read_J", 1), ("gram", 1), ("combine", 1), ("wJ", 1), ("mm", 1), ("hrgrad", 2)):
-                t = ms(res, key)
-                if t:
-                    gbps[key] = reads * bytes_J / (t * 1e-3) / 1e9
-                    if peak:
-                        rec.setdefault("bw_fraction", {})[key] = reads * bytes_J / (t * 1e-3) / peak
-            rec["GBps"] = gbps
+            if ms(res, "hrgrad") and ms(res, "sum_rows"):
+                ratios["hrgrad_vs_sum_rows"] = ms(res, "hrgrad") / ms(res, "sum_rows")
+            # beside each time: the bytes it must move, the read-once floor at the device's
+            # bandwidth, the achieved GB/s and % of the floor (bench/memory_model.py)
+            e = J.element_size()
+            moved = {"read_J": read_bytes(K, n, e) + n * e, "sum_rows": read_bytes(K, n, e),
+                     "gram": gram_bytes(K, n, e, out_elem=e), "gram_f64": gram_bytes(K, n, e, out_elem=8),
+                     "mm": gram_bytes(K, n, e, out_elem=e), "combine": combine_bytes(K, n, e),
+                     "combine_accumulate": combine_bytes(K, n, e, accumulate=True), "wJ": combine_bytes(K, n, e),
+                     "hrgrad": hrgrad_bytes(K, n, e)}
+            rec["floor"] = {key: floor_figures(b, ms(res, key), bw) for key, b in moved.items()}
             records.append(rec)
             print(f"K={K:3d} n={n:>9d}  gram {fmt(ms(res, 'gram'))}  mm {fmt(ms(res, 'mm'))}  "
                   f"({ratios.get('gram_vs_mm', float('nan')):.2f}x, target {gram_target(K)})  "
                   f"combine {ratios.get('combine_vs_wJ', float('nan')):.2f}x  "
-                  f"hrgrad {ratios.get('hrgrad_vs_gram_f64_plus_combine', float('nan')):.2f}x of gram64+combine",
+                  f"hrgrad {ratios.get('hrgrad_vs_gram_f64_plus_combine', float('nan')):.2f}x of gram64+combine, "
+                  f"{ratios.get('hrgrad_vs_sum_rows', float('nan')):.2f}x J.sum(1)"
+                  + (f", {rec['floor']['hrgrad'].get('pct_of_floor') or 0:.0f}% of its floor" if bw["bytes_per_s"] else ""),
                   file=sys.stderr, flush=True)
             del J, G, out
         if dtype == torch.float32 and not args.no_float64 and n <= 10**6:
@@ -224,7 +221,8 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "hrgrad_ext": hrgrad_ext.__version__,
         "build": hrgrad_ext.build_info(),
-        "peak_bandwidth_GBps": peak / 1e9 if peak else None,
+        "bandwidth": bw,
+        "peak_bandwidth_GBps": bw["bytes_per_s"] / 1e9 if bw["bytes_per_s"] else None,
         "conflictfree": ConFIG_update is not None,
         "metric": "milliseconds per call, median (and min) over interleaved rounds; ratios of medians",
         "records": records,

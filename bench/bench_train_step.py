@@ -16,7 +16,9 @@ wide, ``--points`` interior points x ``--nv`` velocity nodes per task, for:
 
 Modes are timed in turn, each over its own steps (a step changes the parameters, so the
 modes cannot share inputs). Issue 10's CPU targets: segmented <= 1.0x separate and <= 2.0x
-single_total. On the CPU, ``--malloc keep`` (the default) first applies
+single_total; GPU target (issue 11): the K = 8 step <= 1.0x one eager ``single`` step
+(``K8_segmented_vs_single``, and the same for the compiled modes). On the CPU,
+``--malloc keep`` (the default) first applies
 :func:`hrgrad_ext.train.segmented.keep_freed_memory` for every mode (the segmented trainer does
 it itself; applying it up front keeps the comparison fair); ``--malloc default`` leaves glibc's
 malloc alone, which makes every step page-fault its large activations again.
@@ -170,6 +172,12 @@ def main(argv=None) -> int:
             ratios[f"K{K}_segmented_vs_separate"] = seg / by[("separate", K)]
         if seg and by.get(("single_total", K)):
             ratios[f"K{K}_segmented_vs_single_total"] = seg / by[("single_total", K)]
+        # the GPU target (issue 11): the K-task step at most 1.0x one eager single-eps step
+        if seg and by.get(("single", 1)):
+            ratios[f"K{K}_segmented_vs_single"] = seg / by[("single", 1)]
+        for mode in ("compiled", "cudagraphs"):
+            if by.get((mode, K)) and by.get(("single", 1)):
+                ratios[f"K{K}_{mode}_vs_single"] = by[(mode, K)] / by[("single", 1)]
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}", flush=True)
     report = {"benchmark": "train_step", "machine": info, "threads": torch.get_num_threads(),

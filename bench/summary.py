@@ -75,8 +75,42 @@ def train_table(run: dict) -> str:
         lines.append(f"| {r['mode']} | {r['K']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} |")
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     for k, v in run.get("ratios", {}).items():
-        target = 1.0 if k.endswith("vs_separate") else 2.0
+        # vs_single: the GPU target of issue 11 (the K-task step against one single-eps step)
+        target = 1.0 if k.endswith(("vs_separate", "vs_single")) else 2.0
         lines.append(f"| {k} | {_ok(v, target)} | <= {target} |")
+    return "\n".join(lines)
+
+
+def _pct(fig: dict | None) -> str:
+    p = (fig or {}).get("pct_of_floor")
+    return "-" if p is None else f"{p:.0f} %"
+
+
+def floor_table(run: dict) -> str:
+    """Where the device has a known bandwidth (GPUs): each kernel's time as % of its read-once
+    floor (bench/memory_model.py), and the GPU targets of issue 11."""
+    bw = run.get("bandwidth") or {}
+    if not bw.get("bytes_per_s"):
+        return ""
+    head = f"% of the read-once floor at {bw['bytes_per_s'] / 1e12:.2f} TB/s ({bw.get('source')}):"
+    if run.get("benchmark") == "gram":
+        lines = [head, "", "| K | n | J.sum(1) | gram | gram f64 | combine | hrgrad | hrgrad / J.sum(1) (target 1.3; "
+                 "floor (2K+1)/K) |", "|---|---|---|---|---|---|---|---|"]
+        for r in run["records"]:
+            f = r.get("floor")
+            if not f:
+                continue
+            lines.append(f"| {r['K']} | {r['n']:.0e} | {_pct(f.get('sum_rows'))} | {_pct(f.get('gram'))} | "
+                         f"{_pct(f.get('gram_f64'))} | {_pct(f.get('combine'))} | {_pct(f.get('hrgrad'))} | "
+                         f"{_ok(r['ratios'].get('hrgrad_vs_sum_rows'), 1.3)} |")
+        return "\n".join(lines)
+    lines = [head, "", "| op | N | V | fused fwd op | fused bwd op | ext step | ext / compiled (GPU target 0.5) |",
+             "|---|---|---|---|---|---|---|"]
+    for c in run["cases"]:
+        f = c.get("floor", {})
+        lines.append(f"| {c['op'].replace('_residuals', '')} | {c['N']} | {c['V']} | {_pct(f.get('ext_forward_op'))} | "
+                     f"{_pct(f.get('ext_backward_op'))} | {_pct(f.get('ext'))} | "
+                     f"{_ok(c['ratios'].get('ext_vs_compiled'), 0.5)} |")
     return "\n".join(lines)
 
 
@@ -89,6 +123,8 @@ def main(paths: list[str]) -> int:
                 print(f"{path}: unknown benchmark {kind!r}", file=sys.stderr)
                 continue
             print(f"<!-- {path} -->\n{table(run)}\n")
+            if kind in ("gram", "kinetic") and (floors := floor_table(run)):
+                print(f"{floors}\n")
     return 0
 
 

@@ -169,10 +169,11 @@ def assert_weights(got, want, what, rtol):
         assert_same(wb, wb0, f"{what}: entry {b} (status {int(sb)})", rtol=rtol, atol=1e-9)
 
 
-@pytest.mark.parametrize("K", [1, 2, 3, 5, 8, 16, 33, 42, 43, 60])
+@pytest.mark.parametrize("K", [1, 2, 3, 5, 8, 16, 17, 33, 42, 43, 60])
 def test_hrgrad_weights(backend, K):
-    # 42 / 43: the solver's scratch (3 K^2 + 15 K doubles) fits in 48 KB of shared memory / goes
-    # to global memory
+    # 16 / 17: one thread / a warp solves (17: most lanes idle in each rotation; 33: a lane
+    # updates two elements); 42 / 43: the solver's scratch (3 K^2 + 15 K doubles) fits in 48 KB
+    # of shared memory / goes to global memory
     gen = torch.Generator().manual_seed(K)
     for dtype in (f32, f64):
         G = gram_batch(K, dtype, gen)
@@ -272,9 +273,12 @@ def strided(t):
 
 
 def kinetic_cases():
-    # V: one node, the transport (30) and BGK (64) rules, around the 32 / 64 / 128 per-lane
-    # register variants, and the re-read variant above them
-    for N, V in ((0, 30), (1, 1), (33, 30), (9, 64), (5, 33), (7, 129), (3, 200)):
+    # V: one node; 16, the transport (30) and BGK (64) rules, 100 and 128 (issue 10's range of
+    # lanes kept busy); each side of the V at which the lanes per row change (16 | 17: 4 | 8,
+    # 32 | 33: 8 | 16, 64 | 65: 16 | 32) and of the re-read variant (128 | 129), and 200. N
+    # leaves the last warp's row segments partly past N (8 / 4 / 2 / 1 rows per warp).
+    for N, V in ((0, 30), (1, 1), (13, 16), (6, 17), (33, 30), (5, 33), (9, 64), (7, 65), (5, 100), (3, 128),
+                 (7, 129), (3, 200)):
         for dtype in (f32, f64):
             yield N, V, dtype
 
@@ -611,8 +615,9 @@ def test_barrier_removed_from_a_shipped_kernel_is_caught(control):
 
 @pytest.mark.cuda_emu
 def test_lanes_leaving_a_shipped_warp_reduction_are_caught(control):
-    # Lanes 16..31 return before the row sums of the kinetic kernels: a divergent shuffle.
-    line = source_line("csrc/kinetic/kinetic_cuda.cu", r"__shfl_xor_sync", r"T warp_sum\(")
+    # Lanes 16..31 (the row segments of 2 of the 4 rows of a warp at V = 30) return before the
+    # row sums of the kinetic kernels: a divergent shuffle.
+    line = source_line("csrc/kinetic/kinetic_cuda.cu", r"__shfl_xor_sync", r"T row_sum\(")
     ops = emulation.load()
     F, v, w = torch.rand(4, 30, dtype=f64), torch.linspace(-1, 1, 30, dtype=f64), torch.rand(30, dtype=f64)
     control.plant("exit_before", "csrc/kinetic/kinetic_cuda.cu", line, 16)

@@ -63,20 +63,43 @@ HRGRAD_HD inline double dot_n(const double* a, const double* b, int n) {
 
 HRGRAD_HD inline double norm_n(const double* a, int n) { return sqrt(dot_n(a, a, n)); }
 
+// The threads that solve one problem together. SoloTeam: one thread (the CPU kernels and the
+// one-thread CUDA solves). A team shares the problem's scratch; its members split the loops
+// whose iterations are independent (rank, rank + size, ...), meet at sync(), and compute
+// every scalar that steers control flow redundantly from the same shared data after a sync,
+// so they all take the same branches. The CUDA kernels define a warp-wide team.
+struct SoloTeam {
+  HRGRAD_HD int rank() const { return 0; }
+  HRGRAD_HD int size() const { return 1; }
+  HRGRAD_HD bool leader() const { return true; }
+  HRGRAD_HD void sync() const {}
+  HRGRAD_HD int broadcast(int x) const { return x; }  // the leader's x, to every member
+};
+
 // Cyclic Jacobi eigen-decomposition of the symmetric m x m matrix A (overwritten: its
 // diagonal becomes the eigenvalues), eigenvectors in the columns of V. Jacobi is chosen
 // over faster methods because it is tiny, branch-light and accurate for small eigenvalues,
 // which is what decides rank deficiency here. At most 60 sweeps (it converges
 // quadratically; 60 is never reached on matrices of this size).
-HRGRAD_HD inline void jacobi_eigen(double* A, double* V, int m) {
-  for (int i = 0; i < m; ++i)
+// A team splits each rotation's updates over k: every element is computed by the same
+// expression as with one thread, in the same rotation order, so the result does not depend
+// on the team's size. A and V must be complete when the team enters (the caller syncs).
+template <class Team>
+HRGRAD_HD inline void jacobi_eigen(double* A, double* V, int m, const Team& team) {
+  const int k0 = team.rank(), dk = team.size();
+  for (int i = k0; i < m; i += dk)
     for (int j = 0; j < m; ++j) V[i * m + j] = (i == j) ? 1.0 : 0.0;
+  team.sync();
   for (int sweep = 0; sweep < 60; ++sweep) {
+    // every member sums the same entries in the same order: the same decision everywhere
     double off = 0.0, diag = 0.0;
     for (int i = 0; i < m; ++i) {
       diag += A[i * m + i] * A[i * m + i];
       for (int j = i + 1; j < m; ++j) off += A[i * m + j] * A[i * m + j];
     }
+    // every member has its sums before A changes: in the next rotation, or in the caller once
+    // the leader has left with the result (the HRGrad fallback reuses A as scratch)
+    team.sync();
     if (off <= 1e-32 * diag || off == 0.0) break;
     for (int p = 0; p < m - 1; ++p) {
       for (int q = p + 1; q < m; ++q) {
@@ -86,27 +109,32 @@ HRGRAD_HD inline void jacobi_eigen(double* A, double* V, int m) {
         const double t = (theta >= 0.0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0));
         const double c = 1.0 / sqrt(t * t + 1.0);
         const double s = t * c;
-        for (int k = 0; k < m; ++k) {  // A <- A R (columns p, q)
+        team.sync();  // every member has read A_pq, A_pp, A_qq before they change
+        for (int k = k0; k < m; k += dk) {  // A <- A R (columns p, q; row k only)
           const double akp = A[k * m + p], akq = A[k * m + q];
           A[k * m + p] = c * akp - s * akq;
           A[k * m + q] = s * akp + c * akq;
         }
-        for (int k = 0; k < m; ++k) {  // A <- R^T A (rows p, q)
-          const double apk = A[p * m + k], aqk = A[q * m + k];
-          A[p * m + k] = c * apk - s * aqk;
-          A[q * m + k] = s * apk + c * aqk;
-        }
-        A[p * m + q] = 0.0;
-        A[q * m + p] = 0.0;
-        for (int k = 0; k < m; ++k) {  // V <- V R
+        for (int k = k0; k < m; k += dk) {  // V <- V R
           const double vkp = V[k * m + p], vkq = V[k * m + q];
           V[k * m + p] = c * vkp - s * vkq;
           V[k * m + q] = s * vkp + c * vkq;
         }
+        team.sync();  // rows p and q of the column update, before the row update reads them
+        for (int k = k0; k < m; k += dk) {  // A <- R^T A (rows p, q; column k only)
+          const double apk = A[p * m + k], aqk = A[q * m + k];
+          A[p * m + k] = c * apk - s * aqk;
+          A[q * m + k] = s * apk + c * aqk;
+          if (k == q) A[p * m + q] = 0.0;  // the annihilated pair, exactly
+          if (k == p) A[q * m + p] = 0.0;
+        }
+        team.sync();  // the next rotation (and the convergence sums) read the whole of A
       }
     }
   }
 }
+
+HRGRAD_HD inline void jacobi_eigen(double* A, double* V, int m) { jacobi_eigen(A, V, m, SoloTeam{}); }
 
 // Symmetrised entry (i, j) of G as a double.
 template <typename in_t>

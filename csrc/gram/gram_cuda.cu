@@ -7,7 +7,10 @@
 // writes the symmetric result.
 //   K <= 8:  every thread keeps the K(K+1)/2 products of its columns in registers.
 //   K <= 64: a block stages a chunk of columns in shared memory and each thread owns a 4x4
-//            register tile of G (upper-triangular tiles only).
+//            register tile of G (upper-triangular tiles only). The loads are double-buffered:
+//            each thread's share of the next chunk is loaded into registers while the tiles
+//            of the current one are multiplied, so the DRAM latency overlaps the float64 FMAs
+//            instead of following them.
 //   K  > 64: float64 GEMMs over chunks of columns (not the skinny regime this is built for).
 // Products and sums are float64 whatever the input dtype, as in the CPU kernel. The rotation
 // solve decides rank deficiency from the eigenvalues of the cosine matrix relative to eps of
@@ -26,6 +29,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "common/cuda_kernel.h"
 #include "gram/gram_common.h"
@@ -120,9 +124,25 @@ struct TileShape {
   static constexpr int kGroups = kThreads / kTiles;         // column groups sharing a chunk
   static constexpr int kChunk = 2048 / KMAX;                // columns staged per iteration: 128, 64, 32
   static constexpr int kLd = kChunk + 1;                    // +1: fewer bank conflicts on column reads
+  static constexpr int kLoads = KMAX * kChunk / kThreads;   // elements of a chunk per thread: 8
   // The chunk buffer, reused after the loop for the sums of the column groups.
   static constexpr int kSmemDoubles = std::max(KMAX * kLd, kGroups > 1 ? kGroups * kTiles * 16 : 0);
 };
+
+// A thread's share of the chunk of columns [c0, c0 + kChunk) (zeros past K and n), in the
+// input type: element e = threadIdx.x + q * kThreads of the chunk is row e / kChunk, column
+// e % kChunk (consecutive threads, consecutive columns: coalesced).
+template <typename scalar_t, int KMAX>
+__device__ __forceinline__ void gram_fetch_chunk(const scalar_t* __restrict__ Jb, int K, int64_t n, int64_t c0,
+                                                 scalar_t (&share)[TileShape<KMAX>::kLoads]) {
+  constexpr int CHUNK = TileShape<KMAX>::kChunk;
+#pragma unroll
+  for (int q = 0; q < TileShape<KMAX>::kLoads; ++q) {
+    const int e = threadIdx.x + q * kThreads, k = e / CHUNK;
+    const int64_t col = c0 + e % CHUNK;
+    share[q] = (k < K && col < n) ? Jb[static_cast<int64_t>(k) * n + col] : scalar_t(0);
+  }
+}
 
 template <typename scalar_t, int KMAX>
 __global__ void __launch_bounds__(kThreads)
@@ -143,13 +163,20 @@ gram_tiles_kernel(const scalar_t* __restrict__ J, int K, int64_t n, int nblk, do
 #pragma unroll
     for (int s = 0; s < 4; ++s) acc[r][s] = 0.0;
 
-  for (int64_t c0 = static_cast<int64_t>(blk) * CHUNK; c0 < n; c0 += static_cast<int64_t>(nblk) * CHUNK) {
-    for (int e = threadIdx.x; e < KMAX * CHUNK; e += kThreads) {
-      const int k = e / CHUNK, c = e % CHUNK;
-      const int64_t col = c0 + c;
-      smem[k * LD + c] = (k < K && col < n) ? static_cast<double>(Jb[static_cast<int64_t>(k) * n + col]) : 0.0;
+  static_assert(S::kLoads * kThreads == KMAX * CHUNK, "a chunk is a whole number of loads per thread");
+  const int64_t step = static_cast<int64_t>(nblk) * CHUNK;
+  scalar_t share[S::kLoads];  // this thread's share of the next chunk, loaded a chunk ahead
+  int64_t c0 = static_cast<int64_t>(blk) * CHUNK;
+  if (c0 < n) gram_fetch_chunk<scalar_t, KMAX>(Jb, K, n, c0, share);
+  for (; c0 < n; c0 += step) {
+#pragma unroll
+    for (int q = 0; q < S::kLoads; ++q) {
+      const int e = threadIdx.x + q * kThreads;
+      smem[(e / CHUNK) * LD + e % CHUNK] = static_cast<double>(share[q]);
     }
     __syncthreads();
+    // The next chunk's loads go out now and land while this chunk's products are summed.
+    if (c0 + step < n) gram_fetch_chunk<scalar_t, KMAX>(Jb, K, n, c0 + step, share);
     if (active) {
       for (int c = group * COLS_PER_GROUP; c < (group + 1) * COLS_PER_GROUP; ++c) {
         double a[4], bb[4];
@@ -296,24 +323,49 @@ at::Tensor gram_cuda(const at::Tensor& J, std::optional<at::ScalarType> dtype) {
   return J.dim() == 2 ? G.squeeze(0) : G;
 }
 
-// ---- hrgrad_weights: one block per batch entry, one thread solving ---------------------------
-// The K x K solve is short, sequential and latency-bound, so one thread does it, with its
-// scratch (hrgrad_solve_workspace(K) doubles) in shared memory when that fits in 48 KB and in
-// global memory otherwise. It runs the source of the CPU kernel (gram/hrgrad_solve.h), but
-// not bit for bit the same arithmetic: nvcc contracts a * b + c into FMAs where the host
-// compiler does not, and exp / log come from another math library, so the weights agree to
-// rounding (the dual-cone fallback included: an exact active-set solve, cone_solve.h).
+// ---- hrgrad_weights: one block (one warp) per batch entry -----------------------------------
+// The K x K solve is short and latency-bound. It runs the source of the CPU kernel
+// (gram/hrgrad_solve.h) with its scratch (hrgrad_solve_workspace(K) doubles) in shared memory
+// when that fits in 48 KB and in global memory otherwise:
+//   K <= 16: one thread solves (the other lanes leave);
+//   K  > 16: the whole warp (WarpTeam): the lanes split every Jacobi rotation's O(K) updates,
+//            the O(K^3) part of the solve, and lane 0 does the rest. A rotation then costs
+//            about K / 32 element updates and 3 __syncwarp instead of 3 K dependent updates.
+// The arithmetic is that of the CPU kernel, but not bit for bit: nvcc contracts a * b + c into
+// FMAs where the host compiler does not, and exp / log come from another math library, so the
+// weights agree to rounding (the dual-cone fallback included: an exact active-set solve,
+// cone_solve.h). The warp's result equals the one thread's (the same expression per element,
+// in the same order).
 constexpr int64_t kMaxDynamicSmem = 48 * 1024;  // without the opt-in attribute
+constexpr int kWarpSolveAbove = 16;             // K above which a warp solves
 
-template <typename scalar_t>
+// The 32 lanes of a warp as a team of cone_solve.h (lane 0 leads). __syncwarp orders the
+// lanes' shared- and global-memory accesses to the problem's scratch.
+struct WarpTeam {
+  __device__ int rank() const { return threadIdx.x % 32; }
+  __device__ int size() const { return 32; }
+  __device__ bool leader() const { return threadIdx.x % 32 == 0; }
+  __device__ void sync() const { __syncwarp(); }
+  __device__ int broadcast(int x) const {
+    __syncwarp();
+    return __shfl_sync(0xffffffffu, x, 0);
+  }
+};
+
+template <typename scalar_t, bool kWarpSolve>
 __global__ void hrgrad_weights_kernel(const scalar_t* __restrict__ G, int K, int length_model, double rtol,
                                       bool scratch_in_smem, scalar_t* __restrict__ w, int* __restrict__ status,
                                       double* __restrict__ workspace) {
   HRGRAD_DYNAMIC_SHARED(double, smem_scratch);
   const int64_t b = blockIdx.x;
-  if (threadIdx.x != 0) return;
   double* ws = scratch_in_smem ? smem_scratch : workspace + b * hrgrad_solve_workspace(K);
-  status[b] = hrgrad_solve<scalar_t, scalar_t>(G + b * K * K, K, length_model, rtol, w + b * K, ws);
+  if constexpr (kWarpSolve) {
+    const int s = hrgrad_solve<scalar_t, scalar_t>(G + b * K * K, K, length_model, rtol, w + b * K, ws, WarpTeam{});
+    if (threadIdx.x == 0) status[b] = s;
+  } else {
+    if (threadIdx.x != 0) return;
+    status[b] = hrgrad_solve<scalar_t, scalar_t>(G + b * K * K, K, length_model, rtol, w + b * K, ws);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> hrgrad_weights_cuda(const at::Tensor& G, c10::string_view length_model,
@@ -331,13 +383,17 @@ std::tuple<at::Tensor, at::Tensor> hrgrad_weights_cuda(const at::Tensor& G, c10:
   // allocator, so the device never waits on the host.
   at::Tensor workspace = at::empty({in_smem ? 1 : B * hrgrad_solve_workspace(K)}, Gb.options().dtype(at::kDouble));
   if (B > 0) AT_DISPATCH_FLOATING_TYPES(Gb.scalar_type(), "hrgrad_weights_cuda", [&] {
-    over_batch(B, 1, [&](int64_t b0, int64_t count) {
-      launch<hrgrad_weights_kernel<scalar_t>>(
-          {static_cast<unsigned>(count), 32, static_cast<size_t>(in_smem ? scratch_bytes : 0)},
-          Gb.const_data_ptr<scalar_t>() + b0 * K * K, static_cast<int>(K), lm, rtol, in_smem,
-          w.mutable_data_ptr<scalar_t>() + b0 * K, status.mutable_data_ptr<int>() + b0,
-          workspace.mutable_data_ptr<double>() + (in_smem ? 0 : b0 * hrgrad_solve_workspace(K)));
-    });
+    const auto run = [&](auto warp_solve) {
+      over_batch(B, 1, [&](int64_t b0, int64_t count) {
+        launch<hrgrad_weights_kernel<scalar_t, decltype(warp_solve)::value>>(
+            {static_cast<unsigned>(count), 32, static_cast<size_t>(in_smem ? scratch_bytes : 0)},
+            Gb.const_data_ptr<scalar_t>() + b0 * K * K, static_cast<int>(K), lm, rtol, in_smem,
+            w.mutable_data_ptr<scalar_t>() + b0 * K, status.mutable_data_ptr<int>() + b0,
+            workspace.mutable_data_ptr<double>() + (in_smem ? 0 : b0 * hrgrad_solve_workspace(K)));
+      });
+    };
+    if (K > kWarpSolveAbove) run(std::true_type{});
+    else run(std::false_type{});
   });
   if (G.dim() == 2) return {w.squeeze(0), status.squeeze(0)};
   return {w, status};

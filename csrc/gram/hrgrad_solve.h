@@ -46,9 +46,12 @@ HRGRAD_HD inline int64_t hrgrad_solve_workspace(int64_t K) {
 // Solves one K x K problem. G is read with row stride K (any element type convertible to
 // double), w receives K weights. rtol: eigenvalues of C below rtol * max eigenvalue are
 // treated as zero. Returns the status bit flags.
-template <typename in_t, typename out_t>
+// With a team of several threads (cone_solve.h: SoloTeam, or a warp on the GPU) every member
+// calls this with the same arguments and scratch: the team splits the eigen-decomposition, the
+// O(K^3) part; the leader alone does the rest, and only its w and return value count.
+template <typename in_t, typename out_t, class Team = SoloTeam>
 HRGRAD_HD int hrgrad_solve(const in_t* G, int K, int length_model, double rtol, out_t* w,
-                           double* ws) {
+                           double* ws, const Team& team = Team{}) {
   double* C = ws;              // m x m cosine matrix, then eigenvalues on its diagonal; fallback: Q
   double* V = C + K * K;       // m x m eigenvectors; fallback: the factor rows r_i
   double* T = V + K * K;       // fallback: triangular factor of the active-set solve
@@ -62,18 +65,24 @@ HRGRAD_HD int hrgrad_solve(const in_t* G, int K, int length_model, double rtol, 
   int* idx = reinterpret_cast<int*>(vec + nnls_vectors(K, K));  // m active indices
   int* iws = idx + K;          // 2m ints for nnls (idx and iws fit in 2K doubles)
 
-  for (int i = 0; i < K; ++i) w[i] = static_cast<out_t>(0.0);
-  if (!all_finite(G, K)) {
-    for (int i = 0; i < K; ++i) w[i] = static_cast<out_t>(NAN);
-    return kStatusNonFinite;
+  // The leader prepares C; m = 0 tells the team the leader's status is final.
+  int status = 0, m = 0;
+  if (team.leader()) {
+    for (int i = 0; i < K; ++i) w[i] = static_cast<out_t>(0.0);
+    if (!all_finite(G, K)) {
+      for (int i = 0; i < K; ++i) w[i] = static_cast<out_t>(NAN);
+      status = kStatusNonFinite;
+    } else {
+      m = active_tasks(G, K, d, idx);
+      if (m < K) status |= kStatusZeroTasks;
+      if (m == 0) status |= kStatusZeroUpdate;
+      else cosine_matrix(G, K, d, idx, m, C);
+    }
   }
-  int status = 0;
-  const int m = active_tasks(G, K, d, idx);
-  if (m < K) status |= kStatusZeroTasks;
-  if (m == 0) return status | kStatusZeroUpdate;
-
-  cosine_matrix(G, K, d, idx, m, C);
-  jacobi_eigen(C, V, m);
+  m = team.broadcast(m);  // also the barrier after which every member sees C
+  if (m == 0) return status;
+  jacobi_eigen(C, V, m, team);
+  if (!team.leader()) return status;
   double lmax = 0.0;
   for (int k = 0; k < m; ++k) lmax = C[k * m + k] > lmax ? C[k * m + k] : lmax;
   const double cutoff = rtol * lmax;

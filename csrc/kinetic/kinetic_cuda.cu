@@ -1,15 +1,29 @@
 // CUDA kernels of the kinetic family (same ops and validation as kinetic_cpu.cpp).
 //
-// Layout: one warp per row, kWarpsPerBlock rows per block, grid over rows. A lane handles the
-// nodes j = lane, lane + 32, ...; the row's velocity sums are reduced with butterfly shuffles
-// (every lane ends with the total, so no shared memory or __syncthreads is needed). Reads of a
-// row by a warp are coalesced (rows are contiguous). Sums are accumulated in acc_t (float for
-// float32, double for float64): a row has at most a few hundred terms.
+// Layout: a row of V velocity nodes is served by L lanes, a segment of a warp; a warp serves
+// 32 / L rows side by side, a block kThreads / L rows, the grid covers the rows. L is chosen
+// at launch from V (with_lanes) so that every lane has about kPer = 4 nodes of its row:
+//   V <= 16: L = 4    V <= 32: L = 8    V <= 64: L = 16    otherwise L = 32.
+// One warp per row (L = 32 for every V, as before) left half the lanes idle at V = 16, and
+// at V = 30 / 64 it paid 5 shuffle levels per row sum for 1 / 2 nodes per lane: the
+// row-sum reductions (six of them in bgk_residuals) cost more than the arithmetic. With
+// L = 8 at V = 30 (16 at V = 64) a lane does 4 nodes and 3 (4) shuffle levels, every lane is
+// busy for V in [16, 128] except the tail of the last node group (V = 30: 30 of 32 slots,
+// V = 100: 100 of 128), and the loads of a lane's 4 nodes are independent (in flight
+// together). A lane handles the nodes j = sub, sub + L, ... (sub: its lane in the segment), so
+// a warp's loads still cover 32 / L whole consecutive rows. Row sums are butterfly shuffles
+// within the segment (row_sum<L>): every lane of the segment ends with the total, no shared
+// memory or __syncthreads. Sums are accumulated in acc_t (float for float32, double for
+// float64): a row has at most a few hundred terms.
 //
 // Kernels whose outputs need a row sum before the element-wise results (transport forward and
 // backward, velocity moments) keep the row's values in registers between the two phases when
-// V <= 32 * kMaxPer (template parameter PER = values per lane); for larger V (PER = 0) they
-// re-read the row from global memory (served by L1/L2), so every V works.
+// V <= kPer * L (template parameter PER = kPer); for V > 128 (PER = 0) they re-read the row
+// from global memory (served by L1/L2), so every V works.
+//
+// A warp whose first row is past N leaves at once (the whole warp together); in the last warp,
+// segments past N redo the last row (reads stay in bounds, every lane takes part in the
+// shuffles) and store nothing.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -25,8 +39,8 @@ namespace kinetic {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kWarpsPerBlock = 8;
-constexpr int kThreads = kWarp * kWarpsPerBlock;
+constexpr int kThreads = 256;
+constexpr int kPer = 4;  // nodes per lane the lane count is chosen for
 constexpr double kInvSqrt2PiD = 0.39894228040143267794;
 using cuda::launch;
 
@@ -38,59 +52,98 @@ __device__ __forceinline__ float gauss_exp(float x) { return x != x ? x : expf(f
 __device__ __forceinline__ float drsqrt(float x) { return rsqrtf(x); }
 __device__ __forceinline__ double drsqrt(double x) { return rsqrt(x); }
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T x) {
+// Sum over the L lanes of a row's segment; every lane of the segment gets it. Lane masks
+// below L never leave the (L-aligned) segment. All 32 lanes of the warp take part.
+template <int L, typename T>
+__device__ __forceinline__ T row_sum(T x) {
 #pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  for (int o = L / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o, L);
   return x;
 }
 
-// Row handled by this warp, or -1. The whole warp leaves together, so full-mask shuffles in
-// the kernels stay valid.
-__device__ __forceinline__ int64_t warp_row(int64_t N) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  return row < N ? row : -1;
+// row_sum of each argument, in place.
+template <int L, typename... T>
+__device__ __forceinline__ void row_sums(T&... x) {
+  ((x = row_sum<L>(x)), ...);
 }
 
-// Blocks of kWarpsPerBlock rows covering N rows.
-inline unsigned row_blocks(int64_t N) {
-  const int64_t blocks = (N + kWarpsPerBlock - 1) / kWarpsPerBlock;
+// The row a lane serves: `i` (clamped to N - 1 for the segments of the last warp that are past
+// N), whether it is a real row (`live`: stores only then), and the lane's index in its segment.
+struct RowLane {
+  int64_t i;
+  bool live;
+  int sub;
+};
+
+// false: the whole warp is past N and leaves (warp-uniform, so the shuffles stay valid).
+template <int L>
+__device__ __forceinline__ bool row_lane(int64_t N, RowLane& out) {
+  const int64_t warp_first = static_cast<int64_t>(blockIdx.x) * (kThreads / L) + (threadIdx.x / kWarp) * (kWarp / L);
+  if (warp_first >= N) return false;
+  const int64_t row = warp_first + (threadIdx.x % kWarp) / L;
+  out.live = row < N;
+  out.i = out.live ? row : N - 1;
+  out.sub = threadIdx.x % L;
+  return true;
+}
+
+// Blocks of kThreads / L rows covering N rows.
+inline unsigned row_blocks(int64_t N, int L) {
+  const int64_t rows_per_block = kThreads / L;
+  const int64_t blocks = (N + rows_per_block - 1) / rows_per_block;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "kinetic op: ", N, " rows exceed the CUDA grid (",
-              std::numeric_limits<int32_t>::max(), " blocks of ", kWarpsPerBlock, " rows)");
+              std::numeric_limits<int32_t>::max(), " blocks of ", rows_per_block, " rows)");
   return static_cast<unsigned>(blocks);
 }
 
-// Picks PER (values per lane kept in registers) from V: 1, 2, 4 or 0 (re-read from memory).
+// Calls f(std::integral_constant<int, L>) with the lanes per row for V (see the top).
 template <typename F>
-void with_per(int64_t V, F&& f) {
-  if (V <= 32) f(std::integral_constant<int, 1>{});
-  else if (V <= 64) f(std::integral_constant<int, 2>{});
-  else if (V <= 128) f(std::integral_constant<int, 4>{});
-  else f(std::integral_constant<int, 0>{});
+void with_lanes(int64_t V, F&& f) {
+  if (V <= 4 * kPer) f(std::integral_constant<int, 4>{});
+  else if (V <= 8 * kPer) f(std::integral_constant<int, 8>{});
+  else if (V <= 16 * kPer) f(std::integral_constant<int, 16>{});
+  else f(std::integral_constant<int, 32>{});
 }
 
-template <int PER>
+// Calls f(L, PER) for the kernels that keep a row in registers: PER = kPer values per lane
+// when V <= kPer * L, 0 (re-read from memory) above.
+template <typename F>
+void with_lanes_per(int64_t V, F&& f) {
+  with_lanes(V, [&](auto lanes) {
+    constexpr int L = decltype(lanes)::value;
+    if (V <= kPer * L) {
+      f(lanes, std::integral_constant<int, kPer>{});
+    } else if constexpr (L == kWarp) {
+      f(lanes, std::integral_constant<int, 0>{});
+    } else {
+      TORCH_INTERNAL_ASSERT(false, "with_lanes chose ", L, " lanes for V = ", V);
+    }
+  });
+}
+
+template <int L, int PER>
 __device__ __forceinline__ int lane_iters(int V) {
-  return PER > 0 ? PER : (V + kWarp - 1) / kWarp;
+  return PER > 0 ? PER : (V + L - 1) / L;
 }
 
 // ---- velocity_moments ---------------------------------------------------------------------
 
-template <typename scalar_t, typename acc_t, int PER>
+template <typename scalar_t, typename acc_t, int L, int PER>
 __global__ void __launch_bounds__(kThreads) velocity_moments_kernel(const scalar_t* __restrict__ F,
                                                                     const scalar_t* __restrict__ v,
                                                                     const scalar_t* __restrict__ w, int64_t N, int V,
                                                                     int K, scalar_t* __restrict__ out) {
-  const int64_t i = warp_row(N);
-  if (i < 0) return;
-  const int lane = threadIdx.x % kWarp;
+  RowLane row;
+  if (!row_lane<L>(N, row)) return;
+  const int64_t i = row.i;
+  const int lane = row.sub;
   const scalar_t* f = F + i * V;
-  const int iters = lane_iters<PER>(V);
+  const int iters = lane_iters<L, PER>(V);
   acc_t wf[PER > 0 ? PER : 1], vj[PER > 0 ? PER : 1], pw[PER > 0 ? PER : 1];
   if constexpr (PER > 0) {
 #pragma unroll
     for (int t = 0; t < PER; ++t) {
-      const int j = lane + kWarp * t;
+      const int j = lane + L * t;
       const bool in = j < V;
       wf[t] = in ? static_cast<acc_t>(w[j]) * static_cast<acc_t>(f[j]) : acc_t(0);
       vj[t] = in ? static_cast<acc_t>(v[j]) : acc_t(0);
@@ -107,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) velocity_moments_kernel(const scalar
       }
     } else {
       for (int t = 0; t < iters; ++t) {
-        const int j = lane + kWarp * t;
+        const int j = lane + L * t;
         if (j < V) {
           acc_t p = static_cast<acc_t>(w[j]) * static_cast<acc_t>(f[j]);
           const acc_t x = static_cast<acc_t>(v[j]);
@@ -116,21 +169,22 @@ __global__ void __launch_bounds__(kThreads) velocity_moments_kernel(const scalar
         }
       }
     }
-    s = warp_sum(s);
-    if (lane == 0) out[i * K + k] = static_cast<scalar_t>(s);
+    s = row_sum<L>(s);
+    if (row.live && lane == 0) out[i * K + k] = static_cast<scalar_t>(s);
   }
 }
 
-// Element-wise: dF_ij = w_j sum_k g_ik v_j^k (Horner). One warp per row like the reductions
-// (no 64-bit division of a flat index per element); the lanes stride over the nodes.
-template <typename scalar_t, typename acc_t>
+// Element-wise: dF_ij = w_j sum_k g_ik v_j^k (Horner). The row layout of the reductions (no
+// 64-bit division of a flat index per element); the segment's lanes stride over the nodes.
+template <typename scalar_t, typename acc_t, int L>
 __global__ void __launch_bounds__(kThreads) velocity_moments_backward_kernel(
     const scalar_t* __restrict__ g, const scalar_t* __restrict__ v, const scalar_t* __restrict__ w, int64_t N, int V,
     int K, scalar_t* __restrict__ dF) {
-  const int64_t i = warp_row(N);
-  if (i < 0) return;
+  RowLane row;
+  if (!row_lane<L>(N, row) || !row.live) return;  // no shuffles: segments past N leave too
+  const int64_t i = row.i;
   const scalar_t* gi = g + i * K;
-  for (int j = threadIdx.x % kWarp; j < V; j += kWarp) {
+  for (int j = row.sub; j < V; j += L) {
     const acc_t x = static_cast<acc_t>(v[j]);
     acc_t s = static_cast<acc_t>(gi[K - 1]);
     for (int k = K - 2; k >= 0; --k) s = s * x + static_cast<acc_t>(gi[k]);
@@ -147,8 +201,9 @@ at::Tensor velocity_moments_cuda(const at::Tensor& F_, const at::Tensor& v_, con
   if (N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "velocity_moments_cuda", [&] {
     using acc_t = scalar_t;
-    with_per(V, [&](auto per) {
-      launch<velocity_moments_kernel<scalar_t, acc_t, decltype(per)::value>>({row_blocks(N), kThreads},
+    with_lanes_per(V, [&](auto lanes, auto per) {
+      constexpr int L = decltype(lanes)::value;
+      launch<velocity_moments_kernel<scalar_t, acc_t, L, decltype(per)::value>>({row_blocks(N, L), kThreads},
           F.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), N,
           static_cast<int>(V), static_cast<int>(K), out.mutable_data_ptr<scalar_t>());
     });
@@ -164,54 +219,57 @@ at::Tensor velocity_moments_backward_cuda(const at::Tensor& grad_, const at::Ten
   at::Tensor dF = at::empty({N, V}, grad.options());
   if (N == 0) return dF;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "velocity_moments_backward_cuda", [&] {
-    launch<velocity_moments_backward_kernel<scalar_t, scalar_t>>({row_blocks(N), kThreads},
-        grad.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), N,
-        static_cast<int>(V), static_cast<int>(K), dF.mutable_data_ptr<scalar_t>());
+    with_lanes(V, [&](auto lanes) {
+      constexpr int L = decltype(lanes)::value;
+      launch<velocity_moments_backward_kernel<scalar_t, scalar_t, L>>({row_blocks(N, L), kThreads},
+          grad.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), N,
+          static_cast<int>(V), static_cast<int>(K), dF.mutable_data_ptr<scalar_t>());
+    });
   });
   return dF;
 }
 
 // ---- maxwellian ---------------------------------------------------------------------------
 
-// One warp per row (see velocity_moments_backward_kernel): the row's rho, u, T are read once.
-template <typename scalar_t, typename acc_t>
+// The row layout (see velocity_moments_backward_kernel): the row's rho, u, T are read once per lane.
+template <typename scalar_t, typename acc_t, int L>
 __global__ void __launch_bounds__(kThreads) maxwellian_kernel(const scalar_t* __restrict__ rho,
                                                               const scalar_t* __restrict__ u,
                                                               const scalar_t* __restrict__ T,
                                                               const scalar_t* __restrict__ v, int64_t N, int V,
                                                               scalar_t* __restrict__ M) {
-  const int64_t i = warp_row(N);
-  if (i < 0) return;
+  RowLane row;
+  if (!row_lane<L>(N, row) || !row.live) return;  // no shuffles: segments past N leave too
+  const int64_t i = row.i;
   const acc_t TT = T[i], uu = u[i], coef = static_cast<acc_t>(rho[i]) * acc_t(kInvSqrt2PiD) * drsqrt(TT);
   const acc_t inv2T = acc_t(0.5) / TT;
-  for (int j = threadIdx.x % kWarp; j < V; j += kWarp) {
+  for (int j = row.sub; j < V; j += L) {
     const acc_t d = static_cast<acc_t>(v[j]) - uu;
     M[i * V + j] = static_cast<scalar_t>(coef * gauss_exp(-d * d * inv2T));
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int L>
 __global__ void __launch_bounds__(kThreads) maxwellian_backward_kernel(
     const scalar_t* __restrict__ g, const scalar_t* __restrict__ rho, const scalar_t* __restrict__ u,
     const scalar_t* __restrict__ T, const scalar_t* __restrict__ v, int64_t N, int V, scalar_t* __restrict__ drho,
     scalar_t* __restrict__ du, scalar_t* __restrict__ dT) {
-  const int64_t i = warp_row(N);
-  if (i < 0) return;
-  const int lane = threadIdx.x % kWarp;
+  RowLane row;
+  if (!row_lane<L>(N, row)) return;
+  const int64_t i = row.i;
+  const int lane = row.sub;
   const acc_t r = rho[i], uu = u[i], TT = T[i];
   const acc_t c = acc_t(kInvSqrt2PiD) * drsqrt(TT), inv2T = acc_t(0.5) / TT;
   acc_t s0 = 0, s1 = 0, s2 = 0;
-  for (int j = lane; j < V; j += kWarp) {
+  for (int j = lane; j < V; j += L) {
     const acc_t d = static_cast<acc_t>(v[j]) - uu;
     const acc_t gm0 = static_cast<acc_t>(g[i * V + j]) * c * gauss_exp(-d * d * inv2T);
     s0 += gm0;
     s1 += gm0 * d;
     s2 += gm0 * (d * d - TT);
   }
-  s0 = warp_sum(s0);
-  s1 = warp_sum(s1);
-  s2 = warp_sum(s2);
-  if (lane == 0) {
+  row_sums<L>(s0, s1, s2);
+  if (row.live && lane == 0) {
     drho[i] = static_cast<scalar_t>(s0);
     du[i] = static_cast<scalar_t>(r * s1 / TT);
     dT[i] = static_cast<scalar_t>(r * s2 * inv2T / TT);
@@ -226,9 +284,12 @@ at::Tensor maxwellian_cuda(const at::Tensor& rho_, const at::Tensor& u_, const a
   at::Tensor M = at::empty({N, V}, rho.options());
   if (N == 0) return M;
   AT_DISPATCH_FLOATING_TYPES(rho.scalar_type(), "maxwellian_cuda", [&] {
-    launch<maxwellian_kernel<scalar_t, scalar_t>>({row_blocks(N), kThreads},
-        rho.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(), T.const_data_ptr<scalar_t>(),
-        v.const_data_ptr<scalar_t>(), N, static_cast<int>(V), M.mutable_data_ptr<scalar_t>());
+    with_lanes(V, [&](auto lanes) {
+      constexpr int L = decltype(lanes)::value;
+      launch<maxwellian_kernel<scalar_t, scalar_t, L>>({row_blocks(N, L), kThreads},
+          rho.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(), T.const_data_ptr<scalar_t>(),
+          v.const_data_ptr<scalar_t>(), N, static_cast<int>(V), M.mutable_data_ptr<scalar_t>());
+    });
   });
   return M;
 }
@@ -245,10 +306,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxwellian_backward_cuda(const at
              dT = at::empty({N}, rho.options());
   if (N == 0) return {drho, du, dT};
   AT_DISPATCH_FLOATING_TYPES(rho.scalar_type(), "maxwellian_backward_cuda", [&] {
-    launch<maxwellian_backward_kernel<scalar_t, scalar_t>>({row_blocks(N), kThreads},
-        grad.const_data_ptr<scalar_t>(), rho.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
-        T.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), N, static_cast<int>(V),
-        drho.mutable_data_ptr<scalar_t>(), du.mutable_data_ptr<scalar_t>(), dT.mutable_data_ptr<scalar_t>());
+    with_lanes(V, [&](auto lanes) {
+      constexpr int L = decltype(lanes)::value;
+      launch<maxwellian_backward_kernel<scalar_t, scalar_t, L>>({row_blocks(N, L), kThreads},
+          grad.const_data_ptr<scalar_t>(), rho.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+          T.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), N, static_cast<int>(V),
+          drho.mutable_data_ptr<scalar_t>(), du.mutable_data_ptr<scalar_t>(), dT.mutable_data_ptr<scalar_t>());
+    });
   });
   return {drho, du, dT};
 }
@@ -263,23 +327,24 @@ struct BgkRows {
 
 // Single pass: the kinetic residual is element-wise and the six velocity sums only feed the
 // per-row outputs, so nothing has to be kept between phases.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int L>
 __global__ void __launch_bounds__(kThreads) bgk_forward_kernel(
     const scalar_t* __restrict__ F, const scalar_t* __restrict__ Ft, const scalar_t* __restrict__ Fx,
     BgkRows<scalar_t> p, const scalar_t* __restrict__ v, const scalar_t* __restrict__ w, int64_t N, int V,
     scalar_t* __restrict__ kin, scalar_t* __restrict__ cons, scalar_t* __restrict__ consis) {
-  const int64_t i = warp_row(N);
-  if (i < 0) return;
-  const int lane = threadIdx.x % kWarp;
+  RowLane row;
+  if (!row_lane<L>(N, row)) return;
+  const int64_t i = row.i;
+  const int lane = row.sub;
   const acc_t r = p.rho[i], uu = p.u[i], TT = p.T[i], k = p.kn[i * p.kn_stride];
   const acc_t coef = r * acc_t(kInvSqrt2PiD) * drsqrt(TT), inv2T = acc_t(0.5) / TT;
   const int64_t o = i * V;
   acc_t sF0 = 0, sF1 = 0, sF2 = 0, sX1 = 0, sX2 = 0, sX3 = 0;
-  for (int j = lane; j < V; j += kWarp) {
+  for (int j = lane; j < V; j += L) {
     const acc_t vj = v[j], wj = w[j], fj = F[o + j], ftj = Ft[o + j], fxj = Fx[o + j];
     const acc_t d = vj - uu;
     const acc_t M = coef * gauss_exp(-d * d * inv2T);
-    kin[o + j] = static_cast<scalar_t>(k * (ftj + vj * fxj) - (M - fj));
+    if (row.live) kin[o + j] = static_cast<scalar_t>(k * (ftj + vj * fxj) - (M - fj));
     const acc_t wf = wj * fj, wx = wj * vj * fxj;
     sF0 += wf;
     sF1 += wf * vj;
@@ -288,13 +353,8 @@ __global__ void __launch_bounds__(kThreads) bgk_forward_kernel(
     sX2 += wx * vj;
     sX3 += wx * vj * vj;
   }
-  sF0 = warp_sum(sF0);
-  sF1 = warp_sum(sF1);
-  sF2 = warp_sum(sF2);
-  sX1 = warp_sum(sX1);
-  sX2 = warp_sum(sX2);
-  sX3 = warp_sum(sX3);
-  if (lane == 0) {
+  row_sums<L>(sF0, sF1, sF2, sX1, sX2, sX3);
+  if (row.live && lane == 0) {
     const acc_t rt = p.rho_t[i], ut = p.u_t[i], Tt = p.T_t[i];
     const acc_t q = uu * uu + TT;
     cons[3 * i + 0] = static_cast<scalar_t>(rt + sX1);
@@ -312,26 +372,29 @@ struct BgkGradRows {
   scalar_t *rho, *u, *T, *rho_t, *u_t, *T_t, *kn;
 };
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int L>
 __global__ void __launch_bounds__(kThreads) bgk_backward_kernel(
     const scalar_t* __restrict__ gK, const scalar_t* __restrict__ gC, const scalar_t* __restrict__ gS,
     const scalar_t* __restrict__ Ft, const scalar_t* __restrict__ Fx, BgkRows<scalar_t> p,
     const scalar_t* __restrict__ v, const scalar_t* __restrict__ w, int64_t N, int V, scalar_t* __restrict__ dF,
     scalar_t* __restrict__ dFt, scalar_t* __restrict__ dFx, BgkGradRows<scalar_t> out) {
-  const int64_t i = warp_row(N);
-  if (i < 0) return;
-  const int lane = threadIdx.x % kWarp;
+  RowLane row;
+  if (!row_lane<L>(N, row)) return;
+  const int64_t i = row.i;
+  const int lane = row.sub;
   const acc_t uu = p.u[i], TT = p.T[i], k = p.kn[i * p.kn_stride];
   const acc_t c0 = gC[3 * i], c1 = gC[3 * i + 1], c2 = gC[3 * i + 2];
   const acc_t s0 = gS[3 * i], s1 = gS[3 * i + 1], s2 = gS[3 * i + 2];
   const acc_t cm = acc_t(kInvSqrt2PiD) * drsqrt(TT), inv2T = acc_t(0.5) / TT;
   const int64_t o = i * V;
   acc_t skn = 0, sm0 = 0, sm1 = 0, sm2 = 0;
-  for (int j = lane; j < V; j += kWarp) {
+  for (int j = lane; j < V; j += L) {
     const acc_t vj = v[j], wj = w[j], g = gK[o + j];
-    dF[o + j] = static_cast<scalar_t>(g - wj * (s0 + vj * (s1 + acc_t(0.5) * vj * s2)));
-    dFt[o + j] = static_cast<scalar_t>(k * g);
-    dFx[o + j] = static_cast<scalar_t>(k * vj * g + wj * vj * (c0 + vj * (c1 + acc_t(0.5) * vj * c2)));
+    if (row.live) {
+      dF[o + j] = static_cast<scalar_t>(g - wj * (s0 + vj * (s1 + acc_t(0.5) * vj * s2)));
+      dFt[o + j] = static_cast<scalar_t>(k * g);
+      dFx[o + j] = static_cast<scalar_t>(k * vj * g + wj * vj * (c0 + vj * (c1 + acc_t(0.5) * vj * c2)));
+    }
     skn += g * (static_cast<acc_t>(Ft[o + j]) + vj * static_cast<acc_t>(Fx[o + j]));
     const acc_t d = vj - uu;
     const acc_t gm0 = g * cm * gauss_exp(-d * d * inv2T);  // g * M / rho
@@ -339,11 +402,8 @@ __global__ void __launch_bounds__(kThreads) bgk_backward_kernel(
     sm1 += gm0 * d;
     sm2 += gm0 * (d * d - TT);
   }
-  skn = warp_sum(skn);
-  sm0 = warp_sum(sm0);
-  sm1 = warp_sum(sm1);
-  sm2 = warp_sum(sm2);
-  if (lane == 0) {
+  row_sums<L>(skn, sm0, sm1, sm2);
+  if (row.live && lane == 0) {
     const acc_t r = p.rho[i], rt = p.rho_t[i], ut = p.u_t[i], Tt = p.T_t[i];
     const acc_t q = uu * uu + TT, h = acc_t(0.5);
     out.rho[i] = static_cast<scalar_t>(-sm0 + c1 * ut + c2 * (uu * ut + h * Tt) + s0 + s1 * uu + h * s2 * q);
@@ -379,11 +439,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bgk_residuals_cuda(
              consis = at::empty({N, 3}, F.options());
   if (N == 0) return {kin, cons, consis};
   AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "bgk_residuals_cuda", [&] {
-    launch<bgk_forward_kernel<scalar_t, scalar_t>>({row_blocks(N), kThreads},
-        F.const_data_ptr<scalar_t>(), Ft.const_data_ptr<scalar_t>(), Fx.const_data_ptr<scalar_t>(),
-        bgk_rows<scalar_t>(rho, u, T, rho_t, u_t, T_t, kn, ks), v.const_data_ptr<scalar_t>(),
-        w.const_data_ptr<scalar_t>(), N, static_cast<int>(V), kin.mutable_data_ptr<scalar_t>(),
-        cons.mutable_data_ptr<scalar_t>(), consis.mutable_data_ptr<scalar_t>());
+    with_lanes(V, [&](auto lanes) {
+      constexpr int L = decltype(lanes)::value;
+      launch<bgk_forward_kernel<scalar_t, scalar_t, L>>({row_blocks(N, L), kThreads},
+          F.const_data_ptr<scalar_t>(), Ft.const_data_ptr<scalar_t>(), Fx.const_data_ptr<scalar_t>(),
+          bgk_rows<scalar_t>(rho, u, T, rho_t, u_t, T_t, kn, ks), v.const_data_ptr<scalar_t>(),
+          w.const_data_ptr<scalar_t>(), N, static_cast<int>(V), kin.mutable_data_ptr<scalar_t>(),
+          cons.mutable_data_ptr<scalar_t>(), consis.mutable_data_ptr<scalar_t>());
+    });
   });
   return {kin, cons, consis};
 }
@@ -412,39 +475,43 @@ bgk_residuals_backward_cuda(const at::Tensor& gK_, const at::Tensor& gC_, const 
                                 r[2].mutable_data_ptr<scalar_t>(), r[3].mutable_data_ptr<scalar_t>(),
                                 r[4].mutable_data_ptr<scalar_t>(), r[5].mutable_data_ptr<scalar_t>(),
                                 r[6].mutable_data_ptr<scalar_t>()};
-      launch<bgk_backward_kernel<scalar_t, scalar_t>>({row_blocks(N), kThreads},
-          gK.const_data_ptr<scalar_t>(), gC.const_data_ptr<scalar_t>(), gS.const_data_ptr<scalar_t>(),
-          Ft.const_data_ptr<scalar_t>(), Fx.const_data_ptr<scalar_t>(),
-          bgk_rows<scalar_t>(rho, u, T, rho_t, u_t, T_t, kn, ks), v.const_data_ptr<scalar_t>(),
-          w.const_data_ptr<scalar_t>(), N, static_cast<int>(V), dF.mutable_data_ptr<scalar_t>(),
-          dFt.mutable_data_ptr<scalar_t>(), dFx.mutable_data_ptr<scalar_t>(), out);
+      with_lanes(V, [&](auto lanes) {
+        constexpr int L = decltype(lanes)::value;
+        launch<bgk_backward_kernel<scalar_t, scalar_t, L>>({row_blocks(N, L), kThreads},
+            gK.const_data_ptr<scalar_t>(), gC.const_data_ptr<scalar_t>(), gS.const_data_ptr<scalar_t>(),
+            Ft.const_data_ptr<scalar_t>(), Fx.const_data_ptr<scalar_t>(),
+            bgk_rows<scalar_t>(rho, u, T, rho_t, u_t, T_t, kn, ks), v.const_data_ptr<scalar_t>(),
+            w.const_data_ptr<scalar_t>(), N, static_cast<int>(V), dF.mutable_data_ptr<scalar_t>(),
+            dFt.mutable_data_ptr<scalar_t>(), dFx.mutable_data_ptr<scalar_t>(), out);
+      });
     });
   }
   return {dF, dFt, dFx, r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
 }
 
 // ---- transport_mm_residuals ---------------------------------------------------------------
-// Per-warp constants of the normalised average (see kinetic_cpu.cpp): W = sum w, vbar = <v>;
-// <v g_x> = sum_j w_j (v_j - vbar) Graw_x,j / W. Each warp recomputes W and vbar from v and w
+// Per-row-segment constants of the normalised average (see kinetic_cpu.cpp): W = sum w, vbar = <v>;
+// <v g_x> = sum_j w_j (v_j - vbar) Graw_x,j / W. Each segment recomputes W and vbar from v and w
 // (two extra reductions of data it reads anyway) instead of a separate kernel launch.
 
-template <typename scalar_t, typename acc_t, int PER>
+template <typename scalar_t, typename acc_t, int L, int PER>
 __global__ void __launch_bounds__(kThreads) transport_forward_kernel(
     const scalar_t* __restrict__ G, const scalar_t* __restrict__ Gt, const scalar_t* __restrict__ Gx,
     const scalar_t* __restrict__ rho_t, const scalar_t* __restrict__ rho_x, const scalar_t* __restrict__ v,
     const scalar_t* __restrict__ w, const scalar_t* __restrict__ eps, int64_t eps_stride, int64_t N, int V,
     scalar_t* __restrict__ g_out, scalar_t* __restrict__ micro, scalar_t* __restrict__ macro) {
-  const int64_t i = warp_row(N);
-  if (i < 0) return;
-  const int lane = threadIdx.x % kWarp;
+  RowLane row;
+  if (!row_lane<L>(N, row)) return;
+  const int64_t i = row.i;
+  const int lane = row.sub;
   const int64_t o = i * V;
-  const int iters = lane_iters<PER>(V);
+  const int iters = lane_iters<L, PER>(V);
   constexpr int R = PER > 0 ? PER : 1;
   acc_t rg[R], rt[R], rx[R];
   // Phase 1: W = sum w, and the weighted sums of the three fields.
   acc_t W = 0, sg = 0, st = 0, sx = 0;
   for (int t = 0; t < iters; ++t) {
-    const int j = lane + kWarp * t;
+    const int j = lane + L * t;
     acc_t a_g = 0, a_t = 0, a_x = 0;
     if (j < V) {
       const acc_t wj = w[j];
@@ -462,28 +529,25 @@ __global__ void __launch_bounds__(kThreads) transport_forward_kernel(
       rx[t] = a_x;
     }
   }
-  W = warp_sum(W);
-  sg = warp_sum(sg);
-  st = warp_sum(st);
-  sx = warp_sum(sx);
+  row_sums<L>(W, sg, st, sx);
   const acc_t invW = acc_t(1) / W, mg = sg * invW, mt = st * invW, mx = sx * invW;
   // a = <v g_x> from the centred g_x (one more reduction over the values in registers): the
   // one-pass form <v Graw_x> - <v><Graw_x> would cancel digits in float32 when the row mean
   // of Graw_x is large compared with its variation.
   acc_t a = 0;
   for (int t = 0; t < iters; ++t) {
-    const int j = lane + kWarp * t;
+    const int j = lane + L * t;
     if (j < V) {
       const acc_t x = PER > 0 ? rx[PER > 0 ? t : 0] : static_cast<acc_t>(Gx[o + j]);
       a += static_cast<acc_t>(w[j]) * static_cast<acc_t>(v[j]) * (x - mx);
     }
   }
-  a = warp_sum(a) * invW;
+  a = row_sum<L>(a) * invW;
   const acc_t e = eps[i * eps_stride], rxi = rho_x[i];
   // Phase 2: element-wise outputs.
   for (int t = 0; t < iters; ++t) {
-    const int j = lane + kWarp * t;
-    if (j < V) {
+    const int j = lane + L * t;
+    if (row.live && j < V) {  // segments past N store nothing
       acc_t gj, gtj, gxj;
       if constexpr (PER > 0) {
         gj = rg[t] - mg;
@@ -499,27 +563,28 @@ __global__ void __launch_bounds__(kThreads) transport_forward_kernel(
       micro[o + j] = static_cast<scalar_t>(e * e * gtj + e * (vj * gxj - a) + vj * rxi + gj);
     }
   }
-  if (lane == 0) macro[i] = static_cast<scalar_t>(static_cast<acc_t>(rho_t[i]) + a);
+  if (row.live && lane == 0) macro[i] = static_cast<scalar_t>(static_cast<acc_t>(rho_t[i]) + a);
 }
 
-template <typename scalar_t, typename acc_t, int PER>
+template <typename scalar_t, typename acc_t, int L, int PER>
 __global__ void __launch_bounds__(kThreads) transport_backward_kernel(
     const scalar_t* __restrict__ gg, const scalar_t* __restrict__ gm, const scalar_t* __restrict__ gc,
     const scalar_t* __restrict__ Gt, const scalar_t* __restrict__ Gx, const scalar_t* __restrict__ v,
     const scalar_t* __restrict__ w, const scalar_t* __restrict__ eps, int64_t eps_stride, int64_t N, int V,
     scalar_t* __restrict__ dG, scalar_t* __restrict__ dGt, scalar_t* __restrict__ dGx,
     scalar_t* __restrict__ drho_x, scalar_t* __restrict__ deps) {
-  const int64_t i = warp_row(N);
-  if (i < 0) return;
-  const int lane = threadIdx.x % kWarp;
+  RowLane row;
+  if (!row_lane<L>(N, row)) return;
+  const int64_t i = row.i;
+  const int lane = row.sub;
   const int64_t o = i * V;
-  const int iters = lane_iters<PER>(V);
+  const int iters = lane_iters<L, PER>(V);
   constexpr int R = PER > 0 ? PER : 1;
   acc_t rgg[R], rm[R], rt[R], rx[R];
   // Phase 1: sums of the incoming gradients and the forward averages (needed for deps).
   acc_t W = 0, Wv = 0, Sgm = 0, Sm = 0, Svm = 0, st = 0, sx = 0;
   for (int t = 0; t < iters; ++t) {
-    const int j = lane + kWarp * t;
+    const int j = lane + L * t;
     acc_t a_gg = 0, a_m = 0, a_t = 0, a_x = 0;
     if (j < V) {
       const acc_t wj = w[j], vj = v[j];
@@ -542,31 +607,25 @@ __global__ void __launch_bounds__(kThreads) transport_backward_kernel(
       rx[t] = a_x;
     }
   }
-  W = warp_sum(W);
-  Wv = warp_sum(Wv);
-  Sgm = warp_sum(Sgm);
-  Sm = warp_sum(Sm);
-  Svm = warp_sum(Svm);
-  st = warp_sum(st);
-  sx = warp_sum(sx);
+  row_sums<L>(W, Wv, Sgm, Sm, Svm, st, sx);
   const acc_t invW = acc_t(1) / W, vbar = Wv * invW, mt = st * invW, mx = sx * invW;
   // a = <v g_x> from the centred g_x, as in the forward kernel.
   acc_t a = 0;
   for (int t = 0; t < iters; ++t) {
-    const int j = lane + kWarp * t;
+    const int j = lane + L * t;
     if (j < V) {
       const acc_t x = PER > 0 ? rx[PER > 0 ? t : 0] : static_cast<acc_t>(Gx[o + j]);
       a += static_cast<acc_t>(w[j]) * static_cast<acc_t>(v[j]) * (x - mx);
     }
   }
-  a = warp_sum(a) * invW;
+  a = row_sum<L>(a) * invW;
   const acc_t e = eps[i * eps_stride], C = gc[i];
   // Adjoint of the projection P phi = phi - <phi> (see kinetic_cpu.cpp for the derivation).
   const acc_t B = C - e * Sm, Q = e * Svm + B * vbar;
   acc_t de = 0;
   for (int t = 0; t < iters; ++t) {
-    const int j = lane + kWarp * t;
-    if (j < V) {
+    const int j = lane + L * t;
+    if (row.live && j < V) {  // segments past N store nothing (their de is not stored either)
       acc_t a_gg, a_m, a_t, a_x;
       if constexpr (PER > 0) {
         a_gg = rgg[t];
@@ -586,8 +645,8 @@ __global__ void __launch_bounds__(kThreads) transport_backward_kernel(
       de += a_m * (acc_t(2) * e * (a_t - mt) + vj * (a_x - mx) - a);
     }
   }
-  de = warp_sum(de);
-  if (lane == 0) {
+  de = row_sum<L>(de);
+  if (row.live && lane == 0) {
     drho_x[i] = static_cast<scalar_t>(Svm);
     deps[i] = static_cast<scalar_t>(de);
   }
@@ -606,8 +665,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> transport_mm_residuals_cuda(
              macro = at::empty({N}, G.options());
   if (N == 0) return {g, micro, macro};
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "transport_mm_residuals_cuda", [&] {
-    with_per(V, [&](auto per) {
-      launch<transport_forward_kernel<scalar_t, scalar_t, decltype(per)::value>>({row_blocks(N), kThreads},
+    with_lanes_per(V, [&](auto lanes, auto per) {
+      constexpr int L = decltype(lanes)::value;
+      launch<transport_forward_kernel<scalar_t, scalar_t, L, decltype(per)::value>>({row_blocks(N, L), kThreads},
           G.const_data_ptr<scalar_t>(), Gt.const_data_ptr<scalar_t>(), Gx.const_data_ptr<scalar_t>(),
           rho_t.const_data_ptr<scalar_t>(), rho_x.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
           w.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), es, N, static_cast<int>(V),
@@ -630,8 +690,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> transport
   at::Tensor drho_x = at::empty({N}, opt), deps = at::empty({N}, opt);
   if (N == 0) return {dG, dGt, dGx, drho_x, deps};
   AT_DISPATCH_FLOATING_TYPES(Gt.scalar_type(), "transport_mm_residuals_backward_cuda", [&] {
-    with_per(V, [&](auto per) {
-      launch<transport_backward_kernel<scalar_t, scalar_t, decltype(per)::value>>({row_blocks(N), kThreads},
+    with_lanes_per(V, [&](auto lanes, auto per) {
+      constexpr int L = decltype(lanes)::value;
+      launch<transport_backward_kernel<scalar_t, scalar_t, L, decltype(per)::value>>({row_blocks(N, L), kThreads},
           gg.const_data_ptr<scalar_t>(), gm.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
           Gt.const_data_ptr<scalar_t>(), Gx.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
           w.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), es, N, static_cast<int>(V),
