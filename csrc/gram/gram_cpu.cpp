@@ -35,7 +35,8 @@ using simd::V;
 //   float64. The error of an entry is then bounded by about
 //   (kGramLaneProducts + 1) u_32 sum_j |J_ij J_kj| whatever n (float32 accumulation over all
 //   n columns would grow like n u_32), the same order as rounding the result to float32, at
-//   twice the FMA rate of float64. (The CUDA kernel uses the same blocked scheme.)
+//   twice the FMA rate of float64. (The CUDA kernel sums float64 products for every output
+//   dtype, more accurate than this bound; docs/CUDA_DESIGN.md proposes this scheme there.)
 
 // Products each float32 lane sums before they are added in float64 (the accuracy bound above)
 constexpr int64_t kGramLaneProducts = 32;
