@@ -1,7 +1,10 @@
 """The gram / hrgrad_weights / combine ops against float64 PyTorch references.
 
 Tolerances: float64 kernels agree with the references to 1e-12 relative; float32 inputs
-(accumulated in float64 on CPU, float32 + float64 partials on CUDA) to 1e-5.
+to 1e-5 (gram with a float32 result: float32 lanes summing 32 products, then float64, on CPU;
+float32 + float64 partials on CUDA; with a float64 result: float64 accumulation on CPU).
+The CPU kernels are compiled for AVX-512, AVX2 and SSE2; ``HRGRAD_EXT_CPU_ISA`` selects one,
+and the tests marked with the ``isa`` fixture run each.
 """
 
 import pytest
@@ -13,6 +16,14 @@ from hrgrad_ext import ops
 from hrgrad_ext.ops import LENGTH_MODELS, Status
 
 OPS = torch.ops.hrgrad_ext
+U32 = 2.0**-24
+
+
+@pytest.fixture(params=["avx512", "avx2", "sse2"])
+def isa(request, monkeypatch):
+    # A cap: on a CPU without AVX-512 "avx512" runs the best path it has.
+    monkeypatch.setenv("HRGRAD_EXT_CPU_ISA", request.param)
+    return request.param
 
 
 # ---------------------------------------------------------------- gram
@@ -20,6 +31,34 @@ OPS = torch.ops.hrgrad_ext
 def test_gram_matches_reference(K, n):
     J = torch.randn(K, n, dtype=torch.float64)
     torch.testing.assert_close(ops.gram(J), gram_ref(J), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("K,n", [(1, 5), (5, 1531), (13, 4099), (70, 600)])
+def test_gram_every_isa_and_tile_shape(isa, K, n):
+    # K not a multiple of the register tile (4 or 3) and n not a multiple of the chunk: the
+    # edge tiles and the zero-padded last chunk of every instruction set.
+    J = torch.randn(2, K, n, dtype=torch.float64)
+    torch.testing.assert_close(ops.gram(J), gram_ref(J), rtol=1e-12, atol=1e-12)
+    J32 = J.float()
+    exact = gram_ref(J32)
+    torch.testing.assert_close(ops.gram(J32, dtype=torch.float64), exact, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ops.gram(J32).double(), exact, rtol=4 * U32, atol=4 * U32 * exact.abs().max().item())
+
+
+def test_gram_float32_accuracy_does_not_grow_with_n(isa):
+    # 2^20 positive columns: float32 accumulation along n (what J @ J.T does) is off by
+    # hundreds of u32; float32 lanes of 32 products summed in float64 stay at the rounding of
+    # the result (< 1 u32 relative to sum |J_i J_k|; the guaranteed bound is 33 u32).
+    gen = torch.Generator().manual_seed(3)
+    J = torch.rand(3, 1 << 20, generator=gen)
+    exact = gram_ref(J)
+    scale = J.double().abs() @ J.double().abs().T
+    err = (ops.gram(J).double() - exact).abs() / scale
+    assert err.max() < 2 * U32
+    naive = ((J @ J.T).double() - exact).abs() / scale  # the yardstick: this test can fail
+    assert naive.max() > 20 * U32
+    err64 = (ops.gram(J, dtype=torch.float64) - exact).abs() / scale
+    assert err64.max() < 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -54,6 +93,19 @@ def test_combine_matches_reference_and_gradcheck():
     Jg = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     wg = torch.randn(4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ops.combine, (Jg, wg))
+
+
+@pytest.mark.parametrize("K,n", [(1, 3), (7, 5000), (9, 8200), (20, 33)])
+def test_combine_every_isa(isa, K, n):
+    # K not a multiple of the row group (8), n not a multiple of the vector or the chunk
+    J = torch.randn(3, K, n, dtype=torch.float64)
+    w = torch.randn(3, K, dtype=torch.float64)
+    torch.testing.assert_close(ops.combine(J, w), combine_ref(J, w), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ops.combine(J.float(), w).double(), combine_ref(J.float(), w), rtol=1e-5, atol=1e-5)
+    out = torch.randn(n, dtype=torch.float64)
+    expected = out + combine_ref(J[0], w[0])
+    OPS.combine_accumulate_(out, J[0], w[0])
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

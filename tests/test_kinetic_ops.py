@@ -2,7 +2,9 @@
 
 The references (reference_impls.py) are plain PyTorch written from the formulas of issue 3,
 independent of the op implementations. Tolerances: float64 CPU vs reference rtol 1e-12 (the op sums in double
-like the reference; only the summation order differs), float32 rtol ~1e-5.
+like the reference; only the summation order differs), float32 rtol ~1e-5. The CPU kernels are
+compiled for AVX-512, AVX2 and SSE2 (``HRGRAD_EXT_CPU_ISA`` selects one); the tests taking the
+``isa`` fixture run each.
 """
 
 from __future__ import annotations
@@ -86,7 +88,42 @@ def assert_close(a, b, rtol, atol=0.0):
 SIZES = [(1, 30), (7, 64), (33, 30), (257, 64), (100, 5), (3, 1), (45, 100)]
 
 
+@pytest.fixture(params=["avx512", "avx2", "sse2"])
+def isa(request, monkeypatch):
+    # A cap: on a CPU without AVX-512 "avx512" runs the best path it has.
+    monkeypatch.setenv("HRGRAD_EXT_CPU_ISA", request.param)
+    return request.param
+
+
 # --- forward against the reference --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("N,V", [(13, 30), (9, 64), (3, 7), (17, 100)])
+def test_every_isa_matches_reference(isa, N, V):
+    # N not a multiple of the row block (8, 4 or 2 rows), V not a multiple of the vector:
+    # the masked last vector of a row and the partial last block, forward and backward.
+    gen = torch.Generator().manual_seed(N * V)
+    for dtype, tol in ((f64, dict(rtol=1e-11, atol=1e-11)), (torch.float32, dict(rtol=1e-5, atol=2e-5))):
+        for fn, ref, make in ((K.bgk_residuals, ref_bgk, bgk_inputs), (K.transport_mm_residuals, ref_transport,
+                                                                      transport_inputs)):
+            args = make(N, V, dtype, seed=N + V, requires_grad=True)
+            args64 = [a.detach().double().requires_grad_(a.requires_grad) for a in args]
+            out, want = fn(*args), ref(*args64)
+            for o, r in zip(out, want):
+                assert_close(o.double(), r, **tol)
+            up = [torch.randn(o.shape, generator=gen, dtype=f64) for o in out]
+            got = _grads_of(fn, args, [u.to(dtype) for u in up])
+            exp = _grads_of(ref, args64, up)
+            gtol = tol if dtype == f64 else dict(rtol=1e-4, atol=1e-4)
+            for a, b in zip(got, exp):
+                assert_close(a.double(), b, **gtol)
+        F, _, _, rho, u, T, *_r, v, w, _ = bgk_inputs(N, V, dtype, seed=7, requires_grad=True)
+        assert_close(K.velocity_moments(F, v, w, 5).double(), ref_moments(*(x.double() for x in (F, v, w)), 5),
+                     rtol=tol["rtol"], atol=10 * tol["atol"])
+        got = torch.autograd.grad(K.maxwellian(rho, u, T, v).pow(2).sum(), (rho, u, T))
+        exp = torch.autograd.grad(ref_maxwellian(rho, u, T, v).pow(2).sum(), (rho, u, T))
+        for a, b in zip(got, exp):
+            assert_close(a.double(), b.double(), rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
 
 
 @pytest.mark.parametrize("N,V", SIZES)

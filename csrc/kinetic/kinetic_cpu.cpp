@@ -1,209 +1,532 @@
 // CPU kernels of the kinetic family: velocity_moments, maxwellian, bgk_residuals,
 // transport_mm_residuals and their fused backward ops.
 //
-// Every kernel parallelises over rows (at::parallel_for); one row (V values of each field) is
-// processed by one thread, its velocity sums accumulated in double whatever the input dtype,
-// so the results do not depend on the thread count. Element-wise results are formed in double
-// and rounded once to the output dtype.
+// Every kernel parallelises over rows (at::parallel_for) and vectorises along the V velocity
+// nodes of a row (common/simd.h: AVX-512, AVX2 or SSE2, picked at run time; the last partial
+// vector of a row uses masked loads and stores). One pass over the [N, V] inputs per op; two
+// over a row (in L1) where a row average is needed first (transport).
+//
+// Precision: element-wise terms (the Maxwellian with its exp, the residuals and the
+// gradients) are computed in the input dtype; the velocity sums are accumulated in float64
+// from float64 products whatever the input dtype (a float32 input is widened first), so a
+// float32 sum like sum_j w_j v_j^3 Fx_j (terms up to ~1e3 that cancel) keeps its float64
+// accuracy. Each row is processed by one thread, so the results do not depend on the thread
+// count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
-#include <limits>
+#include <type_traits>
 #include <vector>
 
-#include "common/cpu_clones.h"
+#include "common/simd.h"
 #include "kinetic/kinetic_common.h"
 
 namespace hrgrad_ext {
 namespace kinetic {
 namespace {
 
+using simd::V;
+
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;  // 1 / sqrt(2 pi)
 
 // Rows per parallel task: about 16k elements, so small batches stay on one thread (the
 // threading overhead would exceed the work) and large ones split evenly.
-inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
+inline int64_t row_grain(int64_t nv) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(nv, 1)); }
 
-// ---- exp for the Maxwellian ----------------------------------------------------------------
-// The Maxwellian needs one exp per element; glibc's exp is a scalar call of ~10 ns here, which
-// made the fused kernels slower than eager PyTorch (whose exp is vectorised). exp_poly is a
-// branch-free exp the compiler vectorises: x = k ln2 + r with |r| <= ln2/2 (Cody-Waite split of
-// ln2, so k ln2_hi is exact), exp(r) by its Taylor polynomial to r^13 (truncation < 1e-17
-// relative), 2^k assembled in the exponent bits. Measured max relative error against std::exp
-// on [-708, 709]: 2.2e-16. Below -708 it returns 0 (true value < 3.3e-308), above 709 +inf,
-// NaN propagates.
-inline __attribute__((always_inline)) double exp_poly(double x0) {
-  const double x = x0 < -708.0 ? -708.0 : (x0 > 709.0 ? 709.0 : x0);
-  const double shifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
-  const double kd = x * 1.4426950408889634074 + shifter;
-  const double k = kd - shifter;
-  const uint64_t ki = std::bit_cast<uint64_t>(kd);  // low bits hold k (two's complement)
-  const double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
-  double p = 1.0 / 6227020800.0;
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  const double y = p * std::bit_cast<double>((ki + 1023) << 52);  // shift drops the high bits
-  return x0 < -708.0 ? 0.0 : (x0 > 709.0 ? std::numeric_limits<double>::infinity() : y);
+// ---- vector helpers --------------------------------------------------------------------------
+
+template <int B, class T>
+struct Lanes {
+  using vec = std::conditional_t<std::is_same_v<T, float>, typename V<B>::f32, typename V<B>::f64>;
+  static constexpr int64_t L = sizeof(vec) / sizeof(T);
+};
+
+// The j-th vector of a row with m = V - j elements left: a full vector or a masked one.
+template <int B, class T>
+HRGRAD_INLINE typename Lanes<B, T>::vec ld(const T* p, int64_t m) {
+  using vec = typename Lanes<B, T>::vec;
+  return m >= Lanes<B, T>::L ? simd::load<vec>(p) : simd::load_n<B>(p, m);
+}
+template <int B, class T>
+HRGRAD_INLINE void st(T* p, typename Lanes<B, T>::vec v, int64_t m) {
+  if (m >= Lanes<B, T>::L) simd::store(p, v);
+  else simd::store_n<B>(p, v, m);
+}
+template <int B, class T>
+HRGRAD_INLINE typename Lanes<B, T>::vec bcast(double x) {
+  return simd::splat<typename Lanes<B, T>::vec>(static_cast<T>(x));
 }
 
-// out[j] = exp(-(v[j] - u)^2 * inv2T): the Gaussian factor of the Maxwellian for one row.
-HRGRAD_CPU_CLONES void gauss_row(const double* v, double u, double inv2T, double* out, int64_t V) {
-  for (int64_t j = 0; j < V; ++j) {
-    const double d = v[j] - u;
-    out[j] = exp_poly(-d * d * inv2T);
+// A vector of T widened to float64: two double vectors for float, one for double. The
+// velocity sums are accumulated in these.
+template <int B, class T>
+struct Wide {
+  static constexpr int kParts = std::is_same_v<T, float> ? 2 : 1;
+  static constexpr int64_t Ld = V<B>::kF64;
+  using vd = typename V<B>::f64;
+  vd p[kParts];
+
+  HRGRAD_INLINE static Wide of(typename Lanes<B, T>::vec x) {
+    Wide w;
+    if constexpr (kParts == 2) {
+      w.p[0] = simd::lo_f64<B>(x);
+      w.p[1] = simd::hi_f64<B>(x);
+    } else {
+      w.p[0] = x;
+    }
+    return w;
   }
-}
+  HRGRAD_INLINE static Wide zero() {
+    Wide w;
+    for (int h = 0; h < kParts; ++h) w.p[h] = vd{};
+    return w;
+  }
+  // The double table values for the same elements (tab points at element j).
+  HRGRAD_INLINE static Wide table(const double* tab) {
+    Wide w;
+    for (int h = 0; h < kParts; ++h) w.p[h] = simd::load<vd>(tab + h * Ld);
+    return w;
+  }
+  HRGRAD_INLINE static Wide splat(double x) {
+    Wide w;
+    for (int h = 0; h < kParts; ++h) w.p[h] = simd::splat<vd>(x);
+    return w;
+  }
+  HRGRAD_INLINE Wide operator+(const Wide& o) const {
+    Wide w;
+    for (int h = 0; h < kParts; ++h) w.p[h] = p[h] + o.p[h];
+    return w;
+  }
+  HRGRAD_INLINE Wide operator-(const Wide& o) const {
+    Wide w;
+    for (int h = 0; h < kParts; ++h) w.p[h] = p[h] - o.p[h];
+    return w;
+  }
+  HRGRAD_INLINE Wide operator*(const Wide& o) const {
+    Wide w;
+    for (int h = 0; h < kParts; ++h) w.p[h] = p[h] * o.p[h];
+    return w;
+  }
+  HRGRAD_INLINE void add(const Wide& x) {
+    for (int h = 0; h < kParts; ++h) p[h] += x.p[h];
+  }
+  // this += x * tab[j ...]
+  HRGRAD_INLINE void add_mul(const Wide& x, const double* tab) {
+    for (int h = 0; h < kParts; ++h) p[h] += x.p[h] * simd::load<vd>(tab + h * Ld);
+  }
+  // The parts added: one double vector whose lane sum is the total.
+  HRGRAD_INLINE vd collapse() const {
+    vd s = p[0];
+    for (int h = 1; h < kParts; ++h) s += p[h];
+    return s;
+  }
+};
+
+// Rows are processed in blocks of R = (doubles per vector) rows: each row parks its S
+// velocity sums (as double vectors), and the block reduces them together (simd::hsums: R
+// rows' lane sums for the price of about two of them).
+template <int B, int S>
+struct RowBlock {
+  using vd = typename V<B>::f64;
+  static constexpr int R = V<B>::kF64;
+  vd parked[S][R];
+  double sums[S][R];
+
+  template <class W>
+  HRGRAD_INLINE void park(int sum, int row, const W& w) {
+    parked[sum][row] = w.collapse();
+  }
+  // Sums of rows [0, rows); the parked vectors of the other rows are ignored.
+  HRGRAD_INLINE void reduce(int rows) {
+    for (int k = 0; k < S; ++k) {
+      for (int r = rows; r < R; ++r) parked[k][r] = vd{};
+      simd::store(sums[k], simd::hsums(parked[k]));
+    }
+  }
+};
+
+// ---- quadrature tables ---------------------------------------------------------------------
+
+// Per-call tables over the velocity nodes, zero beyond V up to a multiple of the widest
+// vector (16 floats), so a row's last vector reads them in full and its padding lanes add 0
+// to every sum. Row r is kept in float64 (for the sums) and in T (for element-wise terms).
+constexpr int64_t kPad = 16;
+
+template <class T>
+struct Tables {
+  int64_t Vp;
+  std::vector<double> d;
+  std::vector<T> t;
+  Tables(int64_t nv, int rows)
+      : Vp((nv + kPad - 1) / kPad * kPad), d(static_cast<size_t>(rows * Vp), 0.0), t(d.size(), T(0)) {}
+  void set(int r, int64_t j, double x) {
+    d[r * Vp + j] = x;
+    t[r * Vp + j] = static_cast<T>(x);
+  }
+  const double* D(int r) const { return d.data() + r * Vp; }
+  const T* Tt(int r) const { return t.data() + r * Vp; }
+};
 
 // v and w converted to double once per call (they are read by every row).
-inline std::vector<double> as_double(const at::Tensor& t) {
-  const at::Tensor d = t.to(at::kDouble).contiguous();
+inline std::vector<double> as_double(const at::Tensor& x) {
+  const at::Tensor d = x.to(at::kDouble).contiguous();
   return std::vector<double>(d.const_data_ptr<double>(), d.const_data_ptr<double>() + d.numel());
 }
 
-struct Nodes {
-  std::vector<double> v, w;
-  Nodes(const at::Tensor& vt, const at::Tensor& wt) : v(as_double(vt)), w(as_double(wt)) {}
+// Rows 0: v, 1 + p: w v^p for p = 0..powers-1.
+template <class T>
+Tables<T> velocity_tables(const at::Tensor& v, const at::Tensor* w, int powers) {
+  const std::vector<double> vd = as_double(v), wd = w ? as_double(*w) : std::vector<double>();
+  const int64_t nv = static_cast<int64_t>(vd.size());
+  Tables<T> tab(nv, 1 + powers);
+  for (int64_t j = 0; j < nv; ++j) {
+    tab.set(0, j, vd[j]);
+    double p = w ? wd[j] : 0.0;
+    for (int k = 0; k < powers; ++k, p *= vd[j]) tab.set(1 + k, j, p);
+  }
+  return tab;
+}
+
+// ---- velocity_moments ----------------------------------------------------------------------
+
+constexpr int kMomentsPerPass = 4;
+
+template <class T>
+struct MomentsArgs {
+  const T* F;
+  T* out;
+  int64_t nv, K;
+  const Tables<T>* tab;  // rows 1 + k: w v^k
 };
 
-// ---- velocity_moments ---------------------------------------------------------------------
+// Moments [k0, k0 + Q) of the rows of one block (Q known at compile time, so the Q wide
+// accumulators live in registers).
+template <int B, class T, int Q>
+HRGRAD_INLINE void moments_block(const MomentsArgs<T>& a, int64_t ib, int nr, int64_t k0,
+                                 RowBlock<B, kMomentsPerPass>& blk) {
+  using W = Wide<B, T>;
+  constexpr int64_t L = Lanes<B, T>::L;
+  const int64_t nv = a.nv;
+  const double* tab[Q];
+  for (int q = 0; q < Q; ++q) tab[q] = a.tab->D(1 + static_cast<int>(k0) + q);
+  for (int r = 0; r < nr; ++r) {
+    const T* f = a.F + (ib + r) * nv;
+    W s[Q];
+    for (int q = 0; q < Q; ++q) s[q] = W::zero();
+    for (int64_t j = 0; j < nv; j += L) {
+      const W x = W::of(ld<B, T>(f + j, nv - j));
+      for (int q = 0; q < Q; ++q) s[q].add_mul(x, tab[q] + j);
+    }
+    for (int q = 0; q < Q; ++q) blk.park(q, r, s[q]);
+  }
+  blk.reduce(nr);
+  for (int r = 0; r < nr; ++r) {
+    for (int q = 0; q < Q; ++q) a.out[(ib + r) * a.K + k0 + q] = static_cast<T>(blk.sums[q][r]);
+  }
+}
+
+template <int B, class T>
+HRGRAD_INLINE void moments_rows_impl(const MomentsArgs<T>& a, const int64_t& r0, const int64_t& r1) {
+  using Block = RowBlock<B, kMomentsPerPass>;
+  const int64_t K = a.K;
+  Block blk;
+  for (int64_t ib = r0; ib < r1; ib += Block::R) {
+    const int nr = static_cast<int>(std::min<int64_t>(Block::R, r1 - ib));
+    for (int64_t k0 = 0; k0 < K; k0 += kMomentsPerPass) {
+      switch (std::min<int64_t>(kMomentsPerPass, K - k0)) {
+        case 1: moments_block<B, T, 1>(a, ib, nr, k0, blk); break;
+        case 2: moments_block<B, T, 2>(a, ib, nr, k0, blk); break;
+        case 3: moments_block<B, T, 3>(a, ib, nr, k0, blk); break;
+        default: moments_block<B, T, kMomentsPerPass>(a, ib, nr, k0, blk); break;
+      }
+    }
+  }
+}
+HRGRAD_SIMD_DISPATCH(moments_rows, moments_rows_impl)
 
 at::Tensor velocity_moments_cpu(const at::Tensor& F_, const at::Tensor& v, const at::Tensor& w, int64_t order) {
   check_velocity_moments(F_, v, w, order);
   const at::Tensor F = F_.contiguous();
-  const int64_t N = F.size(0), V = F.size(1), K = order + 1;
-  const Nodes nd(v, w);
-  // table[k][j] = w_j v_j^k: each moment is then a dot product with the row.
-  std::vector<double> table(static_cast<size_t>(K * V));
-  for (int64_t j = 0; j < V; ++j) {
-    double p = nd.w[j];
-    for (int64_t k = 0; k < K; ++k, p *= nd.v[j]) table[k * V + j] = p;
-  }
+  const int64_t N = F.size(0), nv = F.size(1), K = order + 1;
   at::Tensor out = at::empty({N, K}, F.options());
+  const int vb = simd::vector_bytes();
   AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "velocity_moments_cpu", [&] {
-    const scalar_t* f = F.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
-      std::vector<double> row(V);
-      for (int64_t i = r0; i < r1; ++i) {
-        for (int64_t j = 0; j < V; ++j) row[j] = static_cast<double>(f[i * V + j]);
-        for (int64_t k = 0; k < K; ++k) {
-          const double* t = table.data() + k * V;
-          double s = 0.0;
-          for (int64_t j = 0; j < V; ++j) s += t[j] * row[j];
-          o[i * K + k] = static_cast<scalar_t>(s);
-        }
-      }
-    });
+    const Tables<scalar_t> tab = velocity_tables<scalar_t>(v, &w, static_cast<int>(K));
+    const MomentsArgs<scalar_t> args{F.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), nv, K, &tab};
+    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { moments_rows(vb, args, r0, r1); });
   });
   return out;
 }
 
+template <class T>
+struct MomentsBackwardArgs {
+  const T* g;  // [N, K]
+  T* dF;       // [N, V]
+  int64_t nv, K;
+  const Tables<T>* tab;
+};
+
+// dF_ij = sum_k g_ik w_j v_j^k.
+template <int B, class T>
+HRGRAD_INLINE void moments_backward_rows_impl(const MomentsBackwardArgs<T>& a, const int64_t& r0, const int64_t& r1) {
+  using vec = typename Lanes<B, T>::vec;
+  constexpr int64_t L = Lanes<B, T>::L;
+  const int64_t nv = a.nv, K = a.K;
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* g = a.g + i * K;
+    for (int64_t j = 0; j < nv; j += L) {
+      vec s = {};
+      for (int64_t k = 0; k < K; ++k) s += bcast<B, T>(g[k]) * simd::load<vec>(a.tab->Tt(1 + static_cast<int>(k)) + j);
+      st<B, T>(a.dF + i * nv + j, s, nv - j);
+    }
+  }
+}
+HRGRAD_SIMD_DISPATCH(moments_backward_rows, moments_backward_rows_impl)
+
 at::Tensor velocity_moments_backward_cpu(const at::Tensor& grad_, const at::Tensor& v, const at::Tensor& w) {
   check_velocity_moments_backward(grad_, v, w);
   const at::Tensor grad = grad_.contiguous();
-  const int64_t N = grad.size(0), K = grad.size(1), V = v.size(0);
-  const Nodes nd(v, w);
-  at::Tensor dF = at::empty({N, V}, grad.options());
+  const int64_t N = grad.size(0), K = grad.size(1), nv = v.size(0);
+  at::Tensor dF = at::empty({N, nv}, grad.options());
+  const int vb = simd::vector_bytes();
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "velocity_moments_backward_cpu", [&] {
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    scalar_t* d = dF.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i) {
-        const scalar_t* gi = g + i * K;
-        for (int64_t j = 0; j < V; ++j) {
-          // dF_ij = w_j sum_k g_ik v_j^k, Horner in v_j.
-          double s = static_cast<double>(gi[K - 1]);
-          for (int64_t k = K - 2; k >= 0; --k) s = s * nd.v[j] + static_cast<double>(gi[k]);
-          d[i * V + j] = static_cast<scalar_t>(nd.w[j] * s);
-        }
-      }
-    });
+    const Tables<scalar_t> tab = velocity_tables<scalar_t>(v, &w, static_cast<int>(K));
+    const MomentsBackwardArgs<scalar_t> args{grad.const_data_ptr<scalar_t>(), dF.mutable_data_ptr<scalar_t>(), nv, K,
+                                             &tab};
+    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { moments_backward_rows(vb, args, r0, r1); });
   });
   return dF;
 }
 
-// ---- maxwellian ---------------------------------------------------------------------------
+// ---- maxwellian ----------------------------------------------------------------------------
+// M = rho m0 with m0 = exp(-d^2 / 2T) / sqrt(2 pi T), d = v - u.
 
-at::Tensor maxwellian_cpu(const at::Tensor& rho_, const at::Tensor& u_, const at::Tensor& T_, const at::Tensor& v_) {
-  check_maxwellian("maxwellian", rho_, u_, T_, v_);
-  const at::Tensor rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous(), v = v_.contiguous();
-  const int64_t N = rho.size(0), V = v.size(0);
-  at::Tensor M = at::empty({N, V}, rho.options());
-  AT_DISPATCH_FLOATING_TYPES(rho.scalar_type(), "maxwellian_cpu", [&] {
-    const scalar_t *pr = rho.const_data_ptr<scalar_t>(), *pu = u.const_data_ptr<scalar_t>(),
-                   *pT = T.const_data_ptr<scalar_t>();
-    scalar_t* m = M.mutable_data_ptr<scalar_t>();
-    const std::vector<double> vd = as_double(v);
-    at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
-      std::vector<double> ex(V);
-      for (int64_t i = r0; i < r1; ++i) {
-        const double r = pr[i], uu = pu[i], TT = pT[i];
-        const double coef = r * kInvSqrt2Pi / std::sqrt(TT), inv2T = 0.5 / TT;
-        gauss_row(vd.data(), uu, inv2T, ex.data(), V);
-        for (int64_t j = 0; j < V; ++j) m[i * V + j] = static_cast<scalar_t>(coef * ex[j]);
+// exp(-d^2 inv2T) for the nodes vv of a row.
+template <int B, class T>
+HRGRAD_INLINE typename Lanes<B, T>::vec gauss(typename Lanes<B, T>::vec d, typename Lanes<B, T>::vec minus_inv2T) {
+  return simd::exp<B>(d * d * minus_inv2T);
+}
+
+template <class T>
+struct MaxwellianArgs {
+  const T *rho, *u, *Tm, *g;  // g: the incoming gradient (backward only)
+  T *M, *drho, *du, *dT;
+  int64_t nv;
+  const Tables<T>* tab;  // row 0: v
+};
+
+// Per-row constants of the Maxwellian for a block of rows, computed ahead of the rows'
+// vector loops so that their square roots and divisions overlap instead of heading each row.
+template <int R>
+struct GaussConsts {
+  double coef[R], minv[R];  // rho / sqrt(2 pi T) (or 1 / sqrt(2 pi T) without rho), -1 / (2 T)
+  template <class T>
+  HRGRAD_INLINE void set(const T* rho, const T* Tm, int64_t i0, int rows) {
+    for (int r = 0; r < rows; ++r) {
+      const double TT = Tm[i0 + r];
+      coef[r] = (rho ? static_cast<double>(rho[i0 + r]) : 1.0) * kInvSqrt2Pi / std::sqrt(TT);
+      minv[r] = -0.5 / TT;
+    }
+  }
+};
+
+template <int B, class T>
+HRGRAD_INLINE void maxwellian_rows_impl(const MaxwellianArgs<T>& a, const int64_t& r0, const int64_t& r1) {
+  using vec = typename Lanes<B, T>::vec;
+  constexpr int64_t L = Lanes<B, T>::L;
+  constexpr int R = V<B>::kF64;
+  const int64_t nv = a.nv;
+  const T* vT = a.tab->Tt(0);
+  GaussConsts<R> gc;
+  for (int64_t ib = r0; ib < r1; ib += R) {
+    const int nr = static_cast<int>(std::min<int64_t>(R, r1 - ib));
+    gc.set(a.rho, a.Tm, ib, nr);
+    for (int r = 0; r < nr; ++r) {
+      const int64_t i = ib + r;
+      const vec coef = bcast<B, T>(gc.coef[r]), u = bcast<B, T>(a.u[i]), minv = bcast<B, T>(gc.minv[r]);
+      for (int64_t j = 0; j < nv; j += L) {
+        const vec d = simd::load<vec>(vT + j) - u;
+        st<B, T>(a.M + i * nv + j, coef * gauss<B, T>(d, minv), nv - j);
       }
-    });
+    }
+  }
+}
+HRGRAD_SIMD_DISPATCH(maxwellian_rows, maxwellian_rows_impl)
+
+// Sums sum_j g_j m0_j (1, d_j, d_j^2 - T) of one row (m0 without its 1/sqrt(2 pi T)).
+template <int B, class T>
+struct GaussMoments {
+  Wide<B, T> s0 = Wide<B, T>::zero(), s1 = Wide<B, T>::zero(), s2 = Wide<B, T>::zero();
+  // g: incoming gradient; d, minv: as for gauss(); vd: the nodes in double at element j.
+  HRGRAD_INLINE void add(typename Lanes<B, T>::vec g, typename Lanes<B, T>::vec d, typename Lanes<B, T>::vec minv,
+                         const double* vd, const Wide<B, T>& u, const Wide<B, T>& TT) {
+    const Wide<B, T> gm = Wide<B, T>::of(g * gauss<B, T>(d, minv));
+    const Wide<B, T> dd = Wide<B, T>::table(vd) - u;
+    s0.add(gm);
+    s1.add(gm * dd);
+    s2.add(gm * (dd * dd - TT));
+  }
+};
+
+template <int B, class T>
+HRGRAD_INLINE void maxwellian_backward_rows_impl(const MaxwellianArgs<T>& a, const int64_t& r0, const int64_t& r1) {
+  using vec = typename Lanes<B, T>::vec;
+  using W = Wide<B, T>;
+  using Block = RowBlock<B, 3>;
+  constexpr int64_t L = Lanes<B, T>::L;
+  const int64_t nv = a.nv;
+  const T* vT = a.tab->Tt(0);
+  const double* vD = a.tab->D(0);
+  GaussConsts<Block::R> gc;
+  Block blk;
+  for (int64_t ib = r0; ib < r1; ib += Block::R) {
+    const int nr = static_cast<int>(std::min<int64_t>(Block::R, r1 - ib));
+    gc.template set<T>(nullptr, a.Tm, ib, nr);
+    for (int r = 0; r < nr; ++r) {
+      const int64_t i = ib + r;
+      const double uu = a.u[i], TT = a.Tm[i];
+      const vec u = bcast<B, T>(uu), minv = bcast<B, T>(gc.minv[r]);
+      const W uw = W::splat(uu), Tw = W::splat(TT);
+      GaussMoments<B, T> gmom;
+      for (int64_t j = 0; j < nv; j += L) {
+        const vec d = simd::load<vec>(vT + j) - u;
+        gmom.add(ld<B, T>(a.g + i * nv + j, nv - j), d, minv, vD + j, uw, Tw);
+      }
+      blk.park(0, r, gmom.s0);
+      blk.park(1, r, gmom.s1);
+      blk.park(2, r, gmom.s2);
+    }
+    blk.reduce(nr);
+    for (int r = 0; r < nr; ++r) {
+      // dM/drho = m0, dM/du = M d / T, dM/dT = M (d^2 - T) / (2 T^2).
+      const int64_t i = ib + r;
+      const double rr = a.rho[i], TT = a.Tm[i], c = gc.coef[r];
+      a.drho[i] = static_cast<T>(c * blk.sums[0][r]);
+      a.du[i] = static_cast<T>(rr * c * blk.sums[1][r] / TT);
+      a.dT[i] = static_cast<T>(rr * c * blk.sums[2][r] * 0.5 / (TT * TT));
+    }
+  }
+}
+HRGRAD_SIMD_DISPATCH(maxwellian_backward_rows, maxwellian_backward_rows_impl)
+
+at::Tensor maxwellian_cpu(const at::Tensor& rho_, const at::Tensor& u_, const at::Tensor& T_, const at::Tensor& v) {
+  check_maxwellian("maxwellian", rho_, u_, T_, v);
+  const at::Tensor rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous();
+  const int64_t N = rho.size(0), nv = v.size(0);
+  at::Tensor M = at::empty({N, nv}, rho.options());
+  const int vb = simd::vector_bytes();
+  AT_DISPATCH_FLOATING_TYPES(rho.scalar_type(), "maxwellian_cpu", [&] {
+    const Tables<scalar_t> tab = velocity_tables<scalar_t>(v, nullptr, 0);
+    const MaxwellianArgs<scalar_t> args{rho.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                                        T.const_data_ptr<scalar_t>(), nullptr, M.mutable_data_ptr<scalar_t>(),
+                                        nullptr, nullptr, nullptr, nv, &tab};
+    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { maxwellian_rows(vb, args, r0, r1); });
   });
   return M;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> maxwellian_backward_cpu(const at::Tensor& grad_, const at::Tensor& rho_,
                                                                        const at::Tensor& u_, const at::Tensor& T_,
-                                                                       const at::Tensor& v_) {
-  check_maxwellian_backward(grad_, rho_, u_, T_, v_);
-  const at::Tensor grad = grad_.contiguous(), rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous(),
-                   v = v_.contiguous();
-  const int64_t N = rho.size(0), V = v.size(0);
+                                                                       const at::Tensor& v) {
+  check_maxwellian_backward(grad_, rho_, u_, T_, v);
+  const at::Tensor grad = grad_.contiguous(), rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous();
+  const int64_t N = rho.size(0), nv = v.size(0);
   at::Tensor drho = at::empty({N}, rho.options()), du = at::empty({N}, rho.options()),
              dT = at::empty({N}, rho.options());
+  const int vb = simd::vector_bytes();
   AT_DISPATCH_FLOATING_TYPES(rho.scalar_type(), "maxwellian_backward_cpu", [&] {
-    const scalar_t *g = grad.const_data_ptr<scalar_t>(), *pr = rho.const_data_ptr<scalar_t>(),
-                   *pu = u.const_data_ptr<scalar_t>(), *pT = T.const_data_ptr<scalar_t>();
-    scalar_t *o_r = drho.mutable_data_ptr<scalar_t>(), *o_u = du.mutable_data_ptr<scalar_t>(),
-             *o_T = dT.mutable_data_ptr<scalar_t>();
-    const std::vector<double> vd = as_double(v);
-    at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
-      std::vector<double> ex(V);
-      for (int64_t i = r0; i < r1; ++i) {
-        const double r = pr[i], uu = pu[i], TT = pT[i];
-        const double c = kInvSqrt2Pi / std::sqrt(TT), inv2T = 0.5 / TT;
-        // M = r * m0 with m0 = exp(-d^2 / 2T) / sqrt(2 pi T), d = v - u:
-        // dM/dr = m0, dM/du = M d / T, dM/dT = M (d^2 - T) / (2 T^2).
-        gauss_row(vd.data(), uu, inv2T, ex.data(), V);
-        double s0 = 0.0, s1 = 0.0, s2 = 0.0;
-        for (int64_t j = 0; j < V; ++j) {
-          const double d = vd[j] - uu;
-          const double gm0 = static_cast<double>(g[i * V + j]) * c * ex[j];
-          s0 += gm0;
-          s1 += gm0 * d;
-          s2 += gm0 * (d * d - TT);
-        }
-        o_r[i] = static_cast<scalar_t>(s0);
-        o_u[i] = static_cast<scalar_t>(r * s1 / TT);
-        o_T[i] = static_cast<scalar_t>(r * s2 * inv2T / TT);
-      }
+    const Tables<scalar_t> tab = velocity_tables<scalar_t>(v, nullptr, 0);
+    const MaxwellianArgs<scalar_t> args{rho.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                                        T.const_data_ptr<scalar_t>(),   grad.const_data_ptr<scalar_t>(),
+                                        nullptr,                        drho.mutable_data_ptr<scalar_t>(),
+                                        du.mutable_data_ptr<scalar_t>(), dT.mutable_data_ptr<scalar_t>(),
+                                        nv,                             &tab};
+    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) {
+      maxwellian_backward_rows(vb, args, r0, r1);
     });
   });
   return {drho, du, dT};
 }
 
-// ---- bgk_residuals ------------------------------------------------------------------------
+// ---- bgk_residuals -------------------------------------------------------------------------
+
+// Tables of the BGK ops: row 0 v, rows 1..4 w v^0..3.
+template <class T>
+Tables<T> bgk_tables(const at::Tensor& v, const at::Tensor& w) {
+  return velocity_tables<T>(v, &w, 4);
+}
+
+template <class T>
+struct BgkArgs {
+  const T *F, *Ft, *Fx, *rho, *u, *Tm, *rho_t, *u_t, *T_t, *kn;
+  int64_t ks, nv;
+  const Tables<T>* tab;
+  T *kin, *cons, *consis;
+};
+
+template <int B, class T>
+HRGRAD_INLINE void bgk_rows_impl(const BgkArgs<T>& a, const int64_t& r0, const int64_t& r1) {
+  using vec = typename Lanes<B, T>::vec;
+  using W = Wide<B, T>;
+  using Block = RowBlock<B, 6>;
+  constexpr int64_t L = Lanes<B, T>::L;
+  const int64_t nv = a.nv;
+  const T* vT = a.tab->Tt(0);
+  const double *t0 = a.tab->D(1), *t1 = a.tab->D(2), *t2 = a.tab->D(3), *t3 = a.tab->D(4);
+  GaussConsts<Block::R> gc;
+  Block blk;
+  for (int64_t ib = r0; ib < r1; ib += Block::R) {
+    const int nr = static_cast<int>(std::min<int64_t>(Block::R, r1 - ib));
+    gc.set(a.rho, a.Tm, ib, nr);
+    for (int r = 0; r < nr; ++r) {
+      const int64_t i = ib + r;
+      const vec coef = bcast<B, T>(gc.coef[r]), u = bcast<B, T>(a.u[i]), minv = bcast<B, T>(gc.minv[r]),
+                k = bcast<B, T>(a.kn[i * a.ks]);
+      const T *f = a.F + i * nv, *ft = a.Ft + i * nv, *fx = a.Fx + i * nv;
+      T* kin = a.kin + i * nv;
+      // The six velocity sums: sum w F v^{0,1,2}, sum w Fx v^{1,2,3}.
+      W sF0 = W::zero(), sF1 = W::zero(), sF2 = W::zero(), sX1 = W::zero(), sX2 = W::zero(), sX3 = W::zero();
+      for (int64_t j = 0; j < nv; j += L) {
+        const int64_t m = nv - j;
+        const vec vv = simd::load<vec>(vT + j), F = ld<B, T>(f + j, m), Fx = ld<B, T>(fx + j, m);
+        const vec M = coef * gauss<B, T>(vv - u, minv);
+        st<B, T>(kin + j, k * (ld<B, T>(ft + j, m) + vv * Fx) - (M - F), m);
+        const W wf = W::of(F), wx = W::of(Fx);
+        sF0.add_mul(wf, t0 + j);
+        sF1.add_mul(wf, t1 + j);
+        sF2.add_mul(wf, t2 + j);
+        sX1.add_mul(wx, t1 + j);
+        sX2.add_mul(wx, t2 + j);
+        sX3.add_mul(wx, t3 + j);
+      }
+      blk.park(0, r, sF0);
+      blk.park(1, r, sF1);
+      blk.park(2, r, sF2);
+      blk.park(3, r, sX1);
+      blk.park(4, r, sX2);
+      blk.park(5, r, sX3);
+    }
+    blk.reduce(nr);
+    for (int r = 0; r < nr; ++r) {
+      const int64_t i = ib + r;
+      const double rr = a.rho[i], uu = a.u[i], TT = a.Tm[i], rt = a.rho_t[i], ut = a.u_t[i], Tt = a.T_t[i];
+      const double q = uu * uu + TT;  // E = rho q / 2
+      T* oc = a.cons + 3 * i;
+      T* os = a.consis + 3 * i;
+      oc[0] = static_cast<T>(rt + blk.sums[3][r]);
+      oc[1] = static_cast<T>(rt * uu + rr * ut + blk.sums[4][r]);
+      oc[2] = static_cast<T>(0.5 * rt * q + 0.5 * rr * (2.0 * uu * ut + Tt) + 0.5 * blk.sums[5][r]);
+      os[0] = static_cast<T>(rr - blk.sums[0][r]);
+      os[1] = static_cast<T>(rr * uu - blk.sums[1][r]);
+      os[2] = static_cast<T>(0.5 * rr * q - 0.5 * blk.sums[2][r]);
+    }
+  }
+}
+HRGRAD_SIMD_DISPATCH(bgk_rows, bgk_rows_impl)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bgk_residuals_cpu(
     const at::Tensor& F_, const at::Tensor& Ft_, const at::Tensor& Fx_, const at::Tensor& rho_,
@@ -213,55 +536,97 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bgk_residuals_cpu(
   const at::Tensor F = F_.contiguous(), Ft = Ft_.contiguous(), Fx = Fx_.contiguous(), rho = rho_.contiguous(),
                    u = u_.contiguous(), T = T_.contiguous(), rho_t = rho_t_.contiguous(),
                    u_t = u_t_.contiguous(), T_t = T_t_.contiguous(), kn = kn_.contiguous();
-  const int64_t N = F.size(0), V = F.size(1);
-  const Nodes nd(v, w);
-  at::Tensor kin = at::empty({N, V}, F.options()), cons = at::empty({N, 3}, F.options()),
+  const int64_t N = F.size(0), nv = F.size(1);
+  at::Tensor kin = at::empty({N, nv}, F.options()), cons = at::empty({N, 3}, F.options()),
              consis = at::empty({N, 3}, F.options());
+  const int vb = simd::vector_bytes();
   AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "bgk_residuals_cpu", [&] {
-    const scalar_t *f = F.const_data_ptr<scalar_t>(), *ft = Ft.const_data_ptr<scalar_t>(),
-                   *fx = Fx.const_data_ptr<scalar_t>(), *pr = rho.const_data_ptr<scalar_t>(),
-                   *pu = u.const_data_ptr<scalar_t>(), *pT = T.const_data_ptr<scalar_t>(),
-                   *prt = rho_t.const_data_ptr<scalar_t>(), *put = u_t.const_data_ptr<scalar_t>(),
-                   *pTt = T_t.const_data_ptr<scalar_t>(), *pk = kn.const_data_ptr<scalar_t>();
-    scalar_t *ok = kin.mutable_data_ptr<scalar_t>(), *oc = cons.mutable_data_ptr<scalar_t>(),
-             *os = consis.mutable_data_ptr<scalar_t>();
-    const double* vv = nd.v.data();
-    const double* ww = nd.w.data();
-    at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
-      std::vector<double> ex(V);
-      for (int64_t i = r0; i < r1; ++i) {
-        const double r = pr[i], uu = pu[i], TT = pT[i], rt = prt[i], ut = put[i], Tt = pTt[i];
-        const double k = pk[i * ks];
-        const double coef = r * kInvSqrt2Pi / std::sqrt(TT), inv2T = 0.5 / TT;
-        gauss_row(vv, uu, inv2T, ex.data(), V);
-        const scalar_t *fi = f + i * V, *fti = ft + i * V, *fxi = fx + i * V;
-        scalar_t* oki = ok + i * V;
-        // The six velocity sums of the issue: sum w F v^{0,1,2}, sum w Fx v^{1,2,3}.
-        double sF0 = 0, sF1 = 0, sF2 = 0, sX1 = 0, sX2 = 0, sX3 = 0;
-        for (int64_t j = 0; j < V; ++j) {
-          const double vj = vv[j], fj = fi[j], fxj = fxi[j];
-          const double M = coef * ex[j];
-          oki[j] = static_cast<scalar_t>(k * (static_cast<double>(fti[j]) + vj * fxj) - (M - fj));
-          const double wf = ww[j] * fj, wx = ww[j] * vj * fxj;
-          sF0 += wf;
-          sF1 += wf * vj;
-          sF2 += wf * vj * vj;
-          sX1 += wx;
-          sX2 += wx * vj;
-          sX3 += wx * vj * vj;
-        }
-        const double q = uu * uu + TT;  // E = rho q / 2
-        oc[3 * i + 0] = static_cast<scalar_t>(rt + sX1);
-        oc[3 * i + 1] = static_cast<scalar_t>(rt * uu + r * ut + sX2);
-        oc[3 * i + 2] = static_cast<scalar_t>(0.5 * rt * q + 0.5 * r * (2.0 * uu * ut + Tt) + 0.5 * sX3);
-        os[3 * i + 0] = static_cast<scalar_t>(r - sF0);
-        os[3 * i + 1] = static_cast<scalar_t>(r * uu - sF1);
-        os[3 * i + 2] = static_cast<scalar_t>(0.5 * r * q - 0.5 * sF2);
-      }
-    });
+    using T_ = scalar_t;
+    const Tables<T_> tab = bgk_tables<T_>(v, w);
+    const BgkArgs<T_> args{F.const_data_ptr<T_>(),     Ft.const_data_ptr<T_>(),    Fx.const_data_ptr<T_>(),
+                           rho.const_data_ptr<T_>(),   u.const_data_ptr<T_>(),     T.const_data_ptr<T_>(),
+                           rho_t.const_data_ptr<T_>(), u_t.const_data_ptr<T_>(),   T_t.const_data_ptr<T_>(),
+                           kn.const_data_ptr<T_>(),    ks,                         nv,
+                           &tab,                       kin.mutable_data_ptr<T_>(), cons.mutable_data_ptr<T_>(),
+                           consis.mutable_data_ptr<T_>()};
+    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { bgk_rows(vb, args, r0, r1); });
   });
   return {kin, cons, consis};
 }
+
+template <class T>
+struct BgkBackwardArgs {
+  const T *gK, *gC, *gS, *Ft, *Fx, *rho, *u, *Tm, *rho_t, *u_t, *T_t, *kn;
+  int64_t ks, nv;
+  const Tables<T>* tab;
+  T *dF, *dFt, *dFx;
+  T* rows[7];  // drho, du, dT, drho_t, du_t, dT_t, dkn
+};
+
+template <int B, class T>
+HRGRAD_INLINE void bgk_backward_rows_impl(const BgkBackwardArgs<T>& a, const int64_t& r0, const int64_t& r1) {
+  using vec = typename Lanes<B, T>::vec;
+  using W = Wide<B, T>;
+  using Block = RowBlock<B, 4>;
+  constexpr int64_t L = Lanes<B, T>::L;
+  const int64_t nv = a.nv;
+  const T *vT = a.tab->Tt(0), *w0 = a.tab->Tt(1), *w1 = a.tab->Tt(2), *w2 = a.tab->Tt(3), *w3 = a.tab->Tt(4);
+  const double* vD = a.tab->D(0);
+  GaussConsts<Block::R> gc;
+  Block blk;
+  for (int64_t ib = r0; ib < r1; ib += Block::R) {
+    const int nr = static_cast<int>(std::min<int64_t>(Block::R, r1 - ib));
+    gc.template set<T>(nullptr, a.Tm, ib, nr);
+    for (int r = 0; r < nr; ++r) {
+      const int64_t i = ib + r, o = i * nv;
+      const double uu = a.u[i], TT = a.Tm[i];
+      const vec k = bcast<B, T>(a.kn[i * a.ks]), u = bcast<B, T>(uu), minv = bcast<B, T>(gc.minv[r]);
+      // kinetic = kn (Ft + v Fx) - M + F; consistency uses -sum w v^p F, conservation +sum w v^p Fx.
+      const vec S0 = bcast<B, T>(a.gS[3 * i]), S1 = bcast<B, T>(a.gS[3 * i + 1]),
+                S2 = bcast<B, T>(0.5 * a.gS[3 * i + 2]);
+      const vec C0 = bcast<B, T>(a.gC[3 * i]), C1 = bcast<B, T>(a.gC[3 * i + 1]),
+                C2 = bcast<B, T>(0.5 * a.gC[3 * i + 2]);
+      const W uw = W::splat(uu), Tw = W::splat(TT);
+      W skn = W::zero();
+      GaussMoments<B, T> gmom;
+      for (int64_t j = 0; j < nv; j += L) {
+        const int64_t m = nv - j;
+        const vec vv = simd::load<vec>(vT + j), g = ld<B, T>(a.gK + o + j, m);
+        const vec t0 = simd::load<vec>(w0 + j), t1 = simd::load<vec>(w1 + j), t2 = simd::load<vec>(w2 + j),
+                  t3 = simd::load<vec>(w3 + j);
+        st<B, T>(a.dF + o + j, g - (S0 * t0 + S1 * t1 + S2 * t2), m);
+        st<B, T>(a.dFt + o + j, k * g, m);
+        st<B, T>(a.dFx + o + j, k * vv * g + (C0 * t1 + C1 * t2 + C2 * t3), m);
+        // d kinetic / d kn = Ft + v Fx
+        skn.add(W::of(g) * (W::of(ld<B, T>(a.Ft + o + j, m)) + W::table(vD + j) * W::of(ld<B, T>(a.Fx + o + j, m))));
+        gmom.add(g, vv - u, minv, vD + j, uw, Tw);
+      }
+      blk.park(0, r, gmom.s0);
+      blk.park(1, r, gmom.s1);
+      blk.park(2, r, gmom.s2);
+      blk.park(3, r, skn);
+    }
+    blk.reduce(nr);
+    for (int r = 0; r < nr; ++r) {
+      const int64_t i = ib + r;
+      const double rr = a.rho[i], uu = a.u[i], TT = a.Tm[i], rt = a.rho_t[i], ut = a.u_t[i], Tt = a.T_t[i];
+      const double c0 = a.gC[3 * i], c1 = a.gC[3 * i + 1], c2 = a.gC[3 * i + 2];
+      const double s0 = a.gS[3 * i], s1 = a.gS[3 * i + 1], s2 = a.gS[3 * i + 2];
+      const double cm = gc.coef[r];
+      const double sm0 = cm * blk.sums[0][r], sm1 = cm * blk.sums[1][r], sm2 = cm * blk.sums[2][r];
+      const double q = uu * uu + TT;
+      // The Maxwellian enters the kinetic residual with a minus sign (see maxwellian_backward).
+      a.rows[0][i] = static_cast<T>(-sm0 + c1 * ut + c2 * (uu * ut + 0.5 * Tt) + s0 + s1 * uu + 0.5 * s2 * q);
+      a.rows[1][i] = static_cast<T>(-rr * sm1 / TT + c1 * rt + c2 * (rt * uu + rr * ut) + s1 * rr + s2 * rr * uu);
+      a.rows[2][i] = static_cast<T>(-rr * sm2 * 0.5 / (TT * TT) + 0.5 * c2 * rt + 0.5 * s2 * rr);
+      a.rows[3][i] = static_cast<T>(c0 + c1 * uu + 0.5 * c2 * q);
+      a.rows[4][i] = static_cast<T>(c1 * rr + c2 * rr * uu);
+      a.rows[5][i] = static_cast<T>(0.5 * c2 * rr);
+      a.rows[6][i] = static_cast<T>(blk.sums[3][r]);
+    }
+  }
+}
+HRGRAD_SIMD_DISPATCH(bgk_backward_rows, bgk_backward_rows_impl)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor>
@@ -275,92 +640,113 @@ bgk_residuals_backward_cpu(const at::Tensor& gK_, const at::Tensor& gC_, const a
                    Fx = Fx_.contiguous(), rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous(),
                    rho_t = rho_t_.contiguous(), u_t = u_t_.contiguous(), T_t = T_t_.contiguous(),
                    kn = kn_.contiguous();
-  const int64_t N = Ft.size(0), V = Ft.size(1);
-  const Nodes nd(v, w);
+  const int64_t N = Ft.size(0), nv = Ft.size(1);
   const auto opt = Ft.options();
-  at::Tensor dF = at::empty({N, V}, opt), dFt = at::empty({N, V}, opt), dFx = at::empty({N, V}, opt);
+  at::Tensor dF = at::empty({N, nv}, opt), dFt = at::empty({N, nv}, opt), dFx = at::empty({N, nv}, opt);
   // drho, du, dT, drho_t, du_t, dT_t, dkn: separate tensors (outputs of an op must not alias).
   std::vector<at::Tensor> rows;
   for (int r = 0; r < 7; ++r) rows.push_back(at::empty({N}, opt));
+  const int vb = simd::vector_bytes();
   AT_DISPATCH_FLOATING_TYPES(Ft.scalar_type(), "bgk_residuals_backward_cpu", [&] {
-    const scalar_t *gk = gK.const_data_ptr<scalar_t>(), *gc = gC.const_data_ptr<scalar_t>(),
-                   *gs = gS.const_data_ptr<scalar_t>(), *ft = Ft.const_data_ptr<scalar_t>(),
-                   *fx = Fx.const_data_ptr<scalar_t>(), *pr = rho.const_data_ptr<scalar_t>(),
-                   *pu = u.const_data_ptr<scalar_t>(), *pT = T.const_data_ptr<scalar_t>(),
-                   *prt = rho_t.const_data_ptr<scalar_t>(), *put = u_t.const_data_ptr<scalar_t>(),
-                   *pTt = T_t.const_data_ptr<scalar_t>(), *pk = kn.const_data_ptr<scalar_t>();
-    scalar_t *odF = dF.mutable_data_ptr<scalar_t>(), *odFt = dFt.mutable_data_ptr<scalar_t>(),
-             *odFx = dFx.mutable_data_ptr<scalar_t>();
-    scalar_t* orow[7];
-    for (int r = 0; r < 7; ++r) orow[r] = rows[r].mutable_data_ptr<scalar_t>();
-    const double* vv = nd.v.data();
-    const double* ww = nd.w.data();
-    at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
-      std::vector<double> ex(V);
-      for (int64_t i = r0; i < r1; ++i) {
-        const double r = pr[i], uu = pu[i], TT = pT[i], rt = prt[i], ut = put[i], Tt = pTt[i];
-        const double k = pk[i * ks];
-        const double c0 = gc[3 * i], c1 = gc[3 * i + 1], c2 = gc[3 * i + 2];
-        const double s0 = gs[3 * i], s1 = gs[3 * i + 1], s2 = gs[3 * i + 2];
-        const double cm = kInvSqrt2Pi / std::sqrt(TT), inv2T = 0.5 / TT;
-        gauss_row(vv, uu, inv2T, ex.data(), V);
-        double skn = 0, sm0 = 0, sm1 = 0, sm2 = 0;
-        for (int64_t j = 0; j < V; ++j) {
-          const int64_t ij = i * V + j;
-          const double vj = vv[j], wj = ww[j], g = gk[ij];
-          // kinetic = kn (Ft + v Fx) - M + F; consistency uses -sum w v^p F, conservation +sum w v^p Fx.
-          odF[ij] = static_cast<scalar_t>(g - wj * (s0 + vj * (s1 + 0.5 * vj * s2)));
-          odFt[ij] = static_cast<scalar_t>(k * g);
-          odFx[ij] = static_cast<scalar_t>(k * vj * g + wj * vj * (c0 + vj * (c1 + 0.5 * vj * c2)));
-          skn += g * (static_cast<double>(ft[ij]) + vj * static_cast<double>(fx[ij]));
-          const double d = vj - uu;
-          const double gm0 = g * cm * ex[j];  // g * M / rho
-          sm0 += gm0;
-          sm1 += gm0 * d;
-          sm2 += gm0 * (d * d - TT);
-        }
-        const double q = uu * uu + TT;
-        // The Maxwellian enters the kinetic residual with a minus sign (see maxwellian_backward).
-        orow[0][i] = static_cast<scalar_t>(-sm0 + c1 * ut + c2 * (uu * ut + 0.5 * Tt) + s0 + s1 * uu + 0.5 * s2 * q);
-        orow[1][i] = static_cast<scalar_t>(-r * sm1 / TT + c1 * rt + c2 * (rt * uu + r * ut) + s1 * r + s2 * r * uu);
-        orow[2][i] = static_cast<scalar_t>(-r * sm2 * inv2T / TT + 0.5 * c2 * rt + 0.5 * s2 * r);
-        orow[3][i] = static_cast<scalar_t>(c0 + c1 * uu + 0.5 * c2 * q);
-        orow[4][i] = static_cast<scalar_t>(c1 * r + c2 * r * uu);
-        orow[5][i] = static_cast<scalar_t>(0.5 * c2 * r);
-        orow[6][i] = static_cast<scalar_t>(skn);
-      }
-    });
+    using T_ = scalar_t;
+    const Tables<T_> tab = bgk_tables<T_>(v, w);
+    BgkBackwardArgs<T_> args{gK.const_data_ptr<T_>(),    gC.const_data_ptr<T_>(),   gS.const_data_ptr<T_>(),
+                             Ft.const_data_ptr<T_>(),    Fx.const_data_ptr<T_>(),   rho.const_data_ptr<T_>(),
+                             u.const_data_ptr<T_>(),     T.const_data_ptr<T_>(),    rho_t.const_data_ptr<T_>(),
+                             u_t.const_data_ptr<T_>(),   T_t.const_data_ptr<T_>(),  kn.const_data_ptr<T_>(),
+                             ks,                         nv,                        &tab,
+                             dF.mutable_data_ptr<T_>(),  dFt.mutable_data_ptr<T_>(), dFx.mutable_data_ptr<T_>(),
+                             {}};
+    for (int r = 0; r < 7; ++r) args.rows[r] = rows[r].mutable_data_ptr<T_>();
+    const BgkBackwardArgs<T_>& cargs = args;
+    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { bgk_backward_rows(vb, cargs, r0, r1); });
   });
   return {dF, dFt, dFx, rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6]};
 }
 
-// ---- transport_mm_residuals ---------------------------------------------------------------
+// ---- transport_mm_residuals ----------------------------------------------------------------
 
-// Per-call constants of the normalised average <phi> = sum w phi / W: wn_j = w_j / W,
-// vbar = <v> and c_j = w_j (v_j - vbar) / W. <v g_x> = sum_j c_j Graw_x,j exactly (g_x is
-// Graw_x minus its average), and centring v instead of Graw_x avoids cancelling a large
-// row mean of Graw_x.
-struct TransportConsts {
-  std::vector<double> v, wn, c;
+// Per-call tables of the normalised average <phi> = sum w phi / W: row 0 v, row 1
+// wn_j = w_j / W, row 2 c_j = w_j (v_j - vbar) / W with vbar = <v>. <v g_x> = sum_j c_j Graw_x,j
+// exactly (g_x is Graw_x minus its average), and centring v instead of Graw_x avoids
+// cancelling a large row mean of Graw_x.
+template <class T>
+struct TransportTables : Tables<T> {
   double vbar = 0.0;
-  TransportConsts(const at::Tensor& vt, const at::Tensor& wt) {
-    const Nodes nd(vt, wt);
-    const size_t V = nd.v.size();
+  TransportTables(const at::Tensor& vt, const at::Tensor& wt) : Tables<T>(vt.size(0), 3) {
+    const std::vector<double> v = as_double(vt), w = as_double(wt);
     double W = 0.0, Wv = 0.0;
-    for (size_t j = 0; j < V; ++j) {
-      W += nd.w[j];
-      Wv += nd.w[j] * nd.v[j];
+    for (size_t j = 0; j < v.size(); ++j) {
+      W += w[j];
+      Wv += w[j] * v[j];
     }
     vbar = Wv / W;
-    v = nd.v;
-    wn.resize(V);
-    c.resize(V);
-    for (size_t j = 0; j < V; ++j) {
-      wn[j] = nd.w[j] / W;
-      c[j] = nd.w[j] * (nd.v[j] - vbar) / W;
+    for (size_t j = 0; j < v.size(); ++j) {
+      this->set(0, static_cast<int64_t>(j), v[j]);
+      this->set(1, static_cast<int64_t>(j), w[j] / W);
+      this->set(2, static_cast<int64_t>(j), w[j] * (v[j] - vbar) / W);
     }
   }
 };
+
+template <class T>
+struct TransportArgs {
+  const T *G, *Gt, *Gx, *rho_t, *rho_x, *eps;
+  int64_t es, nv;
+  const TransportTables<T>* tab;
+  T *g, *micro, *macro;
+};
+
+template <int B, class T>
+HRGRAD_INLINE void transport_rows_impl(const TransportArgs<T>& a, const int64_t& r0, const int64_t& r1) {
+  using vec = typename Lanes<B, T>::vec;
+  using W = Wide<B, T>;
+  using Block = RowBlock<B, 4>;
+  constexpr int64_t L = Lanes<B, T>::L;
+  const int64_t nv = a.nv;
+  const T* vT = a.tab->Tt(0);
+  const double *wn = a.tab->D(1), *cc = a.tab->D(2);
+  Block blk;
+  for (int64_t ib = r0; ib < r1; ib += Block::R) {
+    const int nr = static_cast<int>(std::min<int64_t>(Block::R, r1 - ib));
+    // Pass 1 over the block's rows (in L1 afterwards): the three averages and a = <v g_x>.
+    for (int r = 0; r < nr; ++r) {
+      const int64_t o = (ib + r) * nv;
+      W mg = W::zero(), mt = W::zero(), mx = W::zero(), aa = W::zero();
+      for (int64_t j = 0; j < nv; j += L) {
+        const int64_t m = nv - j;
+        const W x = W::of(ld<B, T>(a.Gx + o + j, m));
+        mg.add_mul(W::of(ld<B, T>(a.G + o + j, m)), wn + j);
+        mt.add_mul(W::of(ld<B, T>(a.Gt + o + j, m)), wn + j);
+        mx.add_mul(x, wn + j);
+        aa.add_mul(x, cc + j);
+      }
+      blk.park(0, r, mg);
+      blk.park(1, r, mt);
+      blk.park(2, r, mx);
+      blk.park(3, r, aa);
+    }
+    blk.reduce(nr);
+    // Pass 2: micro = eps^2 g_t + eps (v g_x - a) + v rho_x + g.
+    for (int r = 0; r < nr; ++r) {
+      const int64_t i = ib + r, o = i * nv;
+      const double e = a.eps[i * a.es], av = blk.sums[3][r];
+      const vec vmg = bcast<B, T>(blk.sums[0][r]), vmt = bcast<B, T>(blk.sums[1][r]),
+                vmx = bcast<B, T>(blk.sums[2][r]);
+      const vec e2 = bcast<B, T>(e * e), ve = bcast<B, T>(e), va = bcast<B, T>(av), rx = bcast<B, T>(a.rho_x[i]);
+      for (int64_t j = 0; j < nv; j += L) {
+        const int64_t m = nv - j;
+        const vec vv = simd::load<vec>(vT + j);
+        const vec g = ld<B, T>(a.G + o + j, m) - vmg, gt = ld<B, T>(a.Gt + o + j, m) - vmt,
+                  gx = ld<B, T>(a.Gx + o + j, m) - vmx;
+        st<B, T>(a.g + o + j, g, m);
+        st<B, T>(a.micro + o + j, e2 * gt + ve * (vv * gx - va) + vv * rx + g, m);
+      }
+      a.macro[i] = static_cast<T>(static_cast<double>(a.rho_t[i]) + av);
+    }
+  }
+}
+HRGRAD_SIMD_DISPATCH(transport_rows, transport_rows_impl)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> transport_mm_residuals_cpu(
     const at::Tensor& G_, const at::Tensor& Gt_, const at::Tensor& Gx_, const at::Tensor& rho_t_,
@@ -368,43 +754,99 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> transport_mm_residuals_cpu(
   const int64_t es = check_transport(G_, Gt_, Gx_, rho_t_, rho_x_, v, w, eps_);
   const at::Tensor G = G_.contiguous(), Gt = Gt_.contiguous(), Gx = Gx_.contiguous(),
                    rho_t = rho_t_.contiguous(), rho_x = rho_x_.contiguous(), eps = eps_.contiguous();
-  const int64_t N = G.size(0), V = G.size(1);
-  const TransportConsts tc(v, w);
-  at::Tensor g = at::empty({N, V}, G.options()), micro = at::empty({N, V}, G.options()),
+  const int64_t N = G.size(0), nv = G.size(1);
+  at::Tensor g = at::empty({N, nv}, G.options()), micro = at::empty({N, nv}, G.options()),
              macro = at::empty({N}, G.options());
+  const int vb = simd::vector_bytes();
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "transport_mm_residuals_cpu", [&] {
-    const scalar_t *pg = G.const_data_ptr<scalar_t>(), *pgt = Gt.const_data_ptr<scalar_t>(),
-                   *pgx = Gx.const_data_ptr<scalar_t>(), *prt = rho_t.const_data_ptr<scalar_t>(),
-                   *prx = rho_x.const_data_ptr<scalar_t>(), *pe = eps.const_data_ptr<scalar_t>();
-    scalar_t *og = g.mutable_data_ptr<scalar_t>(), *om = micro.mutable_data_ptr<scalar_t>(),
-             *oc = macro.mutable_data_ptr<scalar_t>();
-    const double *vv = tc.v.data(), *wn = tc.wn.data(), *cc = tc.c.data();
-    at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i) {
-        const scalar_t *gi = pg + i * V, *gti = pgt + i * V, *gxi = pgx + i * V;
-        // Pass 1 (row in L1 afterwards): the three averages and a = <v g_x>.
-        double mg = 0, mt = 0, mx = 0, a = 0;
-        for (int64_t j = 0; j < V; ++j) {
-          const double x = gxi[j];
-          mg += wn[j] * static_cast<double>(gi[j]);
-          mt += wn[j] * static_cast<double>(gti[j]);
-          mx += wn[j] * x;
-          a += cc[j] * x;
-        }
-        const double e = pe[i * es], rx = prx[i];
-        // Pass 2: micro = eps^2 g_t + eps (v g_x - a) + v rho_x + g.
-        for (int64_t j = 0; j < V; ++j) {
-          const double gj = static_cast<double>(gi[j]) - mg, gtj = static_cast<double>(gti[j]) - mt,
-                       gxj = static_cast<double>(gxi[j]) - mx;
-          og[i * V + j] = static_cast<scalar_t>(gj);
-          om[i * V + j] = static_cast<scalar_t>(e * e * gtj + e * (vv[j] * gxj - a) + vv[j] * rx + gj);
-        }
-        oc[i] = static_cast<scalar_t>(static_cast<double>(prt[i]) + a);
-      }
-    });
+    using T_ = scalar_t;
+    const TransportTables<T_> tab(v, w);
+    const TransportArgs<T_> args{G.const_data_ptr<T_>(),     Gt.const_data_ptr<T_>(),      Gx.const_data_ptr<T_>(),
+                                 rho_t.const_data_ptr<T_>(), rho_x.const_data_ptr<T_>(),   eps.const_data_ptr<T_>(),
+                                 es,                         nv,                           &tab,
+                                 g.mutable_data_ptr<T_>(),   micro.mutable_data_ptr<T_>(), macro.mutable_data_ptr<T_>()};
+    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { transport_rows(vb, args, r0, r1); });
   });
   return {g, micro, macro};
 }
+
+template <class T>
+struct TransportBackwardArgs {
+  const T *gg, *gm, *gc, *Gt, *Gx, *eps;
+  int64_t es, nv;
+  const TransportTables<T>* tab;
+  T *dG, *dGt, *dGx, *drho_x, *deps;
+};
+
+template <int B, class T>
+HRGRAD_INLINE void transport_backward_rows_impl(const TransportBackwardArgs<T>& a, const int64_t& r0,
+                                                const int64_t& r1) {
+  using vec = typename Lanes<B, T>::vec;
+  using W = Wide<B, T>;
+  using Block = RowBlock<B, 6>;
+  constexpr int64_t L = Lanes<B, T>::L;
+  const int64_t nv = a.nv;
+  const T *vT = a.tab->Tt(0), *wnT = a.tab->Tt(1);
+  const double *vD = a.tab->D(0), *wn = a.tab->D(1), *cc = a.tab->D(2);
+  const double vbar = a.tab->vbar;
+  Block blk;
+  RowBlock<B, 1> deps;
+  for (int64_t ib = r0; ib < r1; ib += Block::R) {
+    const int nr = static_cast<int>(std::min<int64_t>(Block::R, r1 - ib));
+    // Pass 1: sums of the incoming gradients and the forward averages needed for deps.
+    for (int r = 0; r < nr; ++r) {
+      const int64_t o = (ib + r) * nv;
+      W Sgm = W::zero(), Sm = W::zero(), Svm = W::zero(), mt = W::zero(), mx = W::zero(), aa = W::zero();
+      for (int64_t j = 0; j < nv; j += L) {
+        const int64_t m = nv - j;
+        const W gm = W::of(ld<B, T>(a.gm + o + j, m)), x = W::of(ld<B, T>(a.Gx + o + j, m));
+        Sgm.add(W::of(ld<B, T>(a.gg + o + j, m)) + gm);
+        Sm.add(gm);
+        Svm.add_mul(gm, vD + j);
+        mt.add_mul(W::of(ld<B, T>(a.Gt + o + j, m)), wn + j);
+        mx.add_mul(x, wn + j);
+        aa.add_mul(x, cc + j);
+      }
+      blk.park(0, r, Sgm);
+      blk.park(1, r, Sm);
+      blk.park(2, r, Svm);
+      blk.park(3, r, mt);
+      blk.park(4, r, mx);
+      blk.park(5, r, aa);
+    }
+    blk.reduce(nr);
+    for (int r = 0; r < nr; ++r) {
+      const int64_t i = ib + r, o = i * nv;
+      const double e = a.eps[i * a.es], C = a.gc[i], sm = blk.sums[1][r], svm = blk.sums[2][r];
+      // With P phi = phi - <phi> (adjoint P^T psi = psi - (w/W) sum psi):
+      //   dGraw   = P^T (grad_g + grad_micro)
+      //   dGraw_t = eps^2 P^T grad_micro
+      //   dGraw_x = P^T q,  q_j = eps v_j Gm_j + (C - eps Sm) w_j v_j / W   (a = sum_j (w_j v_j/W) g_x,j)
+      //   sum_j q_j = eps Svm + (C - eps Sm) vbar
+      const double Bc = C - e * sm, Q = e * svm + Bc * vbar;
+      const vec vsgm = bcast<B, T>(blk.sums[0][r]), vsm = bcast<B, T>(sm), ve = bcast<B, T>(e),
+                e2 = bcast<B, T>(e * e), vB = bcast<B, T>(Bc), vQ = bcast<B, T>(Q), twoe = bcast<B, T>(2.0 * e),
+                vmt = bcast<B, T>(blk.sums[3][r]), vmx = bcast<B, T>(blk.sums[4][r]),
+                va = bcast<B, T>(blk.sums[5][r]);
+      W de = W::zero();
+      for (int64_t j = 0; j < nv; j += L) {
+        const int64_t m = nv - j;
+        const vec gm = ld<B, T>(a.gm + o + j, m), vv = simd::load<vec>(vT + j), wv = simd::load<vec>(wnT + j);
+        st<B, T>(a.dG + o + j, ld<B, T>(a.gg + o + j, m) + gm - wv * vsgm, m);
+        st<B, T>(a.dGt + o + j, e2 * (gm - wv * vsm), m);
+        st<B, T>(a.dGx + o + j, ve * vv * gm + wv * (vB * vv - vQ), m);
+        // d micro_j / d eps = 2 eps g_t,j + v_j g_x,j - a
+        const vec dm = twoe * (ld<B, T>(a.Gt + o + j, m) - vmt) + vv * (ld<B, T>(a.Gx + o + j, m) - vmx) - va;
+        de.add(W::of(gm) * W::of(dm));
+      }
+      a.drho_x[i] = static_cast<T>(svm);
+      deps.park(0, r, de);
+    }
+    deps.reduce(nr);
+    for (int r = 0; r < nr; ++r) a.deps[ib + r] = static_cast<T>(deps.sums[0][r]);
+  }
+}
+HRGRAD_SIMD_DISPATCH(transport_backward_rows, transport_backward_rows_impl)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> transport_mm_residuals_backward_cpu(
     const at::Tensor& gg_, const at::Tensor& gm_, const at::Tensor& gc_, const at::Tensor& Gt_,
@@ -412,53 +854,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> transport
   const int64_t es = check_transport_backward(gg_, gm_, gc_, Gt_, Gx_, v, w, eps_);
   const at::Tensor gg = gg_.contiguous(), gm = gm_.contiguous(), gc = gc_.contiguous(), Gt = Gt_.contiguous(),
                    Gx = Gx_.contiguous(), eps = eps_.contiguous();
-  const int64_t N = Gt.size(0), V = Gt.size(1);
-  const TransportConsts tc(v, w);
+  const int64_t N = Gt.size(0), nv = Gt.size(1);
   const auto opt = Gt.options();
-  at::Tensor dG = at::empty({N, V}, opt), dGt = at::empty({N, V}, opt), dGx = at::empty({N, V}, opt);
+  at::Tensor dG = at::empty({N, nv}, opt), dGt = at::empty({N, nv}, opt), dGx = at::empty({N, nv}, opt);
   at::Tensor drho_x = at::empty({N}, opt), deps = at::empty({N}, opt);
+  const int vb = simd::vector_bytes();
   AT_DISPATCH_FLOATING_TYPES(Gt.scalar_type(), "transport_mm_residuals_backward_cpu", [&] {
-    const scalar_t *pgg = gg.const_data_ptr<scalar_t>(), *pgm = gm.const_data_ptr<scalar_t>(),
-                   *pgc = gc.const_data_ptr<scalar_t>(), *pgt = Gt.const_data_ptr<scalar_t>(),
-                   *pgx = Gx.const_data_ptr<scalar_t>(), *pe = eps.const_data_ptr<scalar_t>();
-    scalar_t *odG = dG.mutable_data_ptr<scalar_t>(), *odGt = dGt.mutable_data_ptr<scalar_t>(),
-             *odGx = dGx.mutable_data_ptr<scalar_t>(), *orx = drho_x.mutable_data_ptr<scalar_t>(),
-             *oe = deps.mutable_data_ptr<scalar_t>();
-    const double *vv = tc.v.data(), *wn = tc.wn.data(), *cc = tc.c.data();
-    const double vbar = tc.vbar;
-    at::parallel_for(0, N, row_grain(V), [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i) {
-        const int64_t o = i * V;
-        // Pass 1: sums of the incoming gradients and the forward averages needed for deps.
-        double Sgm = 0, Sm = 0, Svm = 0, mt = 0, mx = 0, a = 0;
-        for (int64_t j = 0; j < V; ++j) {
-          const double m = pgm[o + j], x = pgx[o + j];
-          Sgm += static_cast<double>(pgg[o + j]) + m;
-          Sm += m;
-          Svm += vv[j] * m;
-          mt += wn[j] * static_cast<double>(pgt[o + j]);
-          mx += wn[j] * x;
-          a += cc[j] * x;
-        }
-        const double e = pe[i * es], C = pgc[i];
-        // With P phi = phi - <phi> (adjoint P^T psi = psi - (w/W) sum psi):
-        //   dGraw   = P^T (grad_g + grad_micro)
-        //   dGraw_t = eps^2 P^T grad_micro
-        //   dGraw_x = P^T q,  q_j = eps v_j Gm_j + (C - eps Sm) w_j v_j / W   (a = sum_j (w_j v_j/W) g_x,j)
-        //   sum_j q_j = eps Svm + (C - eps Sm) vbar
-        const double B = C - e * Sm, Q = e * Svm + B * vbar;
-        double de = 0;
-        for (int64_t j = 0; j < V; ++j) {
-          const double m = pgm[o + j], vj = vv[j];
-          odG[o + j] = static_cast<scalar_t>(static_cast<double>(pgg[o + j]) + m - wn[j] * Sgm);
-          odGt[o + j] = static_cast<scalar_t>(e * e * (m - wn[j] * Sm));
-          odGx[o + j] = static_cast<scalar_t>(e * vj * m + wn[j] * (B * vj - Q));
-          // d micro_j / d eps = 2 eps g_t,j + v_j g_x,j - a
-          de += m * (2.0 * e * (static_cast<double>(pgt[o + j]) - mt) + vj * (static_cast<double>(pgx[o + j]) - mx) - a);
-        }
-        orx[i] = static_cast<scalar_t>(Svm);
-        oe[i] = static_cast<scalar_t>(de);
-      }
+    using T_ = scalar_t;
+    const TransportTables<T_> tab(v, w);
+    const TransportBackwardArgs<T_> args{
+        gg.const_data_ptr<T_>(),     gm.const_data_ptr<T_>(),  gc.const_data_ptr<T_>(),  Gt.const_data_ptr<T_>(),
+        Gx.const_data_ptr<T_>(),     eps.const_data_ptr<T_>(), es,                        nv,
+        &tab,                        dG.mutable_data_ptr<T_>(), dGt.mutable_data_ptr<T_>(), dGx.mutable_data_ptr<T_>(),
+        drho_x.mutable_data_ptr<T_>(), deps.mutable_data_ptr<T_>()};
+    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) {
+      transport_backward_rows(vb, args, r0, r1);
     });
   });
   return {dG, dGt, dGx, drho_x, deps};

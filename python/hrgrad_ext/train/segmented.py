@@ -18,7 +18,11 @@ tests and the baseline of the benchmark.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +31,49 @@ from torch.func import functional_call, vmap
 
 from .losses import Formulation
 
-__all__ = ["TASK_MODES", "SegmentedLosses", "TaskLayout", "segmented_task_gradients", "separate_task_gradients", "task_losses"]
+__all__ = ["TASK_MODES", "SegmentedLosses", "TaskLayout", "keep_freed_memory", "segmented_task_gradients",
+           "separate_task_gradients", "task_losses"]
 
 TASK_MODES = ("eps", "eps_group")
+
+_KEPT = None  # result of keep_freed_memory(), once per process
+
+
+def keep_freed_memory() -> bool:
+    """Lets glibc's malloc keep freed memory in the process instead of returning it to the OS.
+
+    Why: one segmented pass holds the activations of all K tasks, K times the size of a
+    per-task pass (64 MB each for the BGK benchmark network at 512 points x 64 nodes, K = 4).
+    glibc serves allocations above its mmap threshold (at most 32 MB) with fresh mappings and
+    trims freed heap memory beyond 2x that threshold, so every step page-faults and zeroes
+    them again: on the CPU that kernel time (measured 2.8 s of 7.4 s per step, 1.1M minor
+    faults, against 0.6 s for the K separate passes) was all that made the segmented step
+    slower; its user time equals theirs. With mmap off and trimming off, the allocations of
+    one step are reused by the next.
+
+    Process-wide (it changes malloc for everything in the process) and irreversible: the
+    resident size stays at its peak. So the library never calls it on its own: the training job
+    (:class:`~hrgrad_ext.train.trainer.Trainer`, which owns its process) and the benchmarks do,
+    for CPU training with the segmented gradients; set ``HRGRAD_EXT_KEEP_FREED_MEMORY=0`` to leave
+    malloc alone there too. A user who builds a CPU loop on :class:`SegmentedLosses` may call it. A no-op (returns False) on other
+    C libraries; preloading jemalloc or tcmalloc has the same effect.
+    """
+    global _KEPT
+    if _KEPT is not None:
+        return _KEPT
+    _KEPT = False
+    if os.environ.get("HRGRAD_EXT_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    # trim only beyond 2 GB of free heap; never mmap (brk heap, reused in place)
+    _KEPT = bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1)) and bool(mallopt(M_MMAP_MAX, 0))
+    return _KEPT
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from .faults import NonfiniteInjection, RankFailure
 from .losses import BGKFormulation, Formulation, TransportFormulation
 from .rundir import (CHECKPOINT, METRICS, PREVIOUS_CHECKPOINT, MetricsLog, RunLock, atomic_write, load_checkpoint,
                      numpy_rng_state, read_metrics, set_numpy_rng_state, truncate_metrics, write_checkpoint)
-from .segmented import SegmentedLosses, TaskLayout, segmented_task_gradients, separate_task_gradients
+from .segmented import SegmentedLosses, TaskLayout, keep_freed_memory, segmented_task_gradients, separate_task_gradients
 from .distributed import DistributedRun, ShardSampler, broadcast_result
 
 __all__ = ["Trainer", "NonFiniteError", "Preempted", "make_aggregator", "make_formulation", "read_metrics",
@@ -250,6 +250,8 @@ class Trainer:
         self.layout = TaskLayout(tuple(cfg.eps), self.form.groups, cfg.tasks)
         self.losses_fn = SegmentedLosses(self.model, self.form, self.layout,
                                          compile=None if cfg.compile == "off" else cfg.compile)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # the K-fold activations of a segmented step: see keep_freed_memory
         self.eps_tensor = torch.tensor(cfg.eps, dtype=torch.float64)
         self.gen = self.sampler.generators[0]  # the points' random stream (of this rank's first share)
         self.step = 0
