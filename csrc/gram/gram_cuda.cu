@@ -254,9 +254,10 @@ std::pair<Tensor, int> gram_gemm_partials(const Tensor& Jb) {
   const int64_t cols = Jb.scalar_type() == kDouble ? n : std::max<int64_t>(1, kGemmChunkElements / (B * K));
   const int64_t nchunks = (n + cols - 1) / cols;
   Tensor partial = empty_on(Jb, {B, nchunks, K, K}, kDouble);
+  Tensor J = Jb;  // a handle (stable narrow takes a non-const one), not a copy
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t c0 = c * cols;
-    const Tensor Jc = to_dtype(torch::stable::narrow(Jb, 2, c0, std::min(cols, n - c0)), kDouble);
+    const Tensor Jc = to_dtype(torch::stable::narrow(J, 2, c0, std::min(cols, n - c0)), kDouble);
     Tensor block = torch::stable::select(partial, 1, c);
     torch::stable::copy_(block, torch::stable::matmul(Jc, torch::stable::transpose(Jc, 1, 2)));
   }
