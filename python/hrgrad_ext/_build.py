@@ -16,6 +16,7 @@ Two native libraries make up the compiled core:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 from pathlib import Path
@@ -44,6 +45,22 @@ def _check_torch_range() -> None:
 
 
 _check_torch_range()
+
+
+def _expose_torch_symbols() -> None:
+    """Makes the libraries torch has loaded globally visible, so that the compiled core resolves
+    its torch symbols against the running torch (it does not link torch: a wheel must not
+    carry a path to, or a copy of, any particular torch). RTLD_NOLOAD: nothing new is loaded."""
+    lib = Path(torch.__file__).resolve().parent / "lib"
+    for name in ("libc10.so", "libtorch_cpu.so", "libtorch.so", "libc10_cuda.so", "libtorch_cuda.so"):
+        if (lib / name).exists():
+            try:
+                ctypes.CDLL(str(lib / name), mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+            except OSError:  # not loaded by this torch (e.g. no CUDA libraries in use)
+                pass
+
+
+_expose_torch_symbols()
 
 try:
     from . import _C
