@@ -23,7 +23,8 @@ import scipy.optimize
 import torch
 
 from hrgrad_ext import aggregators
-from hrgrad_ext.aggregators import ConFIG, HRGrad, MGDA, Mean, PCGrad, Sum, UPGrad
+from hrgrad_ext.aggregators import (ConFIG, GradNorm, HRGrad, LearningRateAnnealing, MGDA, Mean, PCGrad, ReLoBRaLo,
+                                   SoftAdapt, Sum, UPGrad)
 from hrgrad_ext.ops import LENGTH_MODELS, Status, dual_cone_weights, hrgrad_weights_ex, mgda_weights
 
 f64 = torch.float64
@@ -38,16 +39,47 @@ UNDER_TEST = {
     "Sum": Sum,
     "Mean": Mean,
     "PCGrad": lambda: PCGrad(seed=0),
+    "ReLoBRaLo": lambda: ReLoBRaLo(seed=0),
+    "LRA": LearningRateAnnealing,
+    "GradNorm": GradNorm,
+    "SoftAdapt": SoftAdapt,
 }
 HRGRADS = [name for name in UNDER_TEST if name.startswith("HRGrad")]
+#: methods with state between steps; they are tested after a few steps (see ``aggregate``)
+STATEFUL = ["ReLoBRaLo", "LRA", "GradNorm", "SoftAdapt"]
+LOSS_WEIGHTED = ["ReLoBRaLo", "GradNorm", "SoftAdapt"]  # their weights follow the task losses
 
 NON_CONFLICTING = [*HRGRADS, "UPGrad", "MGDA"]
-PERMUTATION_INVARIANT = [*HRGRADS, "UPGrad", "MGDA", "ConFIG", "Sum", "Mean"]
-LINEAR_UNDER_SCALING = ["HRGrad", "HRGrad(arithmetic)", "UPGrad", "ConFIG", "Sum", "Mean", "PCGrad"]
-STRONGLY_STATIONARY = [*HRGRADS, "UPGrad", "ConFIG", "Sum", "Mean"]
+PERMUTATION_INVARIANT = [*HRGRADS, "UPGrad", "MGDA", "ConFIG", "Sum", "Mean", "LRA"]
+LINEAR_UNDER_SCALING = ["HRGrad", "HRGrad(arithmetic)", "UPGrad", "ConFIG", "Sum", "Mean", "PCGrad", "ReLoBRaLo",
+                        "SoftAdapt"]
+STRONGLY_STATIONARY = [*HRGRADS, "UPGrad", "ConFIG", "Sum", "Mean", *STATEFUL]
+
+
+def loss_history(K, steps=4):
+    """Task losses of a few steps, falling at a different rate for each task. They do not depend
+    on J: in training the losses come with the gradients, not from them."""
+    k = torch.arange(K, dtype=f64)
+    return [(1 + k) * 0.5 ** (t * (1 + k) / K) for t in range(steps)]
+
+
+def aggregate(name, J):
+    """The update of a fresh aggregator ``name`` on J. The stateful ones first take a few steps
+    on the same J with the losses of ``loss_history``, so that their state (weights moved away
+    from their initial values, loss histories) matters; the properties are those of the map
+    J -> update at that state."""
+    agg = UNDER_TEST[name]()
+    if name not in STATEFUL:
+        return agg(J)
+    history = loss_history(J.shape[0])
+    for losses in history[:-1]:
+        agg(J, losses=losses)
+    return agg(J, losses=history[-1])
 
 LACKS = {
     "non_conflicting": {
+        **{name: "a positive weighting of the task gradients follows the largest weighted ones whatever the others"
+           for name in STATEFUL},
         "ConFIG": "pinv(Jhat) 1 of the conflictfree package conflicts when the gradients are linearly dependent "
                   "(it has no fallback); on full-rank inputs it is non-conflicting (test_config_non_conflicting_on_full_rank)",
         "Sum": "the sum follows the largest gradients whatever the others",
@@ -56,11 +88,15 @@ LACKS = {
     },
     "permutation_invariant": {
         "PCGrad": "the projection order is drawn per task index",
+        **{name: "the weights belong to the tasks through their losses: permuting the gradients without their "
+                 "losses changes the update (permuting both permutes the weights)" for name in LOSS_WEIGHTED},
     },
     "linear_under_scaling": {
         **{name: "the common length is a non-linear mean (min, max, harmonic, geometric) of the task norms"
            for name in HRGRADS if name not in LINEAR_UNDER_SCALING},
         "MGDA": "the minimum-norm point of the convex hull moves non-linearly when one gradient is scaled",
+        "LRA": "the weights are ratios of gradient magnitudes (max over mean |g_i|)",
+        "GradNorm": "the weights are trained towards equal weighted gradient norms, so they follow the norms",
     },
     "strongly_stationary": {
         "MGDA": "its update is 0 whenever the convex hull contains 0, even if an update improves some task "
@@ -190,13 +226,13 @@ def test_expected_structure(name, family, dtype):
     for J in matrices(family, dtype):
         for scale in SCALES:
             Js = J * scale
-            out = UNDER_TEST[name]()(Js)
+            out = aggregate(name, Js)
             assert out.shape == J.shape[1:] and out.dtype == dtype
             assert torch.isfinite(out).all()
             if scale == 0.0 or not J.any():
                 assert torch.all(out == 0)
             else:
-                reference = UNDER_TEST[name]()(Js.to(f64) / scale)
+                reference = aggregate(name, Js.to(f64) / scale)
                 assert_close_update(out.to(f64) / scale, reference, J, dtype)
 
 
@@ -204,7 +240,7 @@ def test_expected_structure(name, family, dtype):
 def test_non_conflicting(name, family, dtype):
     """g_i . u >= -tol |g_i| |u| for every task."""
     for J in matrices(family, dtype):
-        u = UNDER_TEST[name]()(J).to(f64)
+        u = aggregate(name, J).to(f64)
         J64 = J.to(f64)
         assert (J64 @ u >= -tol(dtype) * J64.norm(dim=1) * u.norm()).all()
 
@@ -221,10 +257,10 @@ def test_config_non_conflicting_on_full_rank(dtype):
 def test_permutation_invariant(name, family, dtype):
     g = torch.Generator().manual_seed(1)
     for J in matrices(family, dtype):
-        expected = UNDER_TEST[name]()(J)
+        expected = aggregate(name, J)
         for _ in range(3):
             perm = torch.randperm(J.shape[0], generator=g)
-            assert_close_update(UNDER_TEST[name]()(J[perm]), expected, J, dtype)
+            assert_close_update(aggregate(name, J[perm]), expected, J, dtype)
 
 
 @pytest.mark.parametrize("name,family,dtype", params(LINEAR_UNDER_SCALING))
@@ -240,7 +276,7 @@ def test_linear_under_scaling(name, family, dtype):
         else:
             c1, c2 = (2.0 ** torch.randint(-3, 4, (K,), generator=g).to(f64) for _ in range(2))
             a, b = 2.0 ** torch.randint(-2, 3, (2,), generator=g).to(f64)
-        A = lambda c: UNDER_TEST[name]()(c.to(dtype)[:, None] * J).to(f64)  # noqa: E731
+        A = lambda c: aggregate(name, c.to(dtype)[:, None] * J).to(f64)  # noqa: E731
         assert_close_update(A(a * c1 + b * c2), a * A(c1) + b * A(c2), J, dtype)
 
 
@@ -249,7 +285,7 @@ def test_strongly_stationary(name, dtype):
     """A(J) = 0 only if J is strongly stationary: on inputs where some update improves a task and
     conflicts with none, the update is not zero."""
     for J in matrices("not_strongly_stationary", dtype):
-        assert UNDER_TEST[name]()(J).to(f64).norm() > 1e-3 * J.to(f64).norm(dim=1).max()
+        assert aggregate(name, J).to(f64).norm() > 1e-3 * J.to(f64).norm(dim=1).max()
 
 
 @pytest.mark.parametrize("name,dtype", [(a, d) for a in NON_CONFLICTING for d in DTYPES])
@@ -257,7 +293,7 @@ def test_zero_on_strongly_stationary(name, dtype):
     """The converse for non-conflicting aggregators: when w > 0 has J^T w = 0, the only update in
     the span of the gradients that conflicts with none of them is 0."""
     for J in matrices("strongly_stationary", dtype):
-        assert UNDER_TEST[name]()(J).to(f64).norm() <= 1e3 * tol(dtype) * J.to(f64).norm(dim=1).max()
+        assert aggregate(name, J).to(f64).norm() <= 1e3 * tol(dtype) * J.to(f64).norm(dim=1).max()
 
 
 # ------------------------------------------------------------------ bookkeeping of the lists
@@ -268,21 +304,23 @@ COUNTEREXAMPLES = {
     ("non_conflicting", "Mean"): [[1.0, 0.0], [-2.0, 0.1]],
     ("non_conflicting", "PCGrad"): [[3.0, -1.0], [-2.0, 2.0], [0.0, -2.0]],
     ("permutation_invariant", "PCGrad"): [[-1.0, 0.0], [1.0, -1.0], [3.0, -2.0]],
+    **{("non_conflicting", name): [[1.0, 0.0], [-2.0, 0.1]] for name in STATEFUL},
+    **{("permutation_invariant", name): [[1.0, 0.0], [0.0, 1.0]] for name in LOSS_WEIGHTED},
     ("strongly_stationary", "MGDA"): [[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]],
     **{("linear_under_scaling", name): [[1.0, 0.0], [0.0, 1.0]] for name in LACKS["linear_under_scaling"]},
 }
 
 
 def has_property(prop, name, J):
-    agg = UNDER_TEST[name]
-    u = agg()(J)
+    u = aggregate(name, J)
     if prop == "non_conflicting":
         return bool((J @ u >= -1e-9 * J.norm(dim=1) * u.norm()).all())
     if prop == "permutation_invariant":
-        return torch.allclose(agg()(J.flip(0)), u, atol=1e-9)
+        return torch.allclose(aggregate(name, J.flip(0)), u, atol=1e-9)
     if prop == "linear_under_scaling":
         c1, c2 = torch.tensor([1.0, 2.0], dtype=f64)[:, None], torch.tensor([3.0, 1.0], dtype=f64)[:, None]
-        return torch.allclose(agg()((c1 + c2) * J), agg()(c1 * J) + agg()(c2 * J), atol=1e-9)
+        return torch.allclose(aggregate(name, (c1 + c2) * J), aggregate(name, c1 * J) + aggregate(name, c2 * J),
+                              atol=1e-9)
     if prop == "strongly_stationary":  # the input is not strongly stationary
         return bool(u.norm() > 1e-6)
     raise KeyError(prop)

@@ -418,10 +418,12 @@ def test_gram_many_tasks_full_precision_in_chunks(backend):
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        for out in (f32, f64):
-            want = CPU.gram(J, out)
-            t = dict(rtol=1e-12, atol=1e-9) if out == f64 else dict(rtol=2e-7, atol=1e-4)
-            assert_same(backend("gram", J, out), want, describe(J=J) + f" dtype={out}", **t)
+        exact = CPU.gram(J, f64)  # float64 products and sums on the CPU too
+        assert_same(backend("gram", J, f64), exact, describe(J=J) + " dtype=float64", rtol=1e-12, atol=1e-9)
+        # A float32 result: the CUDA GEMM path rounds its float64 sum once, so it is compared
+        # with the float64 result at the rounding of float32. (The CPU kernel's float32 lanes
+        # are documented looser, 33 u32 of sum |J_i J_k|: it is not the yardstick here.)
+        assert_same(backend("gram", J, f32), exact.float(), describe(J=J) + " dtype=float32", rtol=2.0**-22, atol=1e-30)  # 1 ulp apart at most
         if backend.name == "gpu":
             torch.cuda.reset_peak_memory_stats()
             Jd = J.backend()

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hrgrad_ext
-from hrgrad_ext import ConFIG, HRGrad, Mean, MGDA, PCGrad, Sum, UPGrad
+from hrgrad_ext import ConFIG, GradNorm, HRGrad, Mean, MGDA, PCGrad, ReLoBRaLo, Sum, UPGrad
 from hrgrad_ext import distributed as hd
 from hrgrad_ext.distributed._buckets import Layout
 from hrgrad_ext.train.config import apply_overrides, to_toml
@@ -122,11 +122,20 @@ def _assert_same_on_every_rank(t, group):
         assert torch.equal(o, mine), "ranks disagree"
 
 
+def _second_step(agg, K):
+    """A loss-weighting aggregator after one step on unit losses and gradients, so that its
+    weights at the next step depend on that step's (global) losses."""
+    agg.observe_losses(torch.ones(K, dtype=torch.float64))
+    agg.weights_from_gram(torch.eye(K, dtype=torch.float64))
+    return agg
+
+
 def _check_group(group, world, rank):
     R = dist.get_world_size(group)
     K, n = len(SCALE), 52
     makers = {"hrgrad": HRGrad, "sum": Sum, "mean": Mean, "pcgrad": lambda: PCGrad(seed=3), "upgrad": UPGrad,
-              "mgda": MGDA}
+              "mgda": MGDA, "relobralo": lambda: _second_step(ReLoBRaLo(alpha=0.5), K),
+              "gradnorm": lambda: _second_step(GradNorm(lr=0.2), K)}
     even = [[5] * K for _ in range(R)]
     uneven = [[3 + r + 2 * k for k in range(K)] for r in range(R)]
     uneven[R - 1][2] = 0  # the last rank holds no point of task 2

@@ -52,11 +52,14 @@ def test_one_sgd_step_moves_the_parameters_by_minus_lr_times_the_update(tmp_path
             # the points of the step (from a copy of the sampler), one backward pass per task
             batch = tr.form.sample_batch(torch.Generator().set_state(tr.gen.get_state()), tr.eps_tensor, "cpu",
                                          torch.float64)
-            _, jac = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
+            losses, jac = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
             J = torch.cat([j.reshape(j.shape[0], -1) for j in jac], 1)
             assert J.shape[0] == 6
-        # a copy of the aggregator: PCGrad draws its projection order from its own generator
-        w = copy.deepcopy(tr.aggregator).weights(J).to(torch.float64)
+        # a copy of the aggregator: PCGrad draws its projection order from its own generator;
+        # the loss-weighting methods (ReLoBRaLo, GradNorm, SoftAdapt) take the step's losses
+        agg = copy.deepcopy(tr.aggregator)
+        agg.observe_losses(losses.detach())
+        w = agg.weights(J).to(torch.float64)
         update = (w[:, None] * J).sum(0)
         scale, rtol = 1.0, 1e-9
         if clip == "binding":

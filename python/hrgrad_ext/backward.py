@@ -114,7 +114,8 @@ def backward(
             weights and cosines by name, see :class:`BackwardResult`), a sequence, or a 1-D
             tensor.
         params: the parameters to differentiate (e.g. ``model.parameters()``).
-        aggregator: any :class:`~hrgrad_ext.aggregators.Aggregator`.
+        aggregator: any :class:`~hrgrad_ext.aggregators.Aggregator` (loss-weighting ones
+            get ``losses`` through ``observe_losses``).
         retain_graph: keep the graph after the last reverse pass.
 
     Returns a :class:`BackwardResult` with the weights and conflict diagnostics.
@@ -131,6 +132,8 @@ def backward(
         per_task.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
     jacobians = [torch.stack([per_task[k][i] for k in range(K)]) for i in range(len(params))]
 
+    if aggregator.needs_losses:
+        aggregator.observe_losses(torch.stack([loss.detach().reshape(()) for loss in losses]))
     G, w, status = aggregate_jacobians(aggregator, jacobians)
     combine_into_grads(jacobians, w, params)
     return task_diagnostics(G, w, status, names)

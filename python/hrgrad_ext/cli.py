@@ -6,6 +6,7 @@
     hrgrad-ext train --nproc 4 --out runs/t4         # 4 processes (torchrun's launcher), see below
     torchrun --nproc-per-node 4 -m hrgrad_ext.cli train --out runs/t4   # the same under torchrun
     hrgrad-ext compare --problem transport --methods hrgrad,sum,pcgrad,config --out runs/cmp
+    hrgrad-ext compare --problem bgk --methods all --seeds 0,1,2 --jobs 2 --threads 1 --out runs/study
     hrgrad-ext demo                                  # aggregators on conflicting gradients
     hrgrad-ext reference ...                         # reference solutions (hrgrad_ext.reference.cli)
 
@@ -15,7 +16,9 @@ directory in use by another process, no usable or an unsafe checkpoint); 3 train
 output could not be written (disk full, permissions); 5 (distributed runs) this rank stopped
 because another rank failed (``--nproc`` returns the exit code of the rank that failed first);
 130 interrupted by Ctrl-C and 143 stopped by SIGTERM (preemption), in both cases after writing a
-checkpoint that ``--resume`` continues from.
+checkpoint that ``--resume`` continues from (``compare``: rerunning the command continues the
+study); 1 (``compare``) some run failed for a reason other than a divergence (its ``train.log``
+says why; a diverged run is a result, reported in the table).
 
 Distributed runs (``--nproc N``, or started by ``torchrun``): every rank trains on its own share
 of the points and all ranks take the same step, the one a single process would take on all
@@ -28,10 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-__all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_OUTPUT_ERROR", "EXIT_PEER_FAILED", "EXIT_PREEMPTED", "EXIT_USAGE",
+__all__ = ["EXIT_DIVERGED", "EXIT_RUN_FAILED", "EXIT_INTERRUPTED", "EXIT_OUTPUT_ERROR", "EXIT_PEER_FAILED", "EXIT_PREEMPTED", "EXIT_USAGE",
            "build_parser", "main"]
 
+EXIT_RUN_FAILED = 1  # compare: some run failed for another reason than a divergence
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_OUTPUT_ERROR = 4
@@ -53,6 +58,9 @@ def _eps_list(text: str) -> list[float]:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config file (default: the problem's defaults, hrgrad_ext/configs/<problem>.toml)")
     p.add_argument("--problem", choices=("transport", "bgk"), help="kinetic problem (default transport)")
+    p.add_argument("--preset", default="default",
+                   help="packaged config of the problem: 'default' (laptop CPU, minutes) or 'long' (the accuracy "
+                        "runs, up to an hour on 2 CPU cores); ignored with --config")
     p.add_argument("--eps", type=_eps_list, help="task set, comma-separated (eps, or Kn for BGK)")
     p.add_argument("--iters", type=int, help="optimizer steps")
     p.add_argument("--device", help="cpu or cuda")
@@ -82,11 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "every step is the single-process step on all of them; gloo on the CPU, NCCL on CUDA, one GPU "
                          "per process); see [distributed] in the config")
 
-    cp = sub.add_parser("compare", help="train several methods with the same seed and budget; markdown table")
+    cp = sub.add_parser("compare", help="train several methods with the same seeds and budget: a table, steps to "
+                                        "accuracy and a figure (resumable: rerun the command to continue)")
     _add_run_options(cp)
-    cp.add_argument("--methods", default="hrgrad,sum,pcgrad,config", help=f"comma-separated, some of {','.join(METHODS)}")
+    cp.add_argument("--methods", default="hrgrad,sum,pcgrad,config",
+                    help=f"comma-separated, some of {','.join(METHODS)}, or 'all'")
     cp.add_argument("--seeds", help="comma-separated seeds (default: --seed); the table then shows the "
                                     "median and range over them")
+    cp.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="train N runs at once, each in its own process (give --threads, e.g. 1)")
 
     dm = sub.add_parser("demo", help="aggregate two conflicting gradients with every method and print the result")
     dm.add_argument("--J", default=json.dumps(DEMO_J), help="Jacobian rows as JSON (default %(default)s)")
@@ -106,7 +118,7 @@ def _resolve_config(args):
     if args.config:
         cfg = load_config(args.config)
     else:
-        cfg = default_config(args.problem or "transport")
+        cfg = default_config(args.problem or "transport", args.preset)
     over = list(args.set)
     for key in ("problem", "iters", "device", "dtype", "seed", "tasks", "threads", "out"):
         val = getattr(args, key, None)
@@ -170,7 +182,7 @@ def _train_process(args, cfg, Trainer) -> int:
             over.append("log.plots=false")
         trainer = Trainer.resume(args.resume, over)
         if trainer.is_writer:
-            print(f"resuming {args.resume} at step {trainer.step} of {trainer.cfg.iters}", flush=True)
+            print(f"resuming {args.resume} at step {trainer.step} of {trainer.cfg.total_steps}", flush=True)
     else:
         trainer = Trainer(cfg)
     summary = trainer.run()
@@ -184,16 +196,22 @@ def _compare(args) -> int:
     from .train.compare import run_compare
 
     cfg = _resolve_config(args)
-    methods = [m for m in args.methods.replace(" ", "").split(",") if m]
+    methods = args.methods
     seeds = None
     if args.seeds:
         try:
             seeds = [int(v) for v in args.seeds.replace(" ", "").split(",") if v]
         except ValueError:
             raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
-    table = run_compare(cfg, methods, cfg.out, seeds)
+    table = run_compare(cfg, methods, cfg.out, seeds, jobs=args.jobs, say=lambda m: print(m, flush=True))
     print(table)
-    print(f"written to {cfg.out}/compare.md")
+    print(f"written to {cfg.out}/compare.md" + ("" if args.no_plots else f" and {cfg.out}/compare.png"))
+    data = json.loads((Path(cfg.out) / "compare.json").read_text())
+    failed = [r for v in data.values() for r in (v if isinstance(v, list) else [v]) if r.get("status") == "failed"]
+    if failed:
+        print(f"hrgrad-ext compare: {len(failed)} run(s) failed (see their train.log); rerun the command to retry them",
+              file=sys.stderr)
+        return EXIT_RUN_FAILED
     return 0
 
 
@@ -213,14 +231,16 @@ def _demo(args) -> int:
     print(f"task gradients (rows of J):\n{J.numpy()}")
     G = J @ J.T
     print(f"cosine(g_1, g_2) = {float(G[0, 1] / (G[0, 0] * G[1, 1]).sqrt()):.4f}" if J.shape[0] == 2 else "")
-    print(f"{'method':<8} {'update':<34} {'weights':<24} cos(update, g_i)")
+    print(f"{'method':<9} {'update':<34} {'weights':<24} cos(update, g_i)")
     for m in METHODS:
         agg = make_aggregator(m)
+        # the loss-weighting methods at their first step (equal losses: there is no history yet)
+        agg.observe_losses(torch.ones(J.shape[0], dtype=torch.float64))
         w = agg.weights(J).to(torch.float64)
         upd = J.T @ w
         d = task_diagnostics(G, w)
         fmt = lambda t: "[" + ", ".join(f"{v:8.4f}" for v in t.tolist()) + "]"
-        print(f"{m:<8} {fmt(upd):<34} {fmt(w):<24} {fmt(d.update_cosines)}")
+        print(f"{m:<9} {fmt(upd):<34} {fmt(w):<24} {fmt(d.update_cosines)}")
     return 0
 
 

@@ -8,6 +8,10 @@ through its Gram matrix ``G = J J^T`` derive from :class:`GramianAggregator` and
 :func:`hrgrad_ext.backward` work on models whose parameters live in many tensors without ever
 concatenating their gradients.
 
+Loss-weighting methods (ReLoBRaLo, GradNorm, SoftAdapt: ``needs_losses``) also take each step's
+task losses through :meth:`Aggregator.observe_losses`; stateful ones (those and learning-rate
+annealing) keep their state as tensors (``state_dict()``), which training checkpoints hold.
+
 Adding a method: a module here with a class decorated ``@register("name")`` and one import
 line below; the training config (``method = "name"``), the CLI (``--method``, ``compare
 --methods``, ``demo``) and :func:`make_aggregator` pick it up from :data:`AGGREGATORS`.
@@ -24,6 +28,12 @@ from .pcgrad import PCGrad
 from .config import ConFIG
 from .mgda import MGDA
 from .upgrad import UPGrad
+# loss-weighting methods of PINN practice (need the task losses / keep state between steps)
+from .relobralo import ReLoBRaLo
+from .lra import LearningRateAnnealing
+from .gradnorm import GradNorm
+from .softadapt import SoftAdapt
+from ._weighting import LossWeighting
 
 #: The registered method names, in registration order.
 METHODS: tuple[str, ...] = tuple(AGGREGATORS)
@@ -32,12 +42,17 @@ __all__ = [
     "AGGREGATORS",
     "Aggregator",
     "ConFIG",
+    "GradNorm",
     "GramianAggregator",
     "HRGrad",
+    "LearningRateAnnealing",
+    "LossWeighting",
     "METHODS",
     "MGDA",
     "Mean",
     "PCGrad",
+    "ReLoBRaLo",
+    "SoftAdapt",
     "SolverAggregator",
     "Sum",
     "UPGrad",

@@ -64,11 +64,30 @@ def check_matrix(J) -> None:
 
 
 class Aggregator(ABC):
-    """Maps task gradients ``J [K, n]`` to one update ``[n]``."""
+    """Maps task gradients ``J [K, n]`` to one update ``[n]``.
 
-    def __call__(self, J: Tensor) -> Tensor:
+    Loss-weighting methods (ReLoBRaLo, GradNorm, SoftAdapt) also need each step's task losses:
+    they have ``needs_losses = True`` and take them through :meth:`observe_losses` (or the
+    ``losses`` argument of ``__call__``) before the step's :meth:`weights`. Methods that keep
+    state between steps (those, and learning-rate annealing) advance it once per call of
+    :meth:`weights`: call it once per optimisation step.
+    """
+
+    #: Whether :meth:`weights` needs the task losses of the step (see :meth:`observe_losses`).
+    needs_losses: bool = False
+
+    def __call__(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
         check_matrix(J)
+        if losses is not None:
+            self.observe_losses(losses)
         return combine(J, self.weights(J).to(J.dtype))
+
+    def observe_losses(self, losses: Tensor) -> None:
+        """Takes the task losses ``[K]`` of the step whose gradients are aggregated next.
+
+        :func:`hrgrad_ext.backward`, :func:`hrgrad_ext.distributed.backward` and the trainer
+        call it before every aggregation; methods that do not weight by the losses ignore it.
+        """
 
     @abstractmethod
     def weights(self, J: Tensor) -> Tensor:

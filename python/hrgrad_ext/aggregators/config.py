@@ -35,7 +35,7 @@ class ConFIG(Aggregator):
         u = direction / dn
         return u * (J64[active] @ u).sum()
 
-    def __call__(self, J: Tensor) -> Tensor:
+    def __call__(self, J: Tensor, losses: Tensor | None = None) -> Tensor:
         check_matrix(J)
         return self._update64(J).to(J.dtype)
 

@@ -345,6 +345,8 @@ def backward(
     result = red.finish()
     nbytes += red.bytes
     collective("waiting for the task losses", loss_work.wait)
+    if aggregator.needs_losses:  # the global losses, identical on every rank
+        aggregator.observe_losses(local)
 
     if mode == "data_parallel":
         G, w, status = aggregate_jacobians(aggregator, result)

@@ -18,7 +18,7 @@ from typing import Any
 # hrgrad_ext.aggregators (see hrgrad_ext.aggregators.make_aggregator); re-exported here.
 from ..aggregators import METHODS
 
-__all__ = ["DISTRIBUTED_MODES", "DistributedConfig", "METHODS", "NONFINITE_POLICIES", "PROBLEMS", "DivergenceConfig", "TrainConfig", "default_config_path", "default_config", "load_config", "apply_overrides", "to_toml"]
+__all__ = ["DISTRIBUTED_MODES", "DistributedConfig", "LBFGSConfig", "METHODS", "NONFINITE_POLICIES", "PROBLEMS", "DivergenceConfig", "TrainConfig", "default_config_path", "default_config", "presets", "load_config", "apply_overrides", "to_toml"]
 
 PROBLEMS = ("transport", "bgk")
 _DTYPES = ("float32", "float64")
@@ -99,6 +99,31 @@ class DivergenceConfig:
     lr_factor: float = 0.5
 
 
+@dataclass
+class LBFGSConfig:
+    """A quasi-Newton fine-tuning phase after the Adam steps (``[lbfgs]``; off by default).
+
+    After ``iters`` optimizer steps the run takes ``steps`` more steps of
+    :class:`torch.optim.LBFGS` (strong Wolfe line search, ``history`` pairs, up to ``inner``
+    iterations per step) on the weighted loss ``sum_i w_i L_i`` of a fixed batch with
+    ``points`` times the usual number of points per task and group. The weights ``w`` are the
+    run's aggregator's on that batch at the start (HRGrad's: the equal-angle weights at the end
+    of the Adam phase), frozen; every ``resample_every`` steps (0: never) a new batch is drawn,
+    the weights are taken again and the L-BFGS history restarts. The phase starts from the
+    parameter average when ``optim.ema`` is on; during it the evaluation uses the current
+    parameters. ``eval_every``: evaluation and checkpoint interval of the phase, in its steps.
+    Collocation methods usually finish with L-BFGS; whether it pays here is measured in
+    ``docs/RESULTS.md``.
+    """
+
+    steps: int = 0
+    inner: int = 20
+    points: int = 4
+    history: int = 50
+    resample_every: int = 0
+    eval_every: int = 10
+
+
 #: ``distributed.mode`` values (:data:`hrgrad_ext.distributed.MODES`).
 DISTRIBUTED_MODES = ("data_parallel", "sharded")
 
@@ -162,7 +187,9 @@ class TrainConfig:
             :class:`hrgrad_ext.nn.TransportAPNN`.
         aggregator: options per method, e.g. ``{hrgrad = {length_model = "min"}}`` (the
             aggregator's constructor arguments: HRGrad ``length_model``, ``rcond``; UPGrad and
-            MGDA ``rcond``; PCGrad takes the run's ``seed``); methods not listed get
+            MGDA ``rcond``; ReLoBRaLo ``alpha``, ``expected_rho``, ``temperature``; lra
+            ``alpha``, ``reference``, ``every``; GradNorm ``alpha``, ``lr``; SoftAdapt ``beta``,
+            ``variant``; PCGrad and ReLoBRaLo take the run's ``seed``); methods not listed get
             their defaults, so one config serves every method of a comparison.
         grad_mode: ``"segmented"`` (per-task gradients in one pass) or ``"separate"`` (K
             eager backward passes; the baseline).
@@ -170,9 +197,10 @@ class TrainConfig:
             ``"reduce-overhead"``: CUDA graphs on a GPU, ``"max-autotune"``,
             ``"max-autotune-no-cudagraphs"``) for the segmented loss function (forward and its
             backward graph); the first step pays the compilation (about a minute).
-        optim, log, divergence, distributed: see :class:`OptimConfig`, :class:`LogConfig`,
-            :class:`DivergenceConfig`, :class:`DistributedConfig` (``[optim]``, ``[log]``,
-            ``[divergence]``, ``[distributed]`` tables).
+        optim, log, divergence, distributed, lbfgs: see :class:`OptimConfig`,
+            :class:`LogConfig`, :class:`DivergenceConfig`, :class:`DistributedConfig`,
+            :class:`LBFGSConfig` (``[optim]``, ``[log]``, ``[divergence]``, ``[distributed]``,
+            ``[lbfgs]`` tables).
         out: output directory.
     """
 
@@ -199,7 +227,13 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    lbfgs: LBFGSConfig = field(default_factory=LBFGSConfig)
     out: str = "runs/run"
+
+    @property
+    def total_steps(self) -> int:
+        """The steps of the whole run: ``iters`` optimizer steps and the L-BFGS phase's."""
+        return self.iters + self.lbfgs.steps
 
     def validate(self) -> "TrainConfig":
         """Checks every field; returns ``self`` (raises ``ValueError`` with the key named)."""
@@ -284,6 +318,14 @@ class TrainConfig:
         if isinstance(dv.lr_factor, bool) or not isinstance(dv.lr_factor, (int, float)) or not 0 < dv.lr_factor < 1:
             raise ValueError(f"divergence.lr_factor: the learning rate factor of a rollback must be in (0, 1), "
                              f"got {dv.lr_factor!r}")
+        lb = self.lbfgs
+        for k in ("steps", "inner", "points", "history", "resample_every", "eval_every"):
+            v = getattr(lb, k)
+            low = 0 if k in ("steps", "resample_every") else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"lbfgs.{k}: must be an integer >= {low}, got {v!r}")
+        if lb.steps and self.distributed.shards > 1:
+            raise ValueError("lbfgs: the L-BFGS phase runs in one process; it is not available with distributed.shards > 1")
         return self
 
     def to_dict(self) -> dict:
@@ -323,7 +365,8 @@ def task_windows(cfg: "TrainConfig") -> float | list[float]:
     return cfg.t_final
 
 
-_TABLES = {"optim": OptimConfig, "log": LogConfig, "divergence": DivergenceConfig, "distributed": DistributedConfig}
+_TABLES = {"optim": OptimConfig, "log": LogConfig, "divergence": DivergenceConfig, "distributed": DistributedConfig,
+           "lbfgs": LBFGSConfig}
 
 
 def _from_dict(cls, data: dict, prefix: str = ""):
@@ -339,16 +382,31 @@ def _from_dict(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def default_config(problem: str = "transport") -> TrainConfig:
-    """The packaged defaults of ``problem`` (``hrgrad_ext/configs/<problem>.toml``)."""
+def default_config(problem: str = "transport", preset: str = "default") -> TrainConfig:
+    """The packaged config of ``problem`` and ``preset``: ``"default"`` is
+    ``hrgrad_ext/configs/<problem>.toml`` (sized for a laptop CPU, minutes), another preset
+    ``<problem>_<preset>.toml`` (e.g. ``"long"``: the accuracy runs, see :func:`presets`)."""
     if problem not in PROBLEMS:
         raise ValueError(f"problem: unknown problem {problem!r}; expected one of {PROBLEMS}")
-    return load_config(default_config_path(problem))
+    path = default_config_path(problem, preset)
+    if not path.is_file():
+        raise ValueError(f"preset: no preset {preset!r} for {problem}; expected one of {presets(problem)}")
+    return load_config(path)
 
 
-def default_config_path(problem: str) -> Path:
-    """Path of the packaged defaults file of ``problem`` (shipped inside the wheel)."""
-    return Path(__file__).resolve().parents[1] / "configs" / f"{problem}.toml"
+def default_config_path(problem: str, preset: str = "default") -> Path:
+    """Path of a packaged config file of ``problem`` (shipped inside the wheel)."""
+    name = problem if preset == "default" else f"{problem}_{preset}"
+    return _CONFIGS / f"{name}.toml"
+
+
+def presets(problem: str) -> list[str]:
+    """The packaged presets of ``problem``: ``"default"`` and one per ``<problem>_<name>.toml``."""
+    found = sorted(p.stem[len(problem) + 1:] for p in _CONFIGS.glob(f"{problem}_*.toml"))
+    return ["default", *found]
+
+
+_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:

@@ -256,6 +256,8 @@ class DistributedRun:
         self.wait_s += red.wait_s
         losses = self._unpack(extras, losses)
         agg = tr.aggregator
+        if agg.needs_losses:
+            agg.observe_losses(losses.detach())
         w = agg.weights_from_gram(G)
         status = aggregator_status(agg)
         task_ok = torch.isfinite(G.diagonal()).to(losses.device)

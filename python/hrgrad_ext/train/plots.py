@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_cosines", "plot_errors", "plot_losses", "plot_profiles", "write_plots"]
+__all__ = ["plot_compare", "plot_cosines", "plot_errors", "plot_losses", "plot_profiles", "write_plots"]
 
 
 def _plt():
@@ -118,3 +118,47 @@ def write_plots(trainer) -> list[Path]:
     plot_errors(records, paths[2])
     plot_cosines(records, names, paths[3])
     return [p for p in paths if p.is_file()]
+
+
+def plot_compare(results: dict, path: Path) -> None:
+    """The figure of a study (``hrgrad-ext compare``): one panel per quantity, the relative L2
+    error per eps, one marker per method at the median over the seeds that finished, the bars
+    spanning their range. ``results``: method -> list of
+    :class:`~hrgrad_ext.train.compare.RunResult`."""
+    plt = _plt()
+    done = {m: [r.summary for r in rs if r.summary is not None] for m, rs in results.items()}
+    done = {m: s for m, s in done.items() if s}
+    if not done:
+        return
+    first = next(iter(done.values()))[0]
+    eps_keys = list(first["rel_l2"])
+    quantities = list(next(iter(first["rel_l2"].values())))
+    markers = "osD^vP*Xh<>p"
+    fig, axes = plt.subplots(1, len(quantities), figsize=(5.2 * len(quantities) + 1.5, 4.0), squeeze=False)
+    width = 0.7 / max(1, len(done))
+    for ax, q in zip(axes[0], quantities):
+        for i, (method, summaries) in enumerate(done.items()):
+            xs, mid, lo, hi = [], [], [], []
+            for j, e in enumerate(eps_keys):
+                v = [s["rel_l2"][e][q] for s in summaries if np.isfinite(s["rel_l2"][e][q])]
+                if not v:
+                    continue
+                xs.append(j - 0.35 + width * (i + 0.5))
+                mid.append(float(np.median(v)))
+                lo.append(mid[-1] - min(v))
+                hi.append(max(v) - mid[-1])
+            ax.errorbar(xs, mid, yerr=[lo, hi], fmt=markers[i % len(markers)], ms=5, capsize=2, lw=1,
+                        label=f"{method} ({len(summaries)}/{len(results[method])})")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(eps_keys)))
+        ax.set_xticklabels([f"eps={e}" for e in eps_keys], fontsize=8)
+        ax.set_ylabel(f"relative L2 error of {q}")
+        ax.grid(True, which="both", axis="y", lw=0.3, alpha=0.5)
+    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="method (runs finished)",
+                       title_fontsize=7)
+    seeds = sorted({s.get("seed", 0) for v in done.values() for s in v})
+    fig.suptitle(f"{first['problem']}: {first['iters']} steps, seeds {', '.join(map(str, seeds))} "
+                 "(marker: median, bar: min to max)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

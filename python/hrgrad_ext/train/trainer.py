@@ -30,6 +30,7 @@ from ..ops import combine_into_grads
 from .config import TrainConfig, load_config, task_windows, to_toml
 from .evaluation import evaluate
 from .faults import NonfiniteInjection, RankFailure
+from .lbfgs import LBFGSPhase
 from .losses import BGKFormulation, Formulation, TransportFormulation
 from .rundir import (CHECKPOINT, METRICS, PREVIOUS_CHECKPOINT, MetricsLog, RunLock, atomic_write, load_checkpoint,
                      numpy_rng_state, read_metrics, set_numpy_rng_state, truncate_metrics, write_checkpoint)
@@ -226,6 +227,8 @@ class Trainer:
         self.sampler = ShardSampler(cfg.seed, cfg.distributed.shards, *((self.dist.rank, self.dist.world_size)
                                                                          if self.dist is not None else (0, 1)))
         self.shard = self.dist.shard if self.dist is not None else None
+        if self.dist is not None and cfg.lbfgs.steps:
+            raise ValueError("lbfgs: the L-BFGS phase runs in one process; set lbfgs.steps = 0 for a distributed run")
         o = cfg.optim
         # The non-finite guard drops a bad step's update. On CUDA it must not wait for the
         # device: the fused optimizers skip their update on the device when their found_inf
@@ -252,6 +255,7 @@ class Trainer:
                                          compile=None if cfg.compile == "off" else cfg.compile)
         if self.device.type == "cpu":
             keep_freed_memory()  # the K-fold activations of a segmented step: see keep_freed_memory
+        self.lbfgs = LBFGSPhase(self) if cfg.lbfgs.steps else None
         self.eps_tensor = torch.tensor(cfg.eps, dtype=torch.float64)
         self.gen = self.sampler.generators[0]  # the points' random stream (of this rank's first share)
         self.step = 0
@@ -273,6 +277,7 @@ class Trainer:
         self._started = False
         self._checkpoint_step: int | None = None  # the step of the newest checkpoint on disk
         self._stop_signal: int | None = None  # this rank's pending stop request (distributed runs)
+        self._objective: float | None = None  # the weighted loss of the last L-BFGS step
 
     # --- one optimisation step ----------------------------------------------------------
 
@@ -339,6 +344,8 @@ class Trainer:
         losses, jac = self.task_gradients(batch)
         if self._inject is not None:
             losses, jac = self._inject.apply(self.step + 1, losses, jac)
+        if self.aggregator.needs_losses:  # loss-weighting methods (ReLoBRaLo, GradNorm, SoftAdapt)
+            self.aggregator.observe_losses(losses.detach())
         if isinstance(self.aggregator, GramianAggregator):
             G, w, status = aggregate_jacobians(self.aggregator, jac)
             # G's diagonal holds |g_i|^2: a NaN/Inf anywhere in task i's gradient shows there
@@ -403,6 +410,7 @@ class Trainer:
             "aggregator": _aggregator_state(self.aggregator),
             "divergence": {"lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
                            "consecutive_skips": self.consecutive_skips, "skipped_steps": self.skipped_steps},
+            "lbfgs": None if self.lbfgs is None else self.lbfgs.state_dict(),
             "config": self.cfg.to_dict(),
         }
 
@@ -438,6 +446,8 @@ class Trainer:
         dv = state["divergence"]
         self.lr_scale, self.rollbacks = float(dv["lr_scale"]), int(dv["rollbacks"])
         self.consecutive_skips, self.skipped_steps = int(dv["consecutive_skips"]), int(dv["skipped_steps"])
+        if self.lbfgs is not None and state.get("lbfgs") is not None:
+            self.lbfgs.load_state_dict(state["lbfgs"])
 
     def save_checkpoint(self) -> Path:
         """Writes ``checkpoint.pt`` durably and keeps the previous one as ``checkpoint.prev.pt``
@@ -603,6 +613,9 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------
 
     def _log_record(self, losses, G, w, status) -> dict:
+        if G is None:  # the L-BFGS phase: frozen weights, no task gradients
+            return {"step": self.step, "kind": "train", "phase": "lbfgs", "loss": losses.double().cpu().tolist(),
+                    "weight": w.double().cpu().tolist(), "objective": self._objective, "time": self.train_time}
         d = task_diagnostics(G, w, status)
         record = {
             "step": self.step,
@@ -652,13 +665,14 @@ class Trainer:
         cfg = self.cfg
         self._start_in_directory()
         start_wall = time.perf_counter() - self.wall_time
-        bar = tqdm(total=cfg.iters, initial=self.step, disable=not cfg.log.progress or not self.is_writer,
+        total = cfg.total_steps
+        bar = tqdm(total=total, initial=self.step, disable=not cfg.log.progress or not self.is_writer,
                    dynamic_ncols=True, desc=f"{cfg.problem}/{cfg.method}")
         # under torchrun the launcher passes a Ctrl-C on to the ranks, which then see it twice
         stop = _StopRequests(abort_on_second_sigint=self.dist is None)
         try:
             with (MetricsLog(self.out / METRICS) if self.is_writer else _NoMetrics()) as metrics, stop:
-                while self.step < cfg.iters:
+                while self.step < total:
                     # a distributed run stops where every rank has heard of the request
                     signum = stop.signum if self.dist is None else self.dist.signal
                     if signum == signal.SIGINT:
@@ -678,7 +692,15 @@ class Trainer:
                         self._rank_failure.at_step(self.step + 1)
                     t0 = time.perf_counter()
                     self._stop_signal = stop.signum
-                    losses, G, w, status, finite = self.train_step()
+                    in_lbfgs = self.step >= cfg.iters
+                    if in_lbfgs:
+                        phase_step = self.step - cfg.iters
+                        if phase_step == 0 and self.lbfgs.batch is None:
+                            self.lbfgs.start()
+                        losses, w, finite, self._objective = self.lbfgs.step(phase_step)
+                        G = status = None
+                    else:
+                        losses, G, w, status, finite = self.train_step()
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     self.train_time += time.perf_counter() - t0
@@ -698,20 +720,28 @@ class Trainer:
                         self.last_losses = vals
                         self.running = vals if self.running is None else [0.9 * r + 0.1 * v for r, v in zip(self.running, vals)]
                     elif self._on_nonfinite(vals, flags, metrics, bar):
-                        bar.reset(total=cfg.iters)
+                        bar.reset(total=total)
                         bar.update(self.step)
                         continue
                     bar.update(1)
                     if self.running is not None:
                         bar.set_postfix_str(_postfix(self.running), refresh=False)
-                    if self.is_writer and (self.step % cfg.log.log_every == 0 or self.step == cfg.iters):
+                    last = self.step in (cfg.iters, total)
+                    lb_every = cfg.lbfgs.eval_every
+                    if in_lbfgs:  # the phase's steps are long: its own cadence
+                        log_now = eval_now = save_now = last or (self.step - cfg.iters) % lb_every == 0
+                    else:
+                        log_now = self.step % cfg.log.log_every == 0 or last
+                        eval_now = self.step % cfg.log.eval_every == 0 or last
+                        save_now = self.step % cfg.log.checkpoint_every == 0 or (self.step == cfg.iters < total)
+                    if self.is_writer and log_now:
                         metrics.write(self._log_record(losses, G, w, status))
-                    if self.is_writer and (self.step % cfg.log.eval_every == 0 or self.step == cfg.iters):
+                    if self.is_writer and eval_now:
                         self.last_eval = self.evaluate()
                         metrics.write({"step": self.step, "kind": "eval", "rel_l2": self.last_eval})
                         bar.write(f"step {self.step}: rel L2 " + _eval_line(self.last_eval))
                     self.wall_time = time.perf_counter() - start_wall
-                    if self.step % cfg.log.checkpoint_every == 0:
+                    if save_now:
                         self.save_checkpoint()
                     if callback is not None:
                         callback(self)
