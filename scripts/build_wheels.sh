@@ -68,7 +68,7 @@ build_wheel() {  # variant, local label, HRGRAD_EXT_CUDA, extra pip args...
     *) echo "build_wheels: $repaired is not manylinux-tagged" >&2; exit 1 ;;
   esac
   "$PYTHON" -m auditwheel show "$repaired" | tee "$work/$variant.show.txt"
-  grep -q 'is consistent with the following platform tag' "$work/$variant.show.txt" ||
+  tr -s ' \n' ' ' <"$work/$variant.show.txt" | grep -q 'consistent with the following platform tag: "manylinux' ||
     { echo "build_wheels: auditwheel show does not report a platform tag for $repaired" >&2; exit 1; }
   # Nothing of torch or CUDA inside: only our two libraries.
   if "$PYTHON" -m zipfile -l "$repaired" | grep -E '\.libs/|lib(torch|c10|cudart)' ; then
