@@ -46,6 +46,11 @@ echo "install_test: fresh venv $venv with $TORCH_SPEC"
 "$venv/bin/pip" install -q "$TORCH_SPEC"
 "$venv/bin/pip" install -q "$wheel[test]"
 
+# The tests and their data, from a clean export of the committed tree (no compiled file).
+tree="$work/tree"
+mkdir -p "$tree"
+git -C "$ROOT" archive HEAD | tar -x -C "$tree"
+
 # No compiler or build tool from here on: PATH is the venv and a few plain tools.
 tools="$work/tools"
 mkdir -p "$tools"
@@ -57,11 +62,8 @@ unset PYTHONPATH CC CXX CUDACXX CUDA_HOME
 for t in cc gcc g++ c++ clang nvcc cmake ninja make ld; do
   if command -v "$t" >/dev/null; then echo "install_test: $t is on PATH ($(command -v "$t"))" >&2; exit 1; fi
 done
-
-tree="$work/tree"
-mkdir -p "$tree"
-git -C "$ROOT" archive HEAD | tar -x -C "$tree"
 cd "$tree"
+
 
 python - "$built_torch" <<'PY'
 import json, sys
