@@ -386,8 +386,8 @@ void combine_accumulate_cpu(Tensor out, const Tensor& J, const Tensor& w) {
   if (in != acc) {
     // float16 / bfloat16: out + (J^T w in float32), rounded once.
     Tensor sum = empty_on(Jb, {n}, acc);
-    const Tensor Jc = to_dtype(Jb, acc);
-    combine_cpu_kernel<float, false>(Jc.const_data_ptr<float>(), wb.const_data_ptr<float>(), 1, K, n,
+    const Tensor J32 = to_dtype(Jb, acc);
+    combine_cpu_kernel<float, false>(J32.const_data_ptr<float>(), wb.const_data_ptr<float>(), 1, K, n,
                                      sum.mutable_data_ptr<float>());
     const float* s = sum.const_data_ptr<float>();
     HRGRAD_DISPATCH_FLOATING_AND_HALF(in, "combine_accumulate_cpu", [&] {
