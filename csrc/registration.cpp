@@ -1,15 +1,17 @@
 // The one registration point of the extension: every op schema of the torch.ops.hrgrad_ext
 // namespace is declared here; CPU and CUDA kernels register their implementations next to
-// their code with TORCH_LIBRARY_IMPL, autograd (Autograd key, every device) in csrc/autograd.
-// Fake (meta) kernels and vmap rules are registered from Python (hrgrad_ext/ops), as in
+// their code with STABLE_TORCH_LIBRARY_IMPL. All of it goes through the LibTorch stable ABI
+// (common/tensor.h), so this library loads on every torch >= 2.10. Autograd (Autograd key,
+// every device) is the separate library csrc/autograd, tied to the torch it was built with;
+// fake (meta) kernels and vmap rules are registered from Python (hrgrad_ext/ops), as in
 // PyTorch's custom-op tutorial.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <string>
 
-TORCH_LIBRARY(hrgrad_ext, m) {
+STABLE_TORCH_LIBRARY(hrgrad_ext, m) {
   // --- HRGrad Gram / rotation solve / combine (csrc/gram) ---------------------------------
   // J [..., K, n] -> J J^T [..., K, K]; dtype: float32 or float64 output (default float64
   // for float64 input, else float32; accumulation is never below float32).
@@ -46,6 +48,10 @@ pybind11::dict build_info() {
   info["nvcc_version"] = pybind11::none();
 #endif
   info["torch_version"] = std::string(HRGRAD_EXT_TORCH_VERSION);
+  // The oldest torch this binary runs on (TORCH_TARGET_VERSION of the stable ABI).
+  info["torch_min_version"] = std::to_string((TORCH_TARGET_VERSION >> 56) & 0xff) + "." +
+                              std::to_string((TORCH_TARGET_VERSION >> 48) & 0xff);
+  info["stable_abi"] = true;
   info["compiler"] = std::string(HRGRAD_EXT_COMPILER);
   info["cxx11_abi"] = static_cast<bool>(_GLIBCXX_USE_CXX11_ABI);
   return info;

@@ -41,7 +41,8 @@ compile() {  # compile SOURCE ARCH: ptxas's report in $work
   log="$work/$(echo "$src" | tr / _).sm_$arch.log"
   # shellcheck disable=SC2086
   if ! "$nvcc" -cubin -o /dev/null -std=c++20 -O3 --expt-relaxed-constexpr -arch="sm_$arch" \
-      --resource-usage -Icsrc $torch_includes \
+      --resource-usage -Icsrc $torch_includes -DUSE_CUDA \
+      "-DTORCH_TARGET_VERSION=(((0ULL + 2) << 56) | ((0ULL + 10) << 48))" \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
       "$src" >"$log" 2>&1; then

@@ -119,6 +119,9 @@ def _run(cmd: list[str], cwd: Path, log: Path, timeout: float | None = None) -> 
             return False
 
 
+AUTOGRAD_LIBRARY = "libhrgrad_autograd.so"
+
+
 def build_copy(tree: Path, jobs: int, log: Path) -> bool:
     """CPU-only build of the copy's compiled core, installed in place (python/hrgrad_ext/_C*.so).
     Incremental after the first call (only changed sources are recompiled)."""
@@ -140,6 +143,9 @@ def build_copy(tree: Path, jobs: int, log: Path) -> bool:
     for old in (tree / "python" / "hrgrad_ext").glob("_C*.so"):
         old.unlink()
     shutil.copy2(built[0], tree / "python" / "hrgrad_ext" / built[0].name)
+    # the C++ autograd (a library of its own; without it the tests would run the Python autograd)
+    if (bdir / AUTOGRAD_LIBRARY).is_file():
+        shutil.copy2(bdir / AUTOGRAD_LIBRARY, tree / "python" / "hrgrad_ext" / AUTOGRAD_LIBRARY)
     return True
 
 
@@ -259,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         if core is not None:
             shutil.copy2(core, tree / "python" / "hrgrad_ext" / core.name)
+            if (core.parent / AUTOGRAD_LIBRARY).is_file():
+                shutil.copy2(core.parent / AUTOGRAD_LIBRARY, tree / "python" / "hrgrad_ext" / AUTOGRAD_LIBRARY)
         elif not build_copy(tree, args.jobs, log):
             print(f"mutation check: the unmutated copy does not build; see {log}", file=sys.stderr)
             args.keep = True

@@ -290,4 +290,8 @@ def test_matches_conflictfree_package(length_model, cf_name):
 
     J = full_rank(5, 200, 11, 30.0, dtype=torch.float32)  # conflictfree works in float32 only
     expected = ConFIG_update(J, length_model=getattr(lm, cf_name)())
-    torch.testing.assert_close(HRGrad(length_model)(J), expected, rtol=1e-4, atol=1e-5)
+    # conflictfree's float32 pseudo-inverse of a condition-30 J has an absolute error that
+    # scales with the update (4.7e-5 against float64 at |update| = 233) and differs between
+    # BLAS builds (torch 2.13 CPU and 2.14 CUDA wheels: scripts/install_test.sh).
+    atol = 1e-6 * float(expected.abs().max())
+    torch.testing.assert_close(HRGrad(length_model)(J), expected, rtol=1e-4, atol=atol)

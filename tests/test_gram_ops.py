@@ -237,6 +237,7 @@ def test_compiles_fullgraph():
     torch.testing.assert_close(compiled(J), step(J))
 
 
+@pytest.mark.inductor
 def test_compiles_fullgraph_with_inductor():
     # the default backend, with surrounding pointwise code that inductor generates itself
     def step(J, lr):

@@ -551,6 +551,7 @@ def _bad_ema(tmp_path):
     Trainer(cfg)
 
 
+@pytest.mark.inductor
 def test_compiled_segmented_losses_give_the_eager_gradients(tmp_path):
     # torch.compile of the segmented forward (inductor on the CPU here, with CUDA graphs on a GPU
     # in "reduce-overhead" mode); the backward is autograd.grad through the compiled graph

@@ -14,12 +14,11 @@
 //   HRGRAD_EXT_CUDA_KERNELS(m) { m.impl(...); }             instead of TORCH_LIBRARY_IMPL(hrgrad_ext, CUDA, m)
 // Everything else (__global__, threadIdx, __syncthreads, __shfl_*_sync, math functions) is
 // written as usual. The host-side surface (stream, device guard, multiprocessor count) is kept
-// to the functions below, so that a move to another host API (e.g. the LibTorch stable ABI)
-// changes this file and the emulator's twin of it only.
+// to the functions below; on the GPU it goes through the LibTorch stable ABI (the current
+// stream of torch, its device guard), like the rest of the compiled core (common/tensor.h).
 #pragma once
 
-#include <ATen/ATen.h>
-#include <torch/library.h>
+#include "common/tensor.h"
 
 #include <algorithm>
 #include <atomic>
@@ -31,9 +30,9 @@
 #if defined(HRGRAD_EXT_CUDA_EMULATION)
 #include "cuda_emulator.h"  // tests/cuda_emu/: on the include path of the emulation build only
 #else
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>  // aoti_torch_get_current_cuda_stream (USE_CUDA)
+#include <torch/csrc/stable/accelerator.h>
 #endif
 
 namespace hrgrad_ext::cuda {
@@ -82,11 +81,22 @@ void allow_dynamic_shared_memory(size_t bytes) {
   static const char name##_shared_site_ = 0;     \
   auto& name = ::hrgrad_cuda_emu::shared_array<name##_shared_type_>(&name##_shared_site_)
 #define HRGRAD_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(::hrgrad_cuda_emu::dynamic_shared())
-#define HRGRAD_EXT_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(hrgrad_ext_emu, CPU, m)
+#define HRGRAD_EXT_CUDA_KERNELS(m) STABLE_TORCH_LIBRARY_IMPL(hrgrad_ext_emu, CPU, m)
 
 #else  // nvcc
 
-using DeviceGuard = c10::cuda::CUDAGuard;
+// Constructed from a tensor's get_device_index().
+using DeviceGuard = torch::stable::accelerator::DeviceGuard;
+
+// torch's current stream on the current device (the one the DeviceGuard of the op selected).
+inline cudaStream_t current_stream() {
+  int device = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  HRGRAD_CHECK(err == cudaSuccess, "cudaGetDevice: ", cudaGetErrorString(err));
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
+  return static_cast<cudaStream_t>(stream);
+}
 
 // Cached: the attribute query is cheap but not free, and ops call it on every launch.
 inline int multiprocessor_count(int device) {
@@ -95,7 +105,7 @@ inline int multiprocessor_count(int device) {
   int n = cached.load(std::memory_order_relaxed);
   if (n == 0) {
     const cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    TORCH_CHECK(err == cudaSuccess, "cudaDeviceGetAttribute: ", cudaGetErrorString(err));
+    HRGRAD_CHECK(err == cudaSuccess, "cudaDeviceGetAttribute: ", cudaGetErrorString(err));
     cached.store(n, std::memory_order_relaxed);
   }
   return n;
@@ -103,9 +113,9 @@ inline int multiprocessor_count(int device) {
 
 template <auto Kernel, typename... Args>
 void launch(const LaunchConfig& cfg, Args&&... args) {
-  Kernel<<<cfg.grid, cfg.block, cfg.dynamic_smem, c10::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+  Kernel<<<cfg.grid, cfg.block, cfg.dynamic_smem, current_stream()>>>(std::forward<Args>(args)...);
   const cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, "CUDA kernel launch failed: ", kernel_name<Kernel>(), " grid (", cfg.grid.x, ",",
+  HRGRAD_CHECK(err == cudaSuccess, "CUDA kernel launch failed: ", kernel_name<Kernel>(), " grid (", cfg.grid.x, ",",
               cfg.grid.y, ",", cfg.grid.z, ") block (", cfg.block.x, ",", cfg.block.y, ",", cfg.block.z, ") ",
               cfg.dynamic_smem, " bytes of dynamic shared memory: ", cudaGetErrorString(err));
 }
@@ -115,7 +125,7 @@ template <auto Kernel>
 void allow_dynamic_shared_memory(size_t bytes) {
   const cudaError_t err =
       cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  TORCH_CHECK(err == cudaSuccess, "cudaFuncSetAttribute(", kernel_name<Kernel>(), ", ", bytes,
+  HRGRAD_CHECK(err == cudaSuccess, "cudaFuncSetAttribute(", kernel_name<Kernel>(), ", ", bytes,
               " bytes of dynamic shared memory): ", cudaGetErrorString(err));
 }
 
@@ -123,7 +133,7 @@ void allow_dynamic_shared_memory(size_t bytes) {
 #define HRGRAD_DYNAMIC_SHARED(type, name)                      \
   extern __shared__ __align__(16) unsigned char hrgrad_dynamic_smem_[]; \
   type* name = reinterpret_cast<type*>(hrgrad_dynamic_smem_)
-#define HRGRAD_EXT_CUDA_KERNELS(m) TORCH_LIBRARY_IMPL(hrgrad_ext, CUDA, m)
+#define HRGRAD_EXT_CUDA_KERNELS(m) STABLE_TORCH_LIBRARY_IMPL(hrgrad_ext, CUDA, m)
 
 #endif
 

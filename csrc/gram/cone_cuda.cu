@@ -7,9 +7,6 @@
 // matrix. Each thread keeps its scratch in global memory (reached through L1); the number of
 // threads is capped so that the scratch stays within kScratchBudget, the threads then striding
 // over the problems. Nothing synchronises with the host.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <algorithm>
 
@@ -73,20 +70,19 @@ mgda_weights_kernel(const scalar_t* __restrict__ G, int K, double rtol, int64_t 
     status[b] = mgda_solve<scalar_t, scalar_t>(G + b * K * K, K, rtol, w + b * K, mine);
 }
 
-std::tuple<at::Tensor, at::Tensor> dual_cone_weights_cuda(const at::Tensor& G, const at::Tensor& U,
+std::tuple<Tensor, Tensor> dual_cone_weights_cuda(const Tensor& G, const Tensor& U,
                                                           std::optional<double> rcond) {
   const DualConeCall call(G, U, rcond);
   const int64_t B = call.B, K = call.K, T = call.T;
   if (B * T == 0) return call.result();
-  const cuda::DeviceGuard guard(call.Gb.device());
+  const cuda::DeviceGuard guard(call.Gb.get_device_index());
   // Scratch through the caching allocator: the device never waits on the host.
-  const at::TensorOptions f64 = call.Gb.options().dtype(at::kDouble);
-  at::Tensor factors = at::empty({B * cone_factor_size(K)}, f64);
+    Tensor factors = empty_on(call.Gb, {B * cone_factor_size(K)}, kDouble);
   const int64_t factor_threads = solver_threads(B, cone_factor_scratch(K));
-  at::Tensor factor_scratch = at::empty({factor_threads * cone_factor_scratch(K)}, f64);
+  Tensor factor_scratch = empty_on(call.Gb, {factor_threads * cone_factor_scratch(K)}, kDouble);
   const int64_t project_threads = solver_threads(B * T, cone_project_workspace(K));
-  at::Tensor workspace = at::empty({project_threads * cone_project_workspace(K)}, f64);
-  AT_DISPATCH_FLOATING_TYPES(call.Gb.scalar_type(), "dual_cone_weights_cuda", [&] {
+  Tensor workspace = empty_on(call.Gb, {project_threads * cone_project_workspace(K)}, kDouble);
+  HRGRAD_DISPATCH_FLOATING(call.Gb.scalar_type(), "dual_cone_weights_cuda", [&] {
     launch<cone_factor_kernel<scalar_t>>({blocks_for(factor_threads), kSolverBlock}, call.Gb.const_data_ptr<scalar_t>(),
                                          static_cast<int>(K), call.rtol, B, factor_threads,
                                          factors.mutable_data_ptr<double>(), factor_scratch.mutable_data_ptr<double>());
@@ -98,14 +94,14 @@ std::tuple<at::Tensor, at::Tensor> dual_cone_weights_cuda(const at::Tensor& G, c
   return call.result();
 }
 
-std::tuple<at::Tensor, at::Tensor> mgda_weights_cuda(const at::Tensor& G, std::optional<double> rcond) {
+std::tuple<Tensor, Tensor> mgda_weights_cuda(const Tensor& G, std::optional<double> rcond) {
   const MgdaCall call(G, rcond);
   const int64_t B = call.B, K = call.K;
   if (B == 0) return call.result();
-  const cuda::DeviceGuard guard(call.Gb.device());
+  const cuda::DeviceGuard guard(call.Gb.get_device_index());
   const int64_t threads = solver_threads(B, mgda_workspace(K));
-  at::Tensor workspace = at::empty({threads * mgda_workspace(K)}, call.Gb.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(call.Gb.scalar_type(), "mgda_weights_cuda", [&] {
+  Tensor workspace = empty_on(call.Gb, {threads * mgda_workspace(K)}, kDouble);
+  HRGRAD_DISPATCH_FLOATING(call.Gb.scalar_type(), "mgda_weights_cuda", [&] {
     launch<mgda_weights_kernel<scalar_t>>({blocks_for(threads), kSolverBlock}, call.Gb.const_data_ptr<scalar_t>(),
                                           static_cast<int>(K), call.rtol, B, threads, call.w.mutable_data_ptr<scalar_t>(),
                                           call.status.mutable_data_ptr<int>(), workspace.mutable_data_ptr<double>());
@@ -116,8 +112,8 @@ std::tuple<at::Tensor, at::Tensor> mgda_weights_cuda(const at::Tensor& G, std::o
 }  // namespace
 
 HRGRAD_EXT_CUDA_KERNELS(m) {
-  m.impl("dual_cone_weights", &dual_cone_weights_cuda);
-  m.impl("mgda_weights", &mgda_weights_cuda);
+  m.impl("dual_cone_weights", TORCH_BOX(&dual_cone_weights_cuda));
+  m.impl("mgda_weights", TORCH_BOX(&mgda_weights_cuda));
 }
 
 }  // namespace hrgrad_ext

@@ -3,12 +3,7 @@
 // gram and combine read J once, so their floor is the memory bandwidth for small K and the
 // FMA throughput for large K (gram does K(K+1)/2 products per column). Both are vectorised
 // along the columns of J (common/simd.h picks AVX-512, AVX2 or SSE2 at run time) and
-// parallelised over column chunks with at::parallel_for.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+// parallelised over column chunks with torch's intra-op thread pool (stable ABI parallel_for).
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -182,21 +177,27 @@ void gram_cpu_kernel(const In* J, int64_t B, int64_t K, int64_t n, double* G) {
   const int64_t nchunks = (n + C - 1) / C;
   // At least ~256k products per task, so that small inputs stay on one thread.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (C * K * (K + 1) / 2));
-  const int nthreads = at::get_num_threads();
-  std::vector<double> partial(static_cast<size_t>(nthreads) * K * K);
+  // The chunks are split into one contiguous group per thread (at most), each group summing
+  // into its own partial G: the stable ABI has no thread index, and fixed groups make the
+  // result independent of the scheduling.
+  const int64_t ngroups = std::max<int64_t>(1, std::min<int64_t>(num_threads(), (nchunks + grain - 1) / grain));
+  std::vector<double> partial(static_cast<size_t>(ngroups) * K * K);
   for (int64_t b = 0; b < B; ++b) {
     const GramArgs<In, T> args{J + b * K * n, K, n};
     std::fill(partial.begin(), partial.end(), 0.0);
-    at::parallel_for(0, nchunks, grain, [&](int64_t c0, int64_t c1) {
-      double* out = partial.data() + static_cast<size_t>(at::get_thread_num()) * K * K;
-      gram_chunks(vb, args, c0, c1, out);
+    parallel_for(0, ngroups, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        int64_t c0 = g * nchunks / ngroups, c1 = (g + 1) * nchunks / ngroups;
+        double* out = partial.data() + g * K * K;
+        gram_chunks(vb, args, c0, c1, out);
+      }
     });
-    // Per-thread partial sums added in thread order: deterministic for a given thread count.
+    // Group partial sums added in group order: deterministic for a given thread count.
     double* Gb = G + b * K * K;
     for (int64_t i = 0; i < K; ++i) {
       for (int64_t k = i; k < K; ++k) {
         double s = 0.0;
-        for (int t = 0; t < nthreads; ++t) s += partial[static_cast<size_t>(t) * K * K + i * K + k];
+        for (int64_t g = 0; g < ngroups; ++g) s += partial[static_cast<size_t>(g) * K * K + i * K + k];
         Gb[i * K + k] = s;
         Gb[k * K + i] = s;
       }
@@ -204,23 +205,22 @@ void gram_cpu_kernel(const In* J, int64_t B, int64_t K, int64_t n, double* G) {
   }
 }
 
-at::Tensor gram_cpu(const at::Tensor& J, std::optional<at::ScalarType> dtype) {
-  const at::Tensor Jb = as_batched_jacobian(J, "gram");
-  const at::ScalarType out_dtype = gram_out_dtype(J, dtype);
+Tensor gram_cpu(const Tensor& J, std::optional<ScalarType> dtype) {
+  const Tensor Jb = as_batched_jacobian(J, "gram");
+  const ScalarType out_dtype = gram_out_dtype(J, dtype);
   const int64_t B = Jb.size(0), K = Jb.size(1), n = Jb.size(2);
   std::vector<double> Gd(static_cast<size_t>(B * K * K));
-  const at::ScalarType in = Jb.scalar_type();
-  if (in == at::kDouble) {
+  const ScalarType in = Jb.scalar_type();
+  if (in == kDouble) {
     gram_cpu_kernel<double, double>(Jb.const_data_ptr<double>(), B, K, n, Gd.data());
   } else {
     // float16 / bfloat16 are widened to float32 (exactly) and take the float32 kernels.
-    const at::Tensor Jf = in == at::kFloat ? Jb : Jb.to(at::kFloat);
-    if (out_dtype == at::kDouble) gram_cpu_kernel<float, double>(Jf.const_data_ptr<float>(), B, K, n, Gd.data());
+    const Tensor Jf = in == kFloat ? Jb : to_dtype(Jb, kFloat);
+    if (out_dtype == kDouble) gram_cpu_kernel<float, double>(Jf.const_data_ptr<float>(), B, K, n, Gd.data());
     else gram_cpu_kernel<float, float>(Jf.const_data_ptr<float>(), B, K, n, Gd.data());
   }
-  at::Tensor G = at::empty(J.dim() == 2 ? at::IntArrayRef{K, K} : at::IntArrayRef{B, K, K},
-                           Jb.options().dtype(out_dtype));
-  if (out_dtype == at::kDouble) {
+  Tensor G = empty_on(Jb, J.dim() == 2 ? std::vector<int64_t>{K, K} : std::vector<int64_t>{B, K, K}, out_dtype);
+  if (out_dtype == kDouble) {
     std::copy(Gd.begin(), Gd.end(), G.mutable_data_ptr<double>());
   } else {
     std::transform(Gd.begin(), Gd.end(), G.mutable_data_ptr<float>(), [](double x) { return static_cast<float>(x); });
@@ -228,19 +228,19 @@ at::Tensor gram_cpu(const at::Tensor& J, std::optional<at::ScalarType> dtype) {
   return G;
 }
 
-std::tuple<at::Tensor, at::Tensor> hrgrad_weights_cpu(const at::Tensor& G, c10::string_view length_model,
+std::tuple<Tensor, Tensor> hrgrad_weights_cpu(const Tensor& G, std::string length_model,
                                                       std::optional<double> rcond) {
-  const at::Tensor Gb = as_batched_gram(G);
-  const int lm = parse_length_model(std::string(length_model));
+  const Tensor Gb = as_batched_gram(G);
+  const int lm = parse_length_model(length_model);
   const double rtol = resolve_rcond(rcond, G);
   const int64_t B = Gb.size(0), K = Gb.size(1);
-  at::Tensor w = at::empty({B, K}, Gb.options());
-  at::Tensor status = at::empty({B}, Gb.options().dtype(at::kInt));
+  Tensor w = empty_on(Gb, {B, K});
+  Tensor status = empty_on(Gb, {B}, kInt);
   int* st = status.mutable_data_ptr<int>();
-  AT_DISPATCH_FLOATING_TYPES(Gb.scalar_type(), "hrgrad_weights_cpu", [&] {
+  HRGRAD_DISPATCH_FLOATING(Gb.scalar_type(), "hrgrad_weights_cpu", [&] {
     const scalar_t* g = Gb.const_data_ptr<scalar_t>();
     scalar_t* wp = w.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<double> ws(static_cast<size_t>(hrgrad_solve_workspace(K)));
       for (int64_t b = b0; b < b1; ++b) {
         st[b] = hrgrad_solve<scalar_t, scalar_t>(g + b * K * K, static_cast<int>(K), lm, rtol,
@@ -248,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor> hrgrad_weights_cpu(const at::Tensor& G, c10::
       }
     });
   });
-  if (G.dim() == 2) return {w.squeeze(0), status.squeeze(0)};
+  if (G.dim() == 2) return {squeeze(w, 0), squeeze(status, 0)};
   return {w, status};
 }
 
@@ -359,41 +359,45 @@ void combine_cpu_kernel(const T* J, const T* w, int64_t B, int64_t K, int64_t n,
   const CombineArgs<T, kAccumulate> args{J, w, out, K, n, nchunks};
   // At least ~64k elements of J per task.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (C * K));
-  at::parallel_for(0, B * nchunks, grain, [&](int64_t t0, int64_t t1) { combine_tasks(vb, args, t0, t1); });
+  parallel_for(0, B * nchunks, grain, [&](int64_t t0, int64_t t1) { combine_tasks(vb, args, t0, t1); });
 }
 
 // float16 / bfloat16: J is widened to float32 (exactly), combined with float32 accumulation
 // and rounded once to J's dtype, as the float32 kernel would do lane by lane.
-at::Tensor combine_cpu(const at::Tensor& J, const at::Tensor& w) {
-  const at::Tensor Jb = as_batched_jacobian(J, "combine");
+Tensor combine_cpu(const Tensor& J, const Tensor& w) {
+  const Tensor Jb = as_batched_jacobian(J, "combine");
   check_combine_weights(J, w, "combine");
   const int64_t B = Jb.size(0), K = Jb.size(1), n = Jb.size(2);
-  const at::ScalarType in = Jb.scalar_type(), acc = acc_type_of(in);
-  const at::Tensor Jc = in == acc ? Jb : Jb.to(acc);
-  const at::Tensor wb = (w.scalar_type() == acc ? w : w.to(acc)).contiguous();
-  at::Tensor out = at::empty(J.dim() == 2 ? at::IntArrayRef{n} : at::IntArrayRef{B, n}, Jb.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "combine_cpu", [&] {
+  const ScalarType in = Jb.scalar_type(), acc = acc_type_of(in);
+  const Tensor Jc = to_dtype(Jb, acc);
+  const Tensor wb = make_contiguous(to_dtype(w, acc));
+  Tensor out = empty_on(Jb, J.dim() == 2 ? std::vector<int64_t>{n} : std::vector<int64_t>{B, n}, acc);
+  HRGRAD_DISPATCH_FLOATING(acc, "combine_cpu", [&] {
     combine_cpu_kernel<scalar_t, false>(Jc.const_data_ptr<scalar_t>(), wb.const_data_ptr<scalar_t>(), B, K, n,
                                         out.mutable_data_ptr<scalar_t>());
   });
-  return in == acc ? out : out.to(in);
+  return to_dtype(out, in);
 }
 
-void combine_accumulate_cpu(at::Tensor& out, const at::Tensor& J, const at::Tensor& w) {
-  const at::Tensor Jb = check_combine_accumulate(out, J, w);
+void combine_accumulate_cpu(Tensor out, const Tensor& J, const Tensor& w) {
+  const Tensor Jb = check_combine_accumulate(out, J, w);
   const int64_t K = Jb.size(1), n = Jb.size(2);
-  const at::ScalarType in = Jb.scalar_type(), acc = acc_type_of(in);
-  const at::Tensor wb = (w.scalar_type() == acc ? w : w.to(acc)).contiguous();
+  const ScalarType in = Jb.scalar_type(), acc = acc_type_of(in);
+  const Tensor wb = make_contiguous(to_dtype(w, acc));
   if (in != acc) {
     // float16 / bfloat16: out + (J^T w in float32), rounded once.
-    at::Tensor sum = at::empty({n}, Jb.options().dtype(acc));
-    const at::Tensor Jc = Jb.to(acc);
-    combine_cpu_kernel<float, false>(Jc.const_data_ptr<float>(), wb.const_data_ptr<float>(), 1, K, n,
+    Tensor sum = empty_on(Jb, {n}, acc);
+    const Tensor J32 = to_dtype(Jb, acc);
+    combine_cpu_kernel<float, false>(J32.const_data_ptr<float>(), wb.const_data_ptr<float>(), 1, K, n,
                                      sum.mutable_data_ptr<float>());
-    out.add_(sum.view(out.sizes()));
+    const float* s = sum.const_data_ptr<float>();
+    HRGRAD_DISPATCH_FLOATING_AND_HALF(in, "combine_accumulate_cpu", [&] {
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(static_cast<float>(o[j]) + s[j]);
+    });
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES(acc, "combine_accumulate_cpu", [&] {
+  HRGRAD_DISPATCH_FLOATING(acc, "combine_accumulate_cpu", [&] {
     combine_cpu_kernel<scalar_t, true>(Jb.const_data_ptr<scalar_t>(), wb.const_data_ptr<scalar_t>(), 1, K, n,
                                        out.mutable_data_ptr<scalar_t>());
   });
@@ -401,11 +405,11 @@ void combine_accumulate_cpu(at::Tensor& out, const at::Tensor& J, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hrgrad_ext, CPU, m) {
-  m.impl("gram", &gram_cpu);
-  m.impl("hrgrad_weights", &hrgrad_weights_cpu);
-  m.impl("combine", &combine_cpu);
-  m.impl("combine_accumulate_", &combine_accumulate_cpu);
+STABLE_TORCH_LIBRARY_IMPL(hrgrad_ext, CPU, m) {
+  m.impl("gram", TORCH_BOX(&gram_cpu));
+  m.impl("hrgrad_weights", TORCH_BOX(&hrgrad_weights_cpu));
+  m.impl("combine", TORCH_BOX(&combine_cpu));
+  m.impl("combine_accumulate_", TORCH_BOX(&combine_accumulate_cpu));
 }
 
 }  // namespace hrgrad_ext

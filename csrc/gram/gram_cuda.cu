@@ -22,10 +22,6 @@
 // an A100; bench/bench_gram.py measures it).
 // Any batch size: the batch is folded into gridDim.x (blocks b * nblk ... b * nblk + nblk - 1
 // serve entry b), in several launches when that exceeds the grid.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
@@ -247,12 +243,12 @@ gram_finalize_kernel(const double* __restrict__ partial, int K, int nblk, int64_
 // Launches one partial-sum kernel over the batch; returns the [B, nblk, K*K] float64 partials
 // and nblk. cols_per_block: columns a block covers per iteration.
 template <auto kernel, typename scalar_t>
-std::pair<at::Tensor, int> gram_partials(const at::Tensor& Jb, int64_t cols_per_block) {
+std::pair<Tensor, int> gram_partials(const Tensor& Jb, int64_t cols_per_block) {
   const int64_t B = Jb.size(0), K = Jb.size(1), n = Jb.size(2);
   // Enough blocks to fill the GPU a few times over, split among the batch entries.
   const int64_t per_entry = std::max<int64_t>(1, 4 * cuda::multiprocessor_count(Jb.get_device()) / B);
   const int nblk = static_cast<int>(std::min<int64_t>(per_entry, (n + cols_per_block - 1) / cols_per_block));
-  at::Tensor partial = at::empty({B * nblk * K * K}, Jb.options().dtype(at::kDouble));
+  Tensor partial = empty_on(Jb, {B * nblk * K * K}, kDouble);
   const scalar_t* J = Jb.const_data_ptr<scalar_t>();
   double* out = partial.mutable_data_ptr<double>();
   over_batch(B, nblk, [&](int64_t b0, int64_t count) {
@@ -263,7 +259,7 @@ std::pair<at::Tensor, int> gram_partials(const at::Tensor& Jb, int64_t cols_per_
 }
 
 template <typename scalar_t>
-std::pair<at::Tensor, int> launch_gram_partials(const at::Tensor& Jb) {
+std::pair<Tensor, int> launch_gram_partials(const Tensor& Jb) {
   const int64_t K = Jb.size(1);
   if (K <= 2) return gram_partials<gram_registers_kernel<scalar_t, 2, 4>, scalar_t>(Jb, kThreads * 4);
   if (K <= 4) return gram_partials<gram_registers_kernel<scalar_t, 4, 4>, scalar_t>(Jb, kThreads * 4);
@@ -274,44 +270,46 @@ std::pair<at::Tensor, int> launch_gram_partials(const at::Tensor& Jb) {
 }
 
 // K > 64: G = sum over chunks of columns of Jc Jc^T, each chunk converted to float64 and
-// multiplied by a float64 GEMM (cuBLAS: exact products, float64 sums, never TF32). At most one
-// chunk of J is converted at a time (2^22 elements, 32 MB), not the whole J.
+// multiplied by a float64 GEMM (cuBLAS through torch's matmul: exact products, float64 sums,
+// never TF32). At most one chunk of J is converted at a time (2^22 elements, 32 MB), not the
+// whole J. Each chunk's product is one "block" of the [B, nchunks, K, K] partials that
+// gram_finalize_kernel sums in a fixed order and mirrors (exactly symmetric, deterministic).
 constexpr int64_t kGemmChunkElements = int64_t(1) << 22;
 
-at::Tensor gram_by_gemm(const at::Tensor& Jb) {
+std::pair<Tensor, int> gram_gemm_partials(const Tensor& Jb) {
   const int64_t B = Jb.size(0), K = Jb.size(1), n = Jb.size(2);
-  at::Tensor G;
-  if (Jb.scalar_type() == at::kDouble) {
-    G = at::bmm(Jb, Jb.transpose(1, 2));
-  } else {
-    G = at::zeros({B, K, K}, Jb.options().dtype(at::kDouble));
-    const int64_t cols = std::max<int64_t>(1, kGemmChunkElements / (B * K));
-    for (int64_t c0 = 0; c0 < n; c0 += cols) {
-      const at::Tensor Jc = Jb.narrow(2, c0, std::min(cols, n - c0)).to(at::kDouble);
-      G.baddbmm_(Jc, Jc.transpose(1, 2));
-    }
+  const int64_t cols = Jb.scalar_type() == kDouble ? n : std::max<int64_t>(1, kGemmChunkElements / (B * K));
+  const int64_t nchunks = (n + cols - 1) / cols;
+  Tensor partial = empty_on(Jb, {B, nchunks, K, K}, kDouble);
+  Tensor J = Jb;  // a handle (stable narrow takes a non-const one), not a copy
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t c0 = c * cols;
+    const Tensor Jc = to_dtype(torch::stable::narrow(J, 2, c0, std::min(cols, n - c0)), kDouble);
+    Tensor block = torch::stable::select(partial, 1, c);
+    torch::stable::copy_(block, torch::stable::matmul(Jc, torch::stable::transpose(Jc, 1, 2)));
   }
-  // Exactly symmetric, like the other paths: the upper triangle mirrored.
-  return G.triu() + G.triu(1).transpose(1, 2);
+  return {partial, static_cast<int>(nchunks)};
 }
 
-at::Tensor gram_cuda(const at::Tensor& J, std::optional<at::ScalarType> dtype) {
-  const at::Tensor Jb = as_batched_jacobian(J, "gram");
-  const at::ScalarType out_dtype = gram_out_dtype(J, dtype);
-  const cuda::DeviceGuard guard(Jb.device());
+Tensor gram_cuda(const Tensor& J, std::optional<ScalarType> dtype) {
+  const Tensor Jb = as_batched_jacobian(J, "gram");
+  const ScalarType out_dtype = gram_out_dtype(J, dtype);
+  const cuda::DeviceGuard guard(Jb.get_device_index());
   const int64_t B = Jb.size(0), K = Jb.size(1);
-  at::Tensor G;
+  Tensor G;
   if (B == 0) {  // nothing to launch (a 0-block grid is a CUDA error)
-    G = at::empty({0, K, K}, Jb.options().dtype(out_dtype));
-  } else if (K > 64) {
-    G = gram_by_gemm(Jb).to(out_dtype);
+    G = empty_on(Jb, {0, K, K}, out_dtype);
   } else {
-    G = at::empty({B, K, K}, Jb.options().dtype(out_dtype));
-    std::pair<at::Tensor, int> partials;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jb.scalar_type(), "gram_cuda",
-                                    [&] { partials = launch_gram_partials<scalar_t>(Jb); });
+    G = empty_on(Jb, {B, K, K}, out_dtype);
+    std::pair<Tensor, int> partials;
+    if (K > 64) {
+      partials = gram_gemm_partials(Jb);
+    } else {
+      HRGRAD_DISPATCH_FLOATING_AND_HALF(Jb.scalar_type(), "gram_cuda",
+                                        [&] { partials = launch_gram_partials<scalar_t>(Jb); });
+    }
     const int64_t entries = B * (K * (K + 1) / 2), per_launch = kMaxGridX * (kThreads / 32);
-    AT_DISPATCH_FLOATING_TYPES(out_dtype, "gram_finalize", [&] {
+    HRGRAD_DISPATCH_FLOATING(out_dtype, "gram_finalize", [&] {
       for (int64_t e0 = 0; e0 < entries; e0 += per_launch) {
         const int64_t warps = std::min(per_launch, entries - e0);
         launch<gram_finalize_kernel<scalar_t>>({static_cast<unsigned>((warps + kThreads / 32 - 1) / (kThreads / 32)), kThreads},
@@ -320,7 +318,7 @@ at::Tensor gram_cuda(const at::Tensor& J, std::optional<at::ScalarType> dtype) {
       }
     });
   }
-  return J.dim() == 2 ? G.squeeze(0) : G;
+  return J.dim() == 2 ? squeeze(G, 0) : G;
 }
 
 // ---- hrgrad_weights: one block (one warp) per batch entry -----------------------------------
@@ -368,21 +366,21 @@ __global__ void hrgrad_weights_kernel(const scalar_t* __restrict__ G, int K, int
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> hrgrad_weights_cuda(const at::Tensor& G, c10::string_view length_model,
+std::tuple<Tensor, Tensor> hrgrad_weights_cuda(const Tensor& G, std::string length_model,
                                                        std::optional<double> rcond) {
-  const at::Tensor Gb = as_batched_gram(G);
-  const int lm = parse_length_model(std::string(length_model));
+  const Tensor Gb = as_batched_gram(G);
+  const int lm = parse_length_model(length_model);
   const double rtol = resolve_rcond(rcond, G);
-  const cuda::DeviceGuard guard(Gb.device());
+  const cuda::DeviceGuard guard(Gb.get_device_index());
   const int64_t B = Gb.size(0), K = Gb.size(1);
-  at::Tensor w = at::empty({B, K}, Gb.options());
-  at::Tensor status = at::empty({B}, Gb.options().dtype(at::kInt));
+  Tensor w = empty_on(Gb, {B, K});
+  Tensor status = empty_on(Gb, {B}, kInt);
   const int64_t scratch_bytes = hrgrad_solve_workspace(K) * static_cast<int64_t>(sizeof(double));
   const bool in_smem = scratch_bytes <= kMaxDynamicSmem;
   // Global scratch only when shared memory is too small; allocated through the caching
   // allocator, so the device never waits on the host.
-  at::Tensor workspace = at::empty({in_smem ? 1 : B * hrgrad_solve_workspace(K)}, Gb.options().dtype(at::kDouble));
-  if (B > 0) AT_DISPATCH_FLOATING_TYPES(Gb.scalar_type(), "hrgrad_weights_cuda", [&] {
+  Tensor workspace = empty_on(Gb, {in_smem ? 1 : B * hrgrad_solve_workspace(K)}, kDouble);
+  if (B > 0) HRGRAD_DISPATCH_FLOATING(Gb.scalar_type(), "hrgrad_weights_cuda", [&] {
     const auto run = [&](auto warp_solve) {
       over_batch(B, 1, [&](int64_t b0, int64_t count) {
         launch<hrgrad_weights_kernel<scalar_t, decltype(warp_solve)::value>>(
@@ -395,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor> hrgrad_weights_cuda(const at::Tensor& G, c10:
     if (K > kWarpSolveAbove) run(std::true_type{});
     else run(std::false_type{});
   });
-  if (G.dim() == 2) return {w.squeeze(0), status.squeeze(0)};
+  if (G.dim() == 2) return {squeeze(w, 0), squeeze(status, 0)};
   return {w, status};
 }
 
@@ -434,17 +432,17 @@ combine_kernel(const scalar_t* __restrict__ J, const acc_t* __restrict__ w, int 
 }
 
 template <bool kAccumulate>
-void launch_combine(const at::Tensor& Jb, const at::Tensor& w, at::Tensor& out) {
+void launch_combine(const Tensor& Jb, const Tensor& w, Tensor& out) {
   const int64_t B = Jb.size(0), K = Jb.size(1), n = Jb.size(2);
   if (B == 0) return;
   constexpr int U = 4;
   const int64_t target = 4 * cuda::multiprocessor_count(Jb.get_device());
   const int64_t per_entry = std::max<int64_t>(1, target / B);
   const int nblk = static_cast<int>(std::min<int64_t>(per_entry * 4, (n + kThreads * U - 1) / (kThreads * U)));
-  const at::ScalarType acc = acc_type_of(Jb.scalar_type());
-  const at::Tensor wb = w.reshape({B, K}).to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Jb.scalar_type(), "combine_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  const ScalarType acc = acc_type_of(Jb.scalar_type());
+  const Tensor wb = make_contiguous(to_dtype(reshape(w, {B, K}), acc));
+  HRGRAD_DISPATCH_FLOATING_AND_HALF(Jb.scalar_type(), "combine_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
     over_batch(B, nblk, [&](int64_t b0, int64_t count) {
       launch<combine_kernel<scalar_t, acc_t, kAccumulate, U>>(
           {static_cast<unsigned>(count * nblk), kThreads}, Jb.const_data_ptr<scalar_t>() + b0 * K * n,
@@ -453,28 +451,28 @@ void launch_combine(const at::Tensor& Jb, const at::Tensor& w, at::Tensor& out) 
   });
 }
 
-at::Tensor combine_cuda(const at::Tensor& J, const at::Tensor& w) {
-  const at::Tensor Jb = as_batched_jacobian(J, "combine");
+Tensor combine_cuda(const Tensor& J, const Tensor& w) {
+  const Tensor Jb = as_batched_jacobian(J, "combine");
   check_combine_weights(J, w, "combine");
-  const cuda::DeviceGuard guard(Jb.device());
-  at::Tensor out = at::empty({Jb.size(0), Jb.size(2)}, Jb.options());
+  const cuda::DeviceGuard guard(Jb.get_device_index());
+  Tensor out = empty_on(Jb, {Jb.size(0), Jb.size(2)});
   launch_combine<false>(Jb, w, out);
-  return J.dim() == 2 ? out.squeeze(0) : out;
+  return J.dim() == 2 ? squeeze(out, 0) : out;
 }
 
-void combine_accumulate_cuda(at::Tensor& out, const at::Tensor& J, const at::Tensor& w) {
-  const at::Tensor Jb = check_combine_accumulate(out, J, w);
-  const cuda::DeviceGuard guard(Jb.device());
+void combine_accumulate_cuda(Tensor out, const Tensor& J, const Tensor& w) {
+  const Tensor Jb = check_combine_accumulate(out, J, w);
+  const cuda::DeviceGuard guard(Jb.get_device_index());
   launch_combine<true>(Jb, w, out);
 }
 
 }  // namespace
 
 HRGRAD_EXT_CUDA_KERNELS(m) {
-  m.impl("gram", &gram_cuda);
-  m.impl("hrgrad_weights", &hrgrad_weights_cuda);
-  m.impl("combine", &combine_cuda);
-  m.impl("combine_accumulate_", &combine_accumulate_cuda);
+  m.impl("gram", TORCH_BOX(&gram_cuda));
+  m.impl("hrgrad_weights", TORCH_BOX(&hrgrad_weights_cuda));
+  m.impl("combine", TORCH_BOX(&combine_cuda));
+  m.impl("combine_accumulate_", TORCH_BOX(&combine_accumulate_cuda));
 }
 
 }  // namespace hrgrad_ext

@@ -1,7 +1,7 @@
 // CPU kernels of the kinetic family: velocity_moments, maxwellian, bgk_residuals,
 // transport_mm_residuals and their fused backward ops.
 //
-// Every kernel parallelises over rows (at::parallel_for) and vectorises along the V velocity
+// Every kernel parallelises over rows (torch's intra-op thread pool) and vectorises along the V velocity
 // nodes of a row (common/simd.h: AVX-512, AVX2 or SSE2, picked at run time; the last partial
 // vector of a row uses masked loads and stores). One pass over the [N, V] inputs per op; two
 // over a row (in L1) where a row average is needed first (transport).
@@ -12,9 +12,6 @@
 // float32 sum like sum_j w_j v_j^3 Fx_j (terms up to ~1e3 that cancel) keeps its float64
 // accuracy. Each row is processed by one thread, so the results do not depend on the thread
 // count.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -172,14 +169,14 @@ struct Tables {
 };
 
 // v and w converted to double once per call (they are read by every row).
-inline std::vector<double> as_double(const at::Tensor& x) {
-  const at::Tensor d = x.to(at::kDouble).contiguous();
+inline std::vector<double> as_double(const Tensor& x) {
+  const Tensor d = make_contiguous(to_dtype(x, kDouble));
   return std::vector<double>(d.const_data_ptr<double>(), d.const_data_ptr<double>() + d.numel());
 }
 
 // Rows 0: v, 1 + p: w v^p for p = 0..powers-1.
 template <class T>
-Tables<T> velocity_tables(const at::Tensor& v, const at::Tensor* w, int powers) {
+Tables<T> velocity_tables(const Tensor& v, const Tensor* w, int powers) {
   const std::vector<double> vd = as_double(v), wd = w ? as_double(*w) : std::vector<double>();
   const int64_t nv = static_cast<int64_t>(vd.size());
   Tables<T> tab(nv, 1 + powers);
@@ -248,16 +245,16 @@ HRGRAD_INLINE void moments_rows_impl(const MomentsArgs<T>& a, const int64_t& r0,
 }
 HRGRAD_SIMD_DISPATCH(moments_rows, moments_rows_impl)
 
-at::Tensor velocity_moments_cpu(const at::Tensor& F_, const at::Tensor& v, const at::Tensor& w, int64_t order) {
+Tensor velocity_moments_cpu(const Tensor& F_, const Tensor& v, const Tensor& w, int64_t order) {
   check_velocity_moments(F_, v, w, order);
-  const at::Tensor F = F_.contiguous();
+  const Tensor F = make_contiguous(F_);
   const int64_t N = F.size(0), nv = F.size(1), K = order + 1;
-  at::Tensor out = at::empty({N, K}, F.options());
+  Tensor out = empty_on(F, {N, K});
   const int vb = simd::vector_bytes();
-  AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "velocity_moments_cpu", [&] {
+  HRGRAD_DISPATCH_FLOATING(F.scalar_type(), "velocity_moments_cpu", [&] {
     const Tables<scalar_t> tab = velocity_tables<scalar_t>(v, &w, static_cast<int>(K));
     const MomentsArgs<scalar_t> args{F.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), nv, K, &tab};
-    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { moments_rows(vb, args, r0, r1); });
+    parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { moments_rows(vb, args, r0, r1); });
   });
   return out;
 }
@@ -287,17 +284,17 @@ HRGRAD_INLINE void moments_backward_rows_impl(const MomentsBackwardArgs<T>& a, c
 }
 HRGRAD_SIMD_DISPATCH(moments_backward_rows, moments_backward_rows_impl)
 
-at::Tensor velocity_moments_backward_cpu(const at::Tensor& grad_, const at::Tensor& v, const at::Tensor& w) {
+Tensor velocity_moments_backward_cpu(const Tensor& grad_, const Tensor& v, const Tensor& w) {
   check_velocity_moments_backward(grad_, v, w);
-  const at::Tensor grad = grad_.contiguous();
+  const Tensor grad = make_contiguous(grad_);
   const int64_t N = grad.size(0), K = grad.size(1), nv = v.size(0);
-  at::Tensor dF = at::empty({N, nv}, grad.options());
+  Tensor dF = empty_on(grad, {N, nv});
   const int vb = simd::vector_bytes();
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "velocity_moments_backward_cpu", [&] {
+  HRGRAD_DISPATCH_FLOATING(grad.scalar_type(), "velocity_moments_backward_cpu", [&] {
     const Tables<scalar_t> tab = velocity_tables<scalar_t>(v, &w, static_cast<int>(K));
     const MomentsBackwardArgs<scalar_t> args{grad.const_data_ptr<scalar_t>(), dF.mutable_data_ptr<scalar_t>(), nv, K,
                                              &tab};
-    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { moments_backward_rows(vb, args, r0, r1); });
+    parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { moments_backward_rows(vb, args, r0, r1); });
   });
   return dF;
 }
@@ -413,39 +410,39 @@ HRGRAD_INLINE void maxwellian_backward_rows_impl(const MaxwellianArgs<T>& a, con
 }
 HRGRAD_SIMD_DISPATCH(maxwellian_backward_rows, maxwellian_backward_rows_impl)
 
-at::Tensor maxwellian_cpu(const at::Tensor& rho_, const at::Tensor& u_, const at::Tensor& T_, const at::Tensor& v) {
+Tensor maxwellian_cpu(const Tensor& rho_, const Tensor& u_, const Tensor& T_, const Tensor& v) {
   check_maxwellian("maxwellian", rho_, u_, T_, v);
-  const at::Tensor rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous();
+  const Tensor rho = make_contiguous(rho_), u = make_contiguous(u_), T = make_contiguous(T_);
   const int64_t N = rho.size(0), nv = v.size(0);
-  at::Tensor M = at::empty({N, nv}, rho.options());
+  Tensor M = empty_on(rho, {N, nv});
   const int vb = simd::vector_bytes();
-  AT_DISPATCH_FLOATING_TYPES(rho.scalar_type(), "maxwellian_cpu", [&] {
+  HRGRAD_DISPATCH_FLOATING(rho.scalar_type(), "maxwellian_cpu", [&] {
     const Tables<scalar_t> tab = velocity_tables<scalar_t>(v, nullptr, 0);
     const MaxwellianArgs<scalar_t> args{rho.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
                                         T.const_data_ptr<scalar_t>(), nullptr, M.mutable_data_ptr<scalar_t>(),
                                         nullptr, nullptr, nullptr, nv, &tab};
-    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { maxwellian_rows(vb, args, r0, r1); });
+    parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { maxwellian_rows(vb, args, r0, r1); });
   });
   return M;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> maxwellian_backward_cpu(const at::Tensor& grad_, const at::Tensor& rho_,
-                                                                       const at::Tensor& u_, const at::Tensor& T_,
-                                                                       const at::Tensor& v) {
+std::tuple<Tensor, Tensor, Tensor> maxwellian_backward_cpu(const Tensor& grad_, const Tensor& rho_,
+                                                                       const Tensor& u_, const Tensor& T_,
+                                                                       const Tensor& v) {
   check_maxwellian_backward(grad_, rho_, u_, T_, v);
-  const at::Tensor grad = grad_.contiguous(), rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous();
+  const Tensor grad = make_contiguous(grad_), rho = make_contiguous(rho_), u = make_contiguous(u_), T = make_contiguous(T_);
   const int64_t N = rho.size(0), nv = v.size(0);
-  at::Tensor drho = at::empty({N}, rho.options()), du = at::empty({N}, rho.options()),
-             dT = at::empty({N}, rho.options());
+  Tensor drho = empty_on(rho, {N}), du = empty_on(rho, {N}),
+             dT = empty_on(rho, {N});
   const int vb = simd::vector_bytes();
-  AT_DISPATCH_FLOATING_TYPES(rho.scalar_type(), "maxwellian_backward_cpu", [&] {
+  HRGRAD_DISPATCH_FLOATING(rho.scalar_type(), "maxwellian_backward_cpu", [&] {
     const Tables<scalar_t> tab = velocity_tables<scalar_t>(v, nullptr, 0);
     const MaxwellianArgs<scalar_t> args{rho.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
                                         T.const_data_ptr<scalar_t>(),   grad.const_data_ptr<scalar_t>(),
                                         nullptr,                        drho.mutable_data_ptr<scalar_t>(),
                                         du.mutable_data_ptr<scalar_t>(), dT.mutable_data_ptr<scalar_t>(),
                                         nv,                             &tab};
-    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) {
+    parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) {
       maxwellian_backward_rows(vb, args, r0, r1);
     });
   });
@@ -456,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> maxwellian_backward_cpu(const at:
 
 // Tables of the BGK ops: row 0 v, rows 1..4 w v^0..3.
 template <class T>
-Tables<T> bgk_tables(const at::Tensor& v, const at::Tensor& w) {
+Tables<T> bgk_tables(const Tensor& v, const Tensor& w) {
   return velocity_tables<T>(v, &w, 4);
 }
 
@@ -528,19 +525,19 @@ HRGRAD_INLINE void bgk_rows_impl(const BgkArgs<T>& a, const int64_t& r0, const i
 }
 HRGRAD_SIMD_DISPATCH(bgk_rows, bgk_rows_impl)
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bgk_residuals_cpu(
-    const at::Tensor& F_, const at::Tensor& Ft_, const at::Tensor& Fx_, const at::Tensor& rho_,
-    const at::Tensor& u_, const at::Tensor& T_, const at::Tensor& rho_t_, const at::Tensor& u_t_,
-    const at::Tensor& T_t_, const at::Tensor& v, const at::Tensor& w, const at::Tensor& kn_) {
+std::tuple<Tensor, Tensor, Tensor> bgk_residuals_cpu(
+    const Tensor& F_, const Tensor& Ft_, const Tensor& Fx_, const Tensor& rho_,
+    const Tensor& u_, const Tensor& T_, const Tensor& rho_t_, const Tensor& u_t_,
+    const Tensor& T_t_, const Tensor& v, const Tensor& w, const Tensor& kn_) {
   const int64_t ks = check_bgk(F_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v, w, kn_);
-  const at::Tensor F = F_.contiguous(), Ft = Ft_.contiguous(), Fx = Fx_.contiguous(), rho = rho_.contiguous(),
-                   u = u_.contiguous(), T = T_.contiguous(), rho_t = rho_t_.contiguous(),
-                   u_t = u_t_.contiguous(), T_t = T_t_.contiguous(), kn = kn_.contiguous();
+  const Tensor F = make_contiguous(F_), Ft = make_contiguous(Ft_), Fx = make_contiguous(Fx_), rho = make_contiguous(rho_),
+                   u = make_contiguous(u_), T = make_contiguous(T_), rho_t = make_contiguous(rho_t_),
+                   u_t = make_contiguous(u_t_), T_t = make_contiguous(T_t_), kn = make_contiguous(kn_);
   const int64_t N = F.size(0), nv = F.size(1);
-  at::Tensor kin = at::empty({N, nv}, F.options()), cons = at::empty({N, 3}, F.options()),
-             consis = at::empty({N, 3}, F.options());
+  Tensor kin = empty_on(F, {N, nv}), cons = empty_on(F, {N, 3}),
+             consis = empty_on(F, {N, 3});
   const int vb = simd::vector_bytes();
-  AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "bgk_residuals_cpu", [&] {
+  HRGRAD_DISPATCH_FLOATING(F.scalar_type(), "bgk_residuals_cpu", [&] {
     using T_ = scalar_t;
     const Tables<T_> tab = bgk_tables<T_>(v, w);
     const BgkArgs<T_> args{F.const_data_ptr<T_>(),     Ft.const_data_ptr<T_>(),    Fx.const_data_ptr<T_>(),
@@ -549,7 +546,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bgk_residuals_cpu(
                            kn.const_data_ptr<T_>(),    ks,                         nv,
                            &tab,                       kin.mutable_data_ptr<T_>(), cons.mutable_data_ptr<T_>(),
                            consis.mutable_data_ptr<T_>()};
-    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { bgk_rows(vb, args, r0, r1); });
+    parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { bgk_rows(vb, args, r0, r1); });
   });
   return {kin, cons, consis};
 }
@@ -628,26 +625,26 @@ HRGRAD_INLINE void bgk_backward_rows_impl(const BgkBackwardArgs<T>& a, const int
 }
 HRGRAD_SIMD_DISPATCH(bgk_backward_rows, bgk_backward_rows_impl)
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor>
-bgk_residuals_backward_cpu(const at::Tensor& gK_, const at::Tensor& gC_, const at::Tensor& gS_,
-                           const at::Tensor& Ft_, const at::Tensor& Fx_, const at::Tensor& rho_,
-                           const at::Tensor& u_, const at::Tensor& T_, const at::Tensor& rho_t_,
-                           const at::Tensor& u_t_, const at::Tensor& T_t_, const at::Tensor& v,
-                           const at::Tensor& w, const at::Tensor& kn_) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor, Tensor>
+bgk_residuals_backward_cpu(const Tensor& gK_, const Tensor& gC_, const Tensor& gS_,
+                           const Tensor& Ft_, const Tensor& Fx_, const Tensor& rho_,
+                           const Tensor& u_, const Tensor& T_, const Tensor& rho_t_,
+                           const Tensor& u_t_, const Tensor& T_t_, const Tensor& v,
+                           const Tensor& w, const Tensor& kn_) {
   const int64_t ks = check_bgk_backward(gK_, gC_, gS_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v, w, kn_);
-  const at::Tensor gK = gK_.contiguous(), gC = gC_.contiguous(), gS = gS_.contiguous(), Ft = Ft_.contiguous(),
-                   Fx = Fx_.contiguous(), rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous(),
-                   rho_t = rho_t_.contiguous(), u_t = u_t_.contiguous(), T_t = T_t_.contiguous(),
-                   kn = kn_.contiguous();
+  const Tensor gK = make_contiguous(gK_), gC = make_contiguous(gC_), gS = make_contiguous(gS_), Ft = make_contiguous(Ft_),
+                   Fx = make_contiguous(Fx_), rho = make_contiguous(rho_), u = make_contiguous(u_), T = make_contiguous(T_),
+                   rho_t = make_contiguous(rho_t_), u_t = make_contiguous(u_t_), T_t = make_contiguous(T_t_),
+                   kn = make_contiguous(kn_);
   const int64_t N = Ft.size(0), nv = Ft.size(1);
-  const auto opt = Ft.options();
-  at::Tensor dF = at::empty({N, nv}, opt), dFt = at::empty({N, nv}, opt), dFx = at::empty({N, nv}, opt);
+  const Tensor& opt = Ft;  // outputs: Ft's dtype and device
+  Tensor dF = empty_on(opt, {N, nv}), dFt = empty_on(opt, {N, nv}), dFx = empty_on(opt, {N, nv});
   // drho, du, dT, drho_t, du_t, dT_t, dkn: separate tensors (outputs of an op must not alias).
-  std::vector<at::Tensor> rows;
-  for (int r = 0; r < 7; ++r) rows.push_back(at::empty({N}, opt));
+  std::vector<Tensor> rows;
+  for (int r = 0; r < 7; ++r) rows.push_back(empty_on(opt, {N}));
   const int vb = simd::vector_bytes();
-  AT_DISPATCH_FLOATING_TYPES(Ft.scalar_type(), "bgk_residuals_backward_cpu", [&] {
+  HRGRAD_DISPATCH_FLOATING(Ft.scalar_type(), "bgk_residuals_backward_cpu", [&] {
     using T_ = scalar_t;
     const Tables<T_> tab = bgk_tables<T_>(v, w);
     BgkBackwardArgs<T_> args{gK.const_data_ptr<T_>(),    gC.const_data_ptr<T_>(),   gS.const_data_ptr<T_>(),
@@ -659,7 +656,7 @@ bgk_residuals_backward_cpu(const at::Tensor& gK_, const at::Tensor& gC_, const a
                              {}};
     for (int r = 0; r < 7; ++r) args.rows[r] = rows[r].mutable_data_ptr<T_>();
     const BgkBackwardArgs<T_>& cargs = args;
-    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { bgk_backward_rows(vb, cargs, r0, r1); });
+    parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { bgk_backward_rows(vb, cargs, r0, r1); });
   });
   return {dF, dFt, dFx, rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6]};
 }
@@ -673,7 +670,7 @@ bgk_residuals_backward_cpu(const at::Tensor& gK_, const at::Tensor& gC_, const a
 template <class T>
 struct TransportTables : Tables<T> {
   double vbar = 0.0;
-  TransportTables(const at::Tensor& vt, const at::Tensor& wt) : Tables<T>(vt.size(0), 3) {
+  TransportTables(const Tensor& vt, const Tensor& wt) : Tables<T>(vt.size(0), 3) {
     const std::vector<double> v = as_double(vt), w = as_double(wt);
     double W = 0.0, Wv = 0.0;
     for (size_t j = 0; j < v.size(); ++j) {
@@ -748,24 +745,24 @@ HRGRAD_INLINE void transport_rows_impl(const TransportArgs<T>& a, const int64_t&
 }
 HRGRAD_SIMD_DISPATCH(transport_rows, transport_rows_impl)
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> transport_mm_residuals_cpu(
-    const at::Tensor& G_, const at::Tensor& Gt_, const at::Tensor& Gx_, const at::Tensor& rho_t_,
-    const at::Tensor& rho_x_, const at::Tensor& v, const at::Tensor& w, const at::Tensor& eps_) {
+std::tuple<Tensor, Tensor, Tensor> transport_mm_residuals_cpu(
+    const Tensor& G_, const Tensor& Gt_, const Tensor& Gx_, const Tensor& rho_t_,
+    const Tensor& rho_x_, const Tensor& v, const Tensor& w, const Tensor& eps_) {
   const int64_t es = check_transport(G_, Gt_, Gx_, rho_t_, rho_x_, v, w, eps_);
-  const at::Tensor G = G_.contiguous(), Gt = Gt_.contiguous(), Gx = Gx_.contiguous(),
-                   rho_t = rho_t_.contiguous(), rho_x = rho_x_.contiguous(), eps = eps_.contiguous();
+  const Tensor G = make_contiguous(G_), Gt = make_contiguous(Gt_), Gx = make_contiguous(Gx_),
+                   rho_t = make_contiguous(rho_t_), rho_x = make_contiguous(rho_x_), eps = make_contiguous(eps_);
   const int64_t N = G.size(0), nv = G.size(1);
-  at::Tensor g = at::empty({N, nv}, G.options()), micro = at::empty({N, nv}, G.options()),
-             macro = at::empty({N}, G.options());
+  Tensor g = empty_on(G, {N, nv}), micro = empty_on(G, {N, nv}),
+             macro = empty_on(G, {N});
   const int vb = simd::vector_bytes();
-  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "transport_mm_residuals_cpu", [&] {
+  HRGRAD_DISPATCH_FLOATING(G.scalar_type(), "transport_mm_residuals_cpu", [&] {
     using T_ = scalar_t;
     const TransportTables<T_> tab(v, w);
     const TransportArgs<T_> args{G.const_data_ptr<T_>(),     Gt.const_data_ptr<T_>(),      Gx.const_data_ptr<T_>(),
                                  rho_t.const_data_ptr<T_>(), rho_x.const_data_ptr<T_>(),   eps.const_data_ptr<T_>(),
                                  es,                         nv,                           &tab,
                                  g.mutable_data_ptr<T_>(),   micro.mutable_data_ptr<T_>(), macro.mutable_data_ptr<T_>()};
-    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { transport_rows(vb, args, r0, r1); });
+    parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { transport_rows(vb, args, r0, r1); });
   });
   return {g, micro, macro};
 }
@@ -848,18 +845,18 @@ HRGRAD_INLINE void transport_backward_rows_impl(const TransportBackwardArgs<T>& 
 }
 HRGRAD_SIMD_DISPATCH(transport_backward_rows, transport_backward_rows_impl)
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> transport_mm_residuals_backward_cpu(
-    const at::Tensor& gg_, const at::Tensor& gm_, const at::Tensor& gc_, const at::Tensor& Gt_,
-    const at::Tensor& Gx_, const at::Tensor& v, const at::Tensor& w, const at::Tensor& eps_) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> transport_mm_residuals_backward_cpu(
+    const Tensor& gg_, const Tensor& gm_, const Tensor& gc_, const Tensor& Gt_,
+    const Tensor& Gx_, const Tensor& v, const Tensor& w, const Tensor& eps_) {
   const int64_t es = check_transport_backward(gg_, gm_, gc_, Gt_, Gx_, v, w, eps_);
-  const at::Tensor gg = gg_.contiguous(), gm = gm_.contiguous(), gc = gc_.contiguous(), Gt = Gt_.contiguous(),
-                   Gx = Gx_.contiguous(), eps = eps_.contiguous();
+  const Tensor gg = make_contiguous(gg_), gm = make_contiguous(gm_), gc = make_contiguous(gc_), Gt = make_contiguous(Gt_),
+                   Gx = make_contiguous(Gx_), eps = make_contiguous(eps_);
   const int64_t N = Gt.size(0), nv = Gt.size(1);
-  const auto opt = Gt.options();
-  at::Tensor dG = at::empty({N, nv}, opt), dGt = at::empty({N, nv}, opt), dGx = at::empty({N, nv}, opt);
-  at::Tensor drho_x = at::empty({N}, opt), deps = at::empty({N}, opt);
+  const Tensor& opt = Gt;  // outputs: Gt's dtype and device
+  Tensor dG = empty_on(opt, {N, nv}), dGt = empty_on(opt, {N, nv}), dGx = empty_on(opt, {N, nv});
+  Tensor drho_x = empty_on(opt, {N}), deps = empty_on(opt, {N});
   const int vb = simd::vector_bytes();
-  AT_DISPATCH_FLOATING_TYPES(Gt.scalar_type(), "transport_mm_residuals_backward_cpu", [&] {
+  HRGRAD_DISPATCH_FLOATING(Gt.scalar_type(), "transport_mm_residuals_backward_cpu", [&] {
     using T_ = scalar_t;
     const TransportTables<T_> tab(v, w);
     const TransportBackwardArgs<T_> args{
@@ -867,7 +864,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> transport
         Gx.const_data_ptr<T_>(),     eps.const_data_ptr<T_>(), es,                        nv,
         &tab,                        dG.mutable_data_ptr<T_>(), dGt.mutable_data_ptr<T_>(), dGx.mutable_data_ptr<T_>(),
         drho_x.mutable_data_ptr<T_>(), deps.mutable_data_ptr<T_>()};
-    at::parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) {
+    parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) {
       transport_backward_rows(vb, args, r0, r1);
     });
   });
@@ -876,15 +873,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> transport
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hrgrad_ext, CPU, m) {
-  m.impl("velocity_moments", &velocity_moments_cpu);
-  m.impl("velocity_moments_backward", &velocity_moments_backward_cpu);
-  m.impl("maxwellian", &maxwellian_cpu);
-  m.impl("maxwellian_backward", &maxwellian_backward_cpu);
-  m.impl("bgk_residuals", &bgk_residuals_cpu);
-  m.impl("bgk_residuals_backward", &bgk_residuals_backward_cpu);
-  m.impl("transport_mm_residuals", &transport_mm_residuals_cpu);
-  m.impl("transport_mm_residuals_backward", &transport_mm_residuals_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(hrgrad_ext, CPU, m) {
+  m.impl("velocity_moments", TORCH_BOX(&velocity_moments_cpu));
+  m.impl("velocity_moments_backward", TORCH_BOX(&velocity_moments_backward_cpu));
+  m.impl("maxwellian", TORCH_BOX(&maxwellian_cpu));
+  m.impl("maxwellian_backward", TORCH_BOX(&maxwellian_backward_cpu));
+  m.impl("bgk_residuals", TORCH_BOX(&bgk_residuals_cpu));
+  m.impl("bgk_residuals_backward", TORCH_BOX(&bgk_residuals_backward_cpu));
+  m.impl("transport_mm_residuals", TORCH_BOX(&transport_mm_residuals_cpu));
+  m.impl("transport_mm_residuals_backward", TORCH_BOX(&transport_mm_residuals_backward_cpu));
 }
 
 }  // namespace kinetic

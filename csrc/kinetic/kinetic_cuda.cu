@@ -24,8 +24,6 @@
 // A warp whose first row is past N leaves at once (the whole warp together); in the last warp,
 // segments past N redo the last row (reads stay in bounds, every lane takes part in the
 // shuffles) and store nothing.
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
@@ -91,7 +89,7 @@ __device__ __forceinline__ bool row_lane(int64_t N, RowLane& out) {
 inline unsigned row_blocks(int64_t N, int L) {
   const int64_t rows_per_block = kThreads / L;
   const int64_t blocks = (N + rows_per_block - 1) / rows_per_block;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "kinetic op: ", N, " rows exceed the CUDA grid (",
+  HRGRAD_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "kinetic op: ", N, " rows exceed the CUDA grid (",
               std::numeric_limits<int32_t>::max(), " blocks of ", rows_per_block, " rows)");
   return static_cast<unsigned>(blocks);
 }
@@ -116,7 +114,7 @@ void with_lanes_per(int64_t V, F&& f) {
     } else if constexpr (L == kWarp) {
       f(lanes, std::integral_constant<int, 0>{});
     } else {
-      TORCH_INTERNAL_ASSERT(false, "with_lanes chose ", L, " lanes for V = ", V);
+      HRGRAD_CHECK(false, "internal error: with_lanes chose ", L, " lanes for V = ", V);
     }
   });
 }
@@ -192,14 +190,14 @@ __global__ void __launch_bounds__(kThreads) velocity_moments_backward_kernel(
   }
 }
 
-at::Tensor velocity_moments_cuda(const at::Tensor& F_, const at::Tensor& v_, const at::Tensor& w_, int64_t order) {
+Tensor velocity_moments_cuda(const Tensor& F_, const Tensor& v_, const Tensor& w_, int64_t order) {
   check_velocity_moments(F_, v_, w_, order);
-  const cuda::DeviceGuard guard(F_.device());
-  const at::Tensor F = F_.contiguous(), v = v_.contiguous(), w = w_.contiguous();
+  const cuda::DeviceGuard guard(F_.get_device_index());
+  const Tensor F = make_contiguous(F_), v = make_contiguous(v_), w = make_contiguous(w_);
   const int64_t N = F.size(0), V = F.size(1), K = order + 1;
-  at::Tensor out = at::empty({N, K}, F.options());
+  Tensor out = empty_on(F, {N, K});
   if (N == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "velocity_moments_cuda", [&] {
+  HRGRAD_DISPATCH_FLOATING(F.scalar_type(), "velocity_moments_cuda", [&] {
     using acc_t = scalar_t;
     with_lanes_per(V, [&](auto lanes, auto per) {
       constexpr int L = decltype(lanes)::value;
@@ -211,14 +209,14 @@ at::Tensor velocity_moments_cuda(const at::Tensor& F_, const at::Tensor& v_, con
   return out;
 }
 
-at::Tensor velocity_moments_backward_cuda(const at::Tensor& grad_, const at::Tensor& v_, const at::Tensor& w_) {
+Tensor velocity_moments_backward_cuda(const Tensor& grad_, const Tensor& v_, const Tensor& w_) {
   check_velocity_moments_backward(grad_, v_, w_);
-  const cuda::DeviceGuard guard(grad_.device());
-  const at::Tensor grad = grad_.contiguous(), v = v_.contiguous(), w = w_.contiguous();
+  const cuda::DeviceGuard guard(grad_.get_device_index());
+  const Tensor grad = make_contiguous(grad_), v = make_contiguous(v_), w = make_contiguous(w_);
   const int64_t N = grad.size(0), K = grad.size(1), V = v.size(0);
-  at::Tensor dF = at::empty({N, V}, grad.options());
+  Tensor dF = empty_on(grad, {N, V});
   if (N == 0) return dF;
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "velocity_moments_backward_cuda", [&] {
+  HRGRAD_DISPATCH_FLOATING(grad.scalar_type(), "velocity_moments_backward_cuda", [&] {
     with_lanes(V, [&](auto lanes) {
       constexpr int L = decltype(lanes)::value;
       launch<velocity_moments_backward_kernel<scalar_t, scalar_t, L>>({row_blocks(N, L), kThreads},
@@ -276,14 +274,14 @@ __global__ void __launch_bounds__(kThreads) maxwellian_backward_kernel(
   }
 }
 
-at::Tensor maxwellian_cuda(const at::Tensor& rho_, const at::Tensor& u_, const at::Tensor& T_, const at::Tensor& v_) {
+Tensor maxwellian_cuda(const Tensor& rho_, const Tensor& u_, const Tensor& T_, const Tensor& v_) {
   check_maxwellian("maxwellian", rho_, u_, T_, v_);
-  const cuda::DeviceGuard guard(rho_.device());
-  const at::Tensor rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous(), v = v_.contiguous();
+  const cuda::DeviceGuard guard(rho_.get_device_index());
+  const Tensor rho = make_contiguous(rho_), u = make_contiguous(u_), T = make_contiguous(T_), v = make_contiguous(v_);
   const int64_t N = rho.size(0), V = v.size(0);
-  at::Tensor M = at::empty({N, V}, rho.options());
+  Tensor M = empty_on(rho, {N, V});
   if (N == 0) return M;
-  AT_DISPATCH_FLOATING_TYPES(rho.scalar_type(), "maxwellian_cuda", [&] {
+  HRGRAD_DISPATCH_FLOATING(rho.scalar_type(), "maxwellian_cuda", [&] {
     with_lanes(V, [&](auto lanes) {
       constexpr int L = decltype(lanes)::value;
       launch<maxwellian_kernel<scalar_t, scalar_t, L>>({row_blocks(N, L), kThreads},
@@ -294,18 +292,18 @@ at::Tensor maxwellian_cuda(const at::Tensor& rho_, const at::Tensor& u_, const a
   return M;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> maxwellian_backward_cuda(const at::Tensor& grad_, const at::Tensor& rho_,
-                                                                        const at::Tensor& u_, const at::Tensor& T_,
-                                                                        const at::Tensor& v_) {
+std::tuple<Tensor, Tensor, Tensor> maxwellian_backward_cuda(const Tensor& grad_, const Tensor& rho_,
+                                                                        const Tensor& u_, const Tensor& T_,
+                                                                        const Tensor& v_) {
   check_maxwellian_backward(grad_, rho_, u_, T_, v_);
-  const cuda::DeviceGuard guard(rho_.device());
-  const at::Tensor grad = grad_.contiguous(), rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous(),
-                   v = v_.contiguous();
+  const cuda::DeviceGuard guard(rho_.get_device_index());
+  const Tensor grad = make_contiguous(grad_), rho = make_contiguous(rho_), u = make_contiguous(u_), T = make_contiguous(T_),
+                   v = make_contiguous(v_);
   const int64_t N = rho.size(0), V = v.size(0);
-  at::Tensor drho = at::empty({N}, rho.options()), du = at::empty({N}, rho.options()),
-             dT = at::empty({N}, rho.options());
+  Tensor drho = empty_on(rho, {N}), du = empty_on(rho, {N}),
+             dT = empty_on(rho, {N});
   if (N == 0) return {drho, du, dT};
-  AT_DISPATCH_FLOATING_TYPES(rho.scalar_type(), "maxwellian_backward_cuda", [&] {
+  HRGRAD_DISPATCH_FLOATING(rho.scalar_type(), "maxwellian_backward_cuda", [&] {
     with_lanes(V, [&](auto lanes) {
       constexpr int L = decltype(lanes)::value;
       launch<maxwellian_backward_kernel<scalar_t, scalar_t, L>>({row_blocks(N, L), kThreads},
@@ -417,28 +415,28 @@ __global__ void __launch_bounds__(kThreads) bgk_backward_kernel(
 }
 
 template <typename scalar_t>
-BgkRows<scalar_t> bgk_rows(const at::Tensor& rho, const at::Tensor& u, const at::Tensor& T, const at::Tensor& rho_t,
-                           const at::Tensor& u_t, const at::Tensor& T_t, const at::Tensor& kn, int64_t ks) {
+BgkRows<scalar_t> bgk_rows(const Tensor& rho, const Tensor& u, const Tensor& T, const Tensor& rho_t,
+                           const Tensor& u_t, const Tensor& T_t, const Tensor& kn, int64_t ks) {
   return {rho.const_data_ptr<scalar_t>(),   u.const_data_ptr<scalar_t>(),   T.const_data_ptr<scalar_t>(),
           rho_t.const_data_ptr<scalar_t>(), u_t.const_data_ptr<scalar_t>(), T_t.const_data_ptr<scalar_t>(),
           kn.const_data_ptr<scalar_t>(),    ks};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bgk_residuals_cuda(
-    const at::Tensor& F_, const at::Tensor& Ft_, const at::Tensor& Fx_, const at::Tensor& rho_,
-    const at::Tensor& u_, const at::Tensor& T_, const at::Tensor& rho_t_, const at::Tensor& u_t_,
-    const at::Tensor& T_t_, const at::Tensor& v_, const at::Tensor& w_, const at::Tensor& kn_) {
+std::tuple<Tensor, Tensor, Tensor> bgk_residuals_cuda(
+    const Tensor& F_, const Tensor& Ft_, const Tensor& Fx_, const Tensor& rho_,
+    const Tensor& u_, const Tensor& T_, const Tensor& rho_t_, const Tensor& u_t_,
+    const Tensor& T_t_, const Tensor& v_, const Tensor& w_, const Tensor& kn_) {
   const int64_t ks = check_bgk(F_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v_, w_, kn_);
-  const cuda::DeviceGuard guard(F_.device());
-  const at::Tensor F = F_.contiguous(), Ft = Ft_.contiguous(), Fx = Fx_.contiguous(), rho = rho_.contiguous(),
-                   u = u_.contiguous(), T = T_.contiguous(), rho_t = rho_t_.contiguous(),
-                   u_t = u_t_.contiguous(), T_t = T_t_.contiguous(), v = v_.contiguous(), w = w_.contiguous(),
-                   kn = kn_.contiguous();
+  const cuda::DeviceGuard guard(F_.get_device_index());
+  const Tensor F = make_contiguous(F_), Ft = make_contiguous(Ft_), Fx = make_contiguous(Fx_), rho = make_contiguous(rho_),
+                   u = make_contiguous(u_), T = make_contiguous(T_), rho_t = make_contiguous(rho_t_),
+                   u_t = make_contiguous(u_t_), T_t = make_contiguous(T_t_), v = make_contiguous(v_), w = make_contiguous(w_),
+                   kn = make_contiguous(kn_);
   const int64_t N = F.size(0), V = F.size(1);
-  at::Tensor kin = at::empty({N, V}, F.options()), cons = at::empty({N, 3}, F.options()),
-             consis = at::empty({N, 3}, F.options());
+  Tensor kin = empty_on(F, {N, V}), cons = empty_on(F, {N, 3}),
+             consis = empty_on(F, {N, 3});
   if (N == 0) return {kin, cons, consis};
-  AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "bgk_residuals_cuda", [&] {
+  HRGRAD_DISPATCH_FLOATING(F.scalar_type(), "bgk_residuals_cuda", [&] {
     with_lanes(V, [&](auto lanes) {
       constexpr int L = decltype(lanes)::value;
       launch<bgk_forward_kernel<scalar_t, scalar_t, L>>({row_blocks(N, L), kThreads},
@@ -451,26 +449,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bgk_residuals_cuda(
   return {kin, cons, consis};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor>
-bgk_residuals_backward_cuda(const at::Tensor& gK_, const at::Tensor& gC_, const at::Tensor& gS_,
-                            const at::Tensor& Ft_, const at::Tensor& Fx_, const at::Tensor& rho_,
-                            const at::Tensor& u_, const at::Tensor& T_, const at::Tensor& rho_t_,
-                            const at::Tensor& u_t_, const at::Tensor& T_t_, const at::Tensor& v_,
-                            const at::Tensor& w_, const at::Tensor& kn_) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor, Tensor>
+bgk_residuals_backward_cuda(const Tensor& gK_, const Tensor& gC_, const Tensor& gS_,
+                            const Tensor& Ft_, const Tensor& Fx_, const Tensor& rho_,
+                            const Tensor& u_, const Tensor& T_, const Tensor& rho_t_,
+                            const Tensor& u_t_, const Tensor& T_t_, const Tensor& v_,
+                            const Tensor& w_, const Tensor& kn_) {
   const int64_t ks = check_bgk_backward(gK_, gC_, gS_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v_, w_, kn_);
-  const cuda::DeviceGuard guard(Ft_.device());
-  const at::Tensor gK = gK_.contiguous(), gC = gC_.contiguous(), gS = gS_.contiguous(), Ft = Ft_.contiguous(),
-                   Fx = Fx_.contiguous(), rho = rho_.contiguous(), u = u_.contiguous(), T = T_.contiguous(),
-                   rho_t = rho_t_.contiguous(), u_t = u_t_.contiguous(), T_t = T_t_.contiguous(),
-                   v = v_.contiguous(), w = w_.contiguous(), kn = kn_.contiguous();
+  const cuda::DeviceGuard guard(Ft_.get_device_index());
+  const Tensor gK = make_contiguous(gK_), gC = make_contiguous(gC_), gS = make_contiguous(gS_), Ft = make_contiguous(Ft_),
+                   Fx = make_contiguous(Fx_), rho = make_contiguous(rho_), u = make_contiguous(u_), T = make_contiguous(T_),
+                   rho_t = make_contiguous(rho_t_), u_t = make_contiguous(u_t_), T_t = make_contiguous(T_t_),
+                   v = make_contiguous(v_), w = make_contiguous(w_), kn = make_contiguous(kn_);
   const int64_t N = Ft.size(0), V = Ft.size(1);
-  const auto opt = Ft.options();
-  at::Tensor dF = at::empty({N, V}, opt), dFt = at::empty({N, V}, opt), dFx = at::empty({N, V}, opt);
-  at::Tensor r[7];
-  for (auto& t : r) t = at::empty({N}, opt);
+  const Tensor& opt = Ft;  // outputs: Ft's dtype and device
+  Tensor dF = empty_on(opt, {N, V}), dFt = empty_on(opt, {N, V}), dFx = empty_on(opt, {N, V});
+  Tensor r[7];
+  for (auto& t : r) t = empty_on(opt, {N});
   if (N > 0) {
-    AT_DISPATCH_FLOATING_TYPES(Ft.scalar_type(), "bgk_residuals_backward_cuda", [&] {
+    HRGRAD_DISPATCH_FLOATING(Ft.scalar_type(), "bgk_residuals_backward_cuda", [&] {
       BgkGradRows<scalar_t> out{r[0].mutable_data_ptr<scalar_t>(), r[1].mutable_data_ptr<scalar_t>(),
                                 r[2].mutable_data_ptr<scalar_t>(), r[3].mutable_data_ptr<scalar_t>(),
                                 r[4].mutable_data_ptr<scalar_t>(), r[5].mutable_data_ptr<scalar_t>(),
@@ -652,19 +650,19 @@ __global__ void __launch_bounds__(kThreads) transport_backward_kernel(
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> transport_mm_residuals_cuda(
-    const at::Tensor& G_, const at::Tensor& Gt_, const at::Tensor& Gx_, const at::Tensor& rho_t_,
-    const at::Tensor& rho_x_, const at::Tensor& v_, const at::Tensor& w_, const at::Tensor& eps_) {
+std::tuple<Tensor, Tensor, Tensor> transport_mm_residuals_cuda(
+    const Tensor& G_, const Tensor& Gt_, const Tensor& Gx_, const Tensor& rho_t_,
+    const Tensor& rho_x_, const Tensor& v_, const Tensor& w_, const Tensor& eps_) {
   const int64_t es = check_transport(G_, Gt_, Gx_, rho_t_, rho_x_, v_, w_, eps_);
-  const cuda::DeviceGuard guard(G_.device());
-  const at::Tensor G = G_.contiguous(), Gt = Gt_.contiguous(), Gx = Gx_.contiguous(),
-                   rho_t = rho_t_.contiguous(), rho_x = rho_x_.contiguous(), v = v_.contiguous(),
-                   w = w_.contiguous(), eps = eps_.contiguous();
+  const cuda::DeviceGuard guard(G_.get_device_index());
+  const Tensor G = make_contiguous(G_), Gt = make_contiguous(Gt_), Gx = make_contiguous(Gx_),
+                   rho_t = make_contiguous(rho_t_), rho_x = make_contiguous(rho_x_), v = make_contiguous(v_),
+                   w = make_contiguous(w_), eps = make_contiguous(eps_);
   const int64_t N = G.size(0), V = G.size(1);
-  at::Tensor g = at::empty({N, V}, G.options()), micro = at::empty({N, V}, G.options()),
-             macro = at::empty({N}, G.options());
+  Tensor g = empty_on(G, {N, V}), micro = empty_on(G, {N, V}),
+             macro = empty_on(G, {N});
   if (N == 0) return {g, micro, macro};
-  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "transport_mm_residuals_cuda", [&] {
+  HRGRAD_DISPATCH_FLOATING(G.scalar_type(), "transport_mm_residuals_cuda", [&] {
     with_lanes_per(V, [&](auto lanes, auto per) {
       constexpr int L = decltype(lanes)::value;
       launch<transport_forward_kernel<scalar_t, scalar_t, L, decltype(per)::value>>({row_blocks(N, L), kThreads},
@@ -677,19 +675,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> transport_mm_residuals_cuda(
   return {g, micro, macro};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> transport_mm_residuals_backward_cuda(
-    const at::Tensor& gg_, const at::Tensor& gm_, const at::Tensor& gc_, const at::Tensor& Gt_,
-    const at::Tensor& Gx_, const at::Tensor& v_, const at::Tensor& w_, const at::Tensor& eps_) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> transport_mm_residuals_backward_cuda(
+    const Tensor& gg_, const Tensor& gm_, const Tensor& gc_, const Tensor& Gt_,
+    const Tensor& Gx_, const Tensor& v_, const Tensor& w_, const Tensor& eps_) {
   const int64_t es = check_transport_backward(gg_, gm_, gc_, Gt_, Gx_, v_, w_, eps_);
-  const cuda::DeviceGuard guard(Gt_.device());
-  const at::Tensor gg = gg_.contiguous(), gm = gm_.contiguous(), gc = gc_.contiguous(), Gt = Gt_.contiguous(),
-                   Gx = Gx_.contiguous(), v = v_.contiguous(), w = w_.contiguous(), eps = eps_.contiguous();
+  const cuda::DeviceGuard guard(Gt_.get_device_index());
+  const Tensor gg = make_contiguous(gg_), gm = make_contiguous(gm_), gc = make_contiguous(gc_), Gt = make_contiguous(Gt_),
+                   Gx = make_contiguous(Gx_), v = make_contiguous(v_), w = make_contiguous(w_), eps = make_contiguous(eps_);
   const int64_t N = Gt.size(0), V = Gt.size(1);
-  const auto opt = Gt.options();
-  at::Tensor dG = at::empty({N, V}, opt), dGt = at::empty({N, V}, opt), dGx = at::empty({N, V}, opt);
-  at::Tensor drho_x = at::empty({N}, opt), deps = at::empty({N}, opt);
+  const Tensor& opt = Gt;  // outputs: Gt's dtype and device
+  Tensor dG = empty_on(opt, {N, V}), dGt = empty_on(opt, {N, V}), dGx = empty_on(opt, {N, V});
+  Tensor drho_x = empty_on(opt, {N}), deps = empty_on(opt, {N});
   if (N == 0) return {dG, dGt, dGx, drho_x, deps};
-  AT_DISPATCH_FLOATING_TYPES(Gt.scalar_type(), "transport_mm_residuals_backward_cuda", [&] {
+  HRGRAD_DISPATCH_FLOATING(Gt.scalar_type(), "transport_mm_residuals_backward_cuda", [&] {
     with_lanes_per(V, [&](auto lanes, auto per) {
       constexpr int L = decltype(lanes)::value;
       launch<transport_backward_kernel<scalar_t, scalar_t, L, decltype(per)::value>>({row_blocks(N, L), kThreads},
@@ -706,14 +704,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> transport
 }  // namespace
 
 HRGRAD_EXT_CUDA_KERNELS(m) {
-  m.impl("velocity_moments", &velocity_moments_cuda);
-  m.impl("velocity_moments_backward", &velocity_moments_backward_cuda);
-  m.impl("maxwellian", &maxwellian_cuda);
-  m.impl("maxwellian_backward", &maxwellian_backward_cuda);
-  m.impl("bgk_residuals", &bgk_residuals_cuda);
-  m.impl("bgk_residuals_backward", &bgk_residuals_backward_cuda);
-  m.impl("transport_mm_residuals", &transport_mm_residuals_cuda);
-  m.impl("transport_mm_residuals_backward", &transport_mm_residuals_backward_cuda);
+  m.impl("velocity_moments", TORCH_BOX(&velocity_moments_cuda));
+  m.impl("velocity_moments_backward", TORCH_BOX(&velocity_moments_backward_cuda));
+  m.impl("maxwellian", TORCH_BOX(&maxwellian_cuda));
+  m.impl("maxwellian_backward", TORCH_BOX(&maxwellian_backward_cuda));
+  m.impl("bgk_residuals", TORCH_BOX(&bgk_residuals_cuda));
+  m.impl("bgk_residuals_backward", TORCH_BOX(&bgk_residuals_backward_cuda));
+  m.impl("transport_mm_residuals", TORCH_BOX(&transport_mm_residuals_cuda));
+  m.impl("transport_mm_residuals_backward", TORCH_BOX(&transport_mm_residuals_backward_cuda));
 }
 
 }  // namespace kinetic

@@ -2,6 +2,11 @@
 // (tests/test_cuda_emulation.py). Built into the emulation library only, never shipped.
 #include "common/cuda_kernel.h"
 
+// The self-test registers its launchers with the full C++ API (a test library, never shipped;
+// the project's kernels go through the stable ABI of common/tensor.h).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
 namespace hrgrad_cuda_emu_selftest {
 namespace {
 

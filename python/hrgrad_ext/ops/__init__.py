@@ -1,8 +1,10 @@
 """The custom ops of ``torch.ops.hrgrad_ext`` with validated Python wrappers.
 
 Importing this module registers the fake (meta) kernels and the vmap rules of the ops, so
-they work with ``torch.compile`` and ``torch.vmap``; their autograd (reverse and forward
-mode, every ``torch.func`` transform) is registered by the compiled core (``csrc/autograd``).
+they work with ``torch.compile`` and ``torch.vmap``. Their autograd (reverse and forward
+mode, every ``torch.func`` transform) is the C++ library ``csrc/autograd`` under the torch the
+extension was built with, and the Python kernels of :mod:`._autograd` (same semantics) under
+any other torch: ``hrgrad_ext.build_info()["autograd"]`` says which.
 
 - HRGrad kernels (:mod:`.gram`): ``gram``, ``hrgrad_weights`` / ``hrgrad_weights_ex``,
   ``combine``, ``hrgrad`` / ``hrgrad_ex`` and the per-parameter ``gram_of_list`` /
@@ -35,6 +37,13 @@ from .kinetic import (
     transport_mm_residuals,
     velocity_moments,
 )
+
+from .._build import AUTOGRAD as _AUTOGRAD
+
+if _AUTOGRAD == "python":
+    from . import _autograd
+
+    _autograd.register()
 
 __all__ = [
     "HRGradResult",

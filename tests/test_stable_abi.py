@@ -1,0 +1,115 @@
+"""The compiled core is built on the LibTorch stable ABI and loads on every torch >= 2.10; the
+C++ autograd is used only under the torch it was built for, the Python autograd elsewhere, with
+the same results (test_transforms.py and the op tests run on both paths here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hrgrad_ext
+from hrgrad_ext import _build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def undefined_symbols(path: Path) -> list[str]:
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not installed")
+    out = subprocess.run([nm, "-D", "--undefined-only", str(path)], capture_output=True, text=True, check=True)
+    return [line.split()[-1] for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_kernel_library_uses_only_the_stable_c_abi_of_torch():
+    """No C++ symbol of torch (c10::, at::, torch:: mangled names) and no libtorch dependency:
+    only the C shims of the stable ABI, resolved against whatever torch is imported."""
+    symbols = undefined_symbols(Path(hrgrad_ext._C.__file__))
+    cxx_torch = [s for s in symbols if s.startswith(("_ZN3c10", "_ZN2at", "_ZN5torch", "_ZNK3c10", "_ZNK2at"))]
+    assert not cxx_torch, f"the kernel library uses torch's C++ ABI: {cxx_torch[:10]}"
+    assert any(s.startswith("aoti_torch_") for s in symbols)  # it does use the stable shims
+    readelf = shutil.which("readelf")
+    if readelf:
+        dyn = subprocess.run([readelf, "-d", hrgrad_ext._C.__file__], capture_output=True, text=True).stdout
+        assert "libtorch" not in dyn and "libc10" not in dyn, dyn
+
+
+def test_build_info_reports_the_torch_range_and_the_autograd_in_use():
+    info = hrgrad_ext.build_info()
+    assert info["stable_abi"] is True
+    assert info["torch_min_version"] == "2.10"
+    assert info["autograd"] in ("cpp", "python") and info["autograd_reason"]
+    same = _build._release(torch.__version__) == _build._release(info["torch_version"])
+    if os.environ.get(_build.AUTOGRAD_ENV, "auto") == "auto":
+        assert info["autograd"] == ("cpp" if same else "python")
+
+
+@pytest.mark.parametrize("version, release", [("2.14.1+cu130", (2, 14, 1)), ("2.15.0a0+git1234", (2, 15, 0)),
+                                              ("2.10", (2, 10, 0)), ("garbage", (0, 0, 0))])
+def test_release_parsing(version, release):
+    assert _build._release(version) == release
+
+
+def test_unsupported_torch_raises_a_clear_import_error(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu126")
+    with pytest.raises(ImportError, match=r"hrgrad_ext needs torch >= 2\.10 .* found torch 2\.9\.1\+cu126"):
+        _build._check_torch_range()
+
+
+def test_autograd_selection_by_environment():
+    code = "import hrgrad_ext; print(hrgrad_ext.build_info()['autograd'])"
+    assert run_python(code, HRGRAD_EXT_AUTOGRAD="python").stdout.strip() == "python"
+    bad = run_python(code, HRGRAD_EXT_AUTOGRAD="fortran")
+    assert bad.returncode != 0 and "HRGRAD_EXT_AUTOGRAD must be auto, cpp or python" in bad.stderr
+    demanded = run_python(code, HRGRAD_EXT_AUTOGRAD="cpp")
+    built = hrgrad_ext.build_info()["torch_version"]
+    if _build._AUTOGRAD_LIBRARY.exists() and _build._release(torch.__version__) == _build._release(built):
+        assert demanded.stdout.strip() == "cpp", demanded.stderr
+    else:
+        assert demanded.returncode != 0
+        assert "HRGRAD_EXT_AUTOGRAD=cpp but the C++ autograd cannot be used" in demanded.stderr
+
+
+OP_TESTS = ["tests/test_transforms.py", "tests/test_gram_ops.py", "tests/test_kinetic_ops.py", "tests/test_cone_ops.py",
+            "tests/test_backward.py"]
+
+
+def test_op_suites_pass_on_the_other_autograd_path():
+    """The autograd-mode matrix (test_transforms.py: every op under every autograd mode and
+    torch.func transform, the refusals) and the op tests (gradcheck, opcheck, torch.compile)
+    on the path this process does not use: the Python autograd when the C++ one is loaded.
+    (Under a torch the C++ autograd was not built for, the Python path is the only one and the
+    whole suite runs on it.)"""
+    if hrgrad_ext.build_info()["autograd"] == "python":
+        pytest.skip("this process already runs every test on the Python autograd")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *OP_TESTS],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "HRGRAD_EXT_AUTOGRAD": "python"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout
+
+
+def test_version_provider_adds_the_variant_label(monkeypatch):
+    spec = importlib.util.spec_from_file_location("hrgrad_ext_version",
+                                                  ROOT / "scripts" / "build_support" / "hrgrad_ext_version.py")
+    provider = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(provider)
+    monkeypatch.delenv("HRGRAD_EXT_LOCAL_VERSION", raising=False)
+    assert provider.dynamic_metadata("version") == hrgrad_ext.__version__
+    monkeypatch.setenv("HRGRAD_EXT_LOCAL_VERSION", "cu130")
+    assert provider.dynamic_metadata("version") == hrgrad_ext.__version__ + "+cu130"
+    monkeypatch.setenv("HRGRAD_EXT_LOCAL_VERSION", "cu 130!")
+    with pytest.raises(RuntimeError, match="local version label"):
+        provider.dynamic_metadata("version")
