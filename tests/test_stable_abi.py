@@ -40,6 +40,13 @@ def test_kernel_library_uses_only_the_stable_c_abi_of_torch():
     cxx_torch = [s for s in symbols if s.startswith(("_ZN3c10", "_ZN2at", "_ZN5torch", "_ZNK3c10", "_ZNK2at"))]
     assert not cxx_torch, f"the kernel library uses torch's C++ ABI: {cxx_torch[:10]}"
     assert any(s.startswith("aoti_torch_") for s in symbols)  # it does use the stable shims
+    # every shim it needs at load time is in libtorch_cpu, which every torch build has: the CUDA
+    # shims (libtorch_cuda) are looked up when used, so a CUDA wheel imports under a CPU torch
+    torch_cpu = Path(torch.__file__).resolve().parent / "lib" / "libtorch_cpu.so"
+    defined = set(subprocess.run([shutil.which("nm"), "-D", "--defined-only", str(torch_cpu)], capture_output=True,
+                                 text=True, check=True).stdout.split())
+    elsewhere = [s for s in symbols if s.startswith(("aoti_torch_", "torch_")) and s not in defined]
+    assert not elsewhere, f"shims not in libtorch_cpu (absent from a CPU torch): {elsewhere}"
     readelf = shutil.which("readelf")
     if readelf:
         dyn = subprocess.run([readelf, "-d", hrgrad_ext._C.__file__], capture_output=True, text=True).stdout

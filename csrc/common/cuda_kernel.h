@@ -31,7 +31,7 @@
 #include "cuda_emulator.h"  // tests/cuda_emu/: on the include path of the emulation build only
 #else
 #include <cuda_runtime.h>
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>  // aoti_torch_get_current_cuda_stream (USE_CUDA)
+#include <dlfcn.h>
 #include <torch/csrc/stable/accelerator.h>
 #endif
 
@@ -88,13 +88,23 @@ void allow_dynamic_shared_memory(size_t bytes) {
 // Constructed from a tensor's get_device_index().
 using DeviceGuard = torch::stable::accelerator::DeviceGuard;
 
-// torch's current stream on the current device (the one the DeviceGuard of the op selected).
+// torch's current stream on the current device (the one the DeviceGuard of the op selected),
+// from the stable C shim aoti_torch_get_current_cuda_stream. It lives in libtorch_cuda, which
+// a CPU build of torch does not have: looked up at run time (hrgrad_ext makes torch's loaded
+// libraries global first), so a CUDA wheel still imports under a CPU torch, where no CUDA
+// tensor, hence no call of this, can exist.
 inline cudaStream_t current_stream() {
+  using CurrentStreamShim = int32_t (*)(int32_t, void**);
+  static const auto shim =
+      reinterpret_cast<CurrentStreamShim>(dlsym(RTLD_DEFAULT, "aoti_torch_get_current_cuda_stream"));
+  HRGRAD_CHECK(shim != nullptr, "hrgrad_ext: torch's CUDA stream shim (aoti_torch_get_current_cuda_stream) is not "
+               "loaded; the CUDA kernels need a CUDA build of torch");
   int device = 0;
   const cudaError_t err = cudaGetDevice(&device);
   HRGRAD_CHECK(err == cudaSuccess, "cudaGetDevice: ", cudaGetErrorString(err));
   void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
+  HRGRAD_CHECK(shim(device, &stream) == AOTI_TORCH_SUCCESS, "aoti_torch_get_current_cuda_stream failed on device ",
+               device);
   return static_cast<cudaStream_t>(stream);
 }
 

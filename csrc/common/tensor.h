@@ -79,9 +79,36 @@ inline bool same_device(const Tensor& a, const Tensor& b) {
   return a.is_cuda() == b.is_cuda() && a.is_cpu() == b.is_cpu() && a.get_device_index() == b.get_device_index();
 }
 
-// A new uninitialised tensor on the device of `like`, in `like`'s dtype unless one is given.
+// The stable C API's code of a dtype (the kernels allocate only these).
+inline int32_t shim_dtype(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return aoti_torch_dtype_float32();
+    case ScalarType::Double: return aoti_torch_dtype_float64();
+    case ScalarType::Half: return aoti_torch_dtype_float16();
+    case ScalarType::BFloat16: return aoti_torch_dtype_bfloat16();
+    case ScalarType::Int: return aoti_torch_dtype_int32();
+    default: fail("hrgrad_ext: no allocation of dtype ", t);
+  }
+}
+
+// A new uninitialised contiguous tensor on the device of `like`, in `like`'s dtype unless one
+// is given. Through the empty_strided shim (a direct call of the allocator), not a boxed
+// dispatcher call of aten::new_empty: the fused backward kernels allocate up to ten outputs per
+// call, and the host overhead per op is a target (bench/bench_overhead.py).
 inline Tensor empty_on(const Tensor& like, std::vector<int64_t> sizes, std::optional<ScalarType> dtype = std::nullopt) {
-  return torch::stable::new_empty(like, sizes, dtype);
+  std::vector<int64_t> strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t d = sizes.size(); d-- > 0;) {
+    strides[d] = stride;
+    stride *= sizes[d] > 1 ? sizes[d] : 1;
+  }
+  int32_t device_type = 0;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  AtenTensorHandle out = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(),
+                                                         strides.data(), shim_dtype(dtype.value_or(like.scalar_type())),
+                                                         device_type, like.get_device_index(), &out));
+  return Tensor(out);
 }
 
 // t itself when already contiguous (no dispatcher call), else a contiguous copy.
