@@ -134,12 +134,22 @@ inline int64_t check_bgk_rows(const char* op, const Tensor& ref, const char* ref
 inline int64_t check_bgk(const Tensor& F, const Tensor& Ft, const Tensor& Fx, const Tensor& rho,
                          const Tensor& u, const Tensor& T, const Tensor& rho_t,
                          const Tensor& u_t, const Tensor& T_t, const Tensor& v,
-                         const Tensor& w, const Tensor& kn) {
-  const char* op = "bgk_residuals";
+                         const Tensor& w, const Tensor& kn, const char* op = "bgk_residuals") {
   check_field(op, "F", F);
   check_same_field(op, "Ft", Ft, "F", F);
   check_same_field(op, "Fx", Fx, "F", F);
   return check_bgk_rows(op, F, "F", rho, u, T, rho_t, u_t, T_t, v, w, kn);
+}
+
+// The incoming gradients of the [N, 3] outputs of the BGK ops.
+inline void check_bgk_small_grads(const char* op, const Tensor& gC, const Tensor& gS, int64_t N,
+                                  const char* ref_name, const Tensor& ref) {
+  check_like(op, "grad_conservation", gC, ref_name, ref);
+  check_like(op, "grad_consistency", gS, ref_name, ref);
+  HRGRAD_CHECK(gC.dim() == 2 && gC.size(0) == N && gC.size(1) == 3, op, ": grad_conservation must be [N, 3] = [",
+              N, ", 3], got shape ", shape_str(gC));
+  HRGRAD_CHECK(gS.dim() == 2 && gS.size(0) == N && gS.size(1) == 3, op, ": grad_consistency must be [N, 3] = [",
+              N, ", 3], got shape ", shape_str(gS));
 }
 
 inline int64_t check_bgk_backward(const Tensor& gK, const Tensor& gC, const Tensor& gS,
@@ -152,19 +162,13 @@ inline int64_t check_bgk_backward(const Tensor& gK, const Tensor& gC, const Tens
   check_same_field(op, "Fx", Fx, "Ft", Ft);
   check_same_field(op, "grad_kinetic", gK, "Ft", Ft);
   const int64_t N = Ft.size(0);
-  check_like(op, "grad_conservation", gC, "Ft", Ft);
-  check_like(op, "grad_consistency", gS, "Ft", Ft);
-  HRGRAD_CHECK(gC.dim() == 2 && gC.size(0) == N && gC.size(1) == 3, op, ": grad_conservation must be [N, 3] = [",
-              N, ", 3], got shape ", shape_str(gC));
-  HRGRAD_CHECK(gS.dim() == 2 && gS.size(0) == N && gS.size(1) == 3, op, ": grad_consistency must be [N, 3] = [",
-              N, ", 3], got shape ", shape_str(gS));
+  check_bgk_small_grads(op, gC, gS, N, "Ft", Ft);
   return check_bgk_rows(op, Ft, "Ft", rho, u, T, rho_t, u_t, T_t, v, w, kn);
 }
 
 inline int64_t check_transport(const Tensor& G, const Tensor& Gt, const Tensor& Gx,
                                const Tensor& rho_t, const Tensor& rho_x, const Tensor& v,
-                               const Tensor& w, const Tensor& eps) {
-  const char* op = "transport_mm_residuals";
+                               const Tensor& w, const Tensor& eps, const char* op = "transport_mm_residuals") {
   check_field(op, "Graw", G);
   check_same_field(op, "Graw_t", Gt, "Graw", G);
   check_same_field(op, "Graw_x", Gx, "Graw", G);
@@ -187,6 +191,34 @@ inline int64_t check_transport_backward(const Tensor& gg, const Tensor& gm, cons
   check_row(op, "grad_macro", gc, N, "Graw_t", Gt);
   check_nodes(op, v, w, Gt.size(1), "Graw_t", Gt);
   return check_row_param(op, "eps", eps, N, "Graw_t", Gt);
+}
+
+// ---- the loss forms (*_sq ops) ----------------------------------------------------------------
+
+// bgk_residuals_sq_backward: grad_kinetic_sq [N], grad_conservation / grad_consistency [N, 3].
+inline int64_t check_bgk_sq_backward(const Tensor& gQ, const Tensor& gC, const Tensor& gS, const Tensor& F,
+                                     const Tensor& Ft, const Tensor& Fx, const Tensor& rho, const Tensor& u,
+                                     const Tensor& T, const Tensor& rho_t, const Tensor& u_t, const Tensor& T_t,
+                                     const Tensor& v, const Tensor& w, const Tensor& kn) {
+  const char* op = "bgk_residuals_sq_backward";
+  const int64_t ks = check_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn, op);
+  const int64_t N = F.size(0);
+  check_row(op, "grad_kinetic_sq", gQ, N, "F", F);
+  check_bgk_small_grads(op, gC, gS, N, "F", F);
+  return ks;
+}
+
+// transport_mm_residuals_sq_backward: grad_micro_sq, grad_macro [N].
+inline int64_t check_transport_sq_backward(const Tensor& gQ, const Tensor& gc, const Tensor& G, const Tensor& Gt,
+                                           const Tensor& Gx, const Tensor& rho_x, const Tensor& v, const Tensor& w,
+                                           const Tensor& eps) {
+  const char* op = "transport_mm_residuals_sq_backward";
+  check_field(op, "Graw", G);
+  check_row(op, "grad_micro_sq", gQ, G.size(0), "Graw", G);
+  check_row(op, "grad_macro", gc, G.size(0), "Graw", G);
+  // The forward's inputs but rho_t (which the gradients do not depend on): grad_macro, checked
+  // above under its own name, stands in for it.
+  return check_transport(G, Gt, Gx, gc, rho_x, v, w, eps, op);
 }
 
 }  // namespace kinetic
