@@ -724,11 +724,12 @@ BgkGrads bgk_residuals_sq_backward_cpu(const Tensor& gQ, const Tensor& gC, const
 // wn_j = w_j / W, row 2 c_j = w_j (v_j - vbar) / W with vbar = <v>. <v g_x> = sum_j c_j Graw_x,j
 // exactly (g_x is Graw_x minus its average), and centring v instead of Graw_x avoids
 // cancelling a large row mean of Graw_x. Row 3: the valid-node mask (1 at the nodes, 0 in the
-// padding), for the loss forms, whose recomputed residual is not 0 in the padding.
+// padding), for the loss forms, whose recomputed residual is not 0 in the padding; row 4: v^2.
+// sv1, sv2: sum_j v_j and sum_j v_j^2 (unweighted).
 template <class T>
 struct TransportTables : Tables<T> {
-  double vbar = 0.0;
-  TransportTables(const Tensor& vt, const Tensor& wt) : Tables<T>(vt.size(0), 4) {
+  double vbar = 0.0, sv1 = 0.0, sv2 = 0.0;
+  TransportTables(const Tensor& vt, const Tensor& wt) : Tables<T>(vt.size(0), 5) {
     const std::vector<double> v = as_double(vt), w = as_double(wt);
     double W = 0.0, Wv = 0.0;
     for (size_t j = 0; j < v.size(); ++j) {
@@ -741,6 +742,9 @@ struct TransportTables : Tables<T> {
       this->set(1, static_cast<int64_t>(j), w[j] / W);
       this->set(2, static_cast<int64_t>(j), w[j] * (v[j] - vbar) / W);
       this->set(3, static_cast<int64_t>(j), 1.0);
+      this->set(4, static_cast<int64_t>(j), v[j] * v[j]);
+      sv1 += v[j];
+      sv2 += v[j] * v[j];
     }
   }
 };
@@ -879,35 +883,43 @@ HRGRAD_INLINE void transport_backward_rows_impl(const TransportBackwardArgs<T, S
                                                 const int64_t& r1) {
   using vec = typename Lanes<B, T>::vec;
   using W = Wide<B, T>;
-  using Block = RowBlock<B, Sq ? 7 : 6>;  // Sq: slot 6 is the average of G
+  using Block = RowBlock<B, Sq ? 10 : 6>;  // Sq: slots 6-9, see pass 1
   constexpr int64_t L = Lanes<B, T>::L;
   const int64_t nv = a.nv;
   const T *vT = a.tab->Tt(0), *wnT = a.tab->Tt(1), *valid = a.tab->Tt(3);
-  const double *vD = a.tab->D(0), *wn = a.tab->D(1), *cc = a.tab->D(2);
+  const double *vD = a.tab->D(0), *wn = a.tab->D(1), *cc = a.tab->D(2), *v2D = a.tab->D(4);
   const double vbar = a.tab->vbar;
   Block blk;
-  RowBlock<B, 2> gsum;  // Sq: the sums of the recomputed gradient of micro (and of v times it)
   RowBlock<B, 1> deps;
   for (int64_t ib = r0; ib < r1; ib += Block::R) {
     const int nr = static_cast<int>(std::min<int64_t>(Block::R, r1 - ib));
-    // Pass 1: sums of the incoming gradients and the forward averages needed for deps (Sq: the
-    // averages only; the gradient sums need them, pass 1b).
+    // Pass 1: sums of the incoming gradients and the forward averages needed for deps. Sq: the
+    // averages and raw sums of the fields, from which those of gm = 2 grad_micro_sq micro follow
+    // in closed form (below), so that micro is recomputed once per element, not twice.
     for (int r = 0; r < nr; ++r) {
       const int64_t o = (ib + r) * nv;
       W Sgm = W::zero(), Sm = W::zero(), Svm = W::zero(), mt = W::zero(), mx = W::zero(), aa = W::zero();
-      W mg = W::zero();
+      W mg = W::zero(), svG = W::zero(), svGx = W::zero(), sv2Gx = W::zero();
       for (int64_t j = 0; j < nv; j += L) {
         const int64_t m = nv - j;
-        const W x = W::of(ld<B, T>(a.Gx + o + j, m));
+        const W x = W::of(ld<B, T>(a.Gx + o + j, m)), t = W::of(ld<B, T>(a.Gt + o + j, m));
         if constexpr (Sq) {
-          mg.add_mul(W::of(ld<B, T>(a.G + o + j, m)), wn + j);
+          // slots 0, 1, 2: sum G, sum Gt, sum v Gt
+          const W G = W::of(ld<B, T>(a.G + o + j, m));
+          mg.add_mul(G, wn + j);
+          Sgm.add(G);
+          Sm.add(t);
+          Svm.add_mul(t, vD + j);
+          svG.add_mul(G, vD + j);
+          svGx.add_mul(x, vD + j);
+          sv2Gx.add_mul(x, v2D + j);
         } else {
           const W gm = W::of(ld<B, T>(a.gm + o + j, m));
           Sgm.add(W::of(ld<B, T>(a.gg + o + j, m)) + gm);
           Sm.add(gm);
           Svm.add_mul(gm, vD + j);
         }
-        mt.add_mul(W::of(ld<B, T>(a.Gt + o + j, m)), wn + j);
+        mt.add_mul(t, wn + j);
         mx.add_mul(x, wn + j);
         aa.add_mul(x, cc + j);
       }
@@ -917,33 +929,29 @@ HRGRAD_INLINE void transport_backward_rows_impl(const TransportBackwardArgs<T, S
       blk.park(3, r, mt);
       blk.park(4, r, mx);
       blk.park(5, r, aa);
-      if constexpr (Sq) blk.park(6, r, mg);
+      if constexpr (Sq) {
+        blk.park(6, r, mg);
+        blk.park(7, r, svG);
+        blk.park(8, r, svGx);
+        blk.park(9, r, sv2Gx);
+      }
     }
     blk.reduce(nr);
     if constexpr (Sq) {
-      // Pass 1b: sum_j gm_j and sum_j v_j gm_j of gm = 2 grad_micro_sq micro (gg = 0).
+      // sum_j micro_j and sum_j v_j micro_j from the sums, with micro_j = eps^2 (Gt_j - mt)
+      // + eps (v_j (Gx_j - mx) - a) + v_j rho_x + G_j - mg over the V nodes (float64 sums of the
+      // float32 fields: the cancellation of the means costs ~1e-16 of the row's magnitude).
+      const double nvd = static_cast<double>(nv), s1 = a.tab->sv1, s2 = a.tab->sv2;
       for (int r = 0; r < nr; ++r) {
-        const int64_t i = ib + r, o = i * nv;
-        const MicroRow<B, T> mr(blk.sums[6][r], blk.sums[3][r], blk.sums[4][r], a.eps[i * a.es], blk.sums[5][r],
-                                a.rho_x[i]);
-        const vec q2 = bcast<B, T>(2.0 * static_cast<double>(a.gm[i]));
-        W Sm = W::zero(), Svm = W::zero();
-        for (int64_t j = 0; j < nv; j += L) {
-          const int64_t m = nv - j;
-          const vec vv = simd::load<vec>(vT + j);
-          vec gm = q2 * mr.micro(mr.g(a.G + o + j, m), a.Gt + o + j, a.Gx + o + j, vv, m);
-          if (m < L) gm = gm * simd::load<vec>(valid + j);  // not 0 beyond V
-          const W wg = W::of(gm);
-          Sm.add(wg);
-          Svm.add_mul(wg, vD + j);
-        }
-        gsum.park(0, r, Sm);
-        gsum.park(1, r, Svm);
-      }
-      gsum.reduce(nr);
-      for (int r = 0; r < nr; ++r) {
-        blk.sums[0][r] = blk.sums[1][r] = gsum.sums[0][r];
-        blk.sums[2][r] = gsum.sums[1][r];
+        const int64_t i = ib + r;
+        const double e = a.eps[i * a.es], rx = a.rho_x[i], q2 = 2.0 * static_cast<double>(a.gm[i]);
+        const double sG = blk.sums[0][r], sGt = blk.sums[1][r], svGt = blk.sums[2][r], mt = blk.sums[3][r],
+                     mx = blk.sums[4][r], av = blk.sums[5][r], mg = blk.sums[6][r], svG = blk.sums[7][r],
+                     svGx = blk.sums[8][r], sv2Gx = blk.sums[9][r];
+        const double sum_micro = e * e * (sGt - nvd * mt) + e * (svGx - mx * s1 - nvd * av) + rx * s1 + sG - nvd * mg;
+        const double sum_vmicro = e * e * (svGt - mt * s1) + e * (sv2Gx - mx * s2 - av * s1) + rx * s2 + svG - mg * s1;
+        blk.sums[0][r] = blk.sums[1][r] = q2 * sum_micro;  // gg = 0: sum (gg + gm) = sum gm
+        blk.sums[2][r] = q2 * sum_vmicro;
       }
     }
     for (int r = 0; r < nr; ++r) {
