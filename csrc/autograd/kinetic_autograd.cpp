@@ -136,10 +136,8 @@ at::Tensor maxwellian_autograd(c10::DispatchKeySet ks, const at::Tensor& rho, co
   if (compute_requires_grad(rho, u, T)) {
     node = c10::make_intrusive<MaxwellianBackward>();
     node->set_next_edges(collect_next_edges(rho, u, T));
-    node->rho_ = SavedVariable(rho, false);
-    node->u_ = SavedVariable(u, false);
-    node->T_ = SavedVariable(T, false);
-    node->v_ = SavedVariable(v, false);
+    save_inputs({&node->rho_, &node->u_, &node->T_, &node->v_},
+                {rho, u, T, v});
   }
   at::Tensor M;
   {
@@ -260,17 +258,9 @@ Tensor3 bgk_residuals_autograd(c10::DispatchKeySet ks, const at::Tensor& F, cons
     node = c10::make_intrusive<BgkBackward>();
     node->set_next_edges(collect_next_edges(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn));
     // F itself is not needed: every derivative is linear in F or independent of it.
-    node->Ft_ = SavedVariable(Ft, false);
-    node->Fx_ = SavedVariable(Fx, false);
-    node->rho_ = SavedVariable(rho, false);
-    node->u_ = SavedVariable(u, false);
-    node->T_ = SavedVariable(T, false);
-    node->rho_t_ = SavedVariable(rho_t, false);
-    node->u_t_ = SavedVariable(u_t, false);
-    node->T_t_ = SavedVariable(T_t, false);
-    node->v_ = SavedVariable(v, false);
-    node->w_ = SavedVariable(w, false);
-    node->kn_ = SavedVariable(kn, false);
+    save_inputs({&node->Ft_, &node->Fx_, &node->rho_, &node->u_, &node->T_, &node->rho_t_, &node->u_t_, &node->T_t_,
+                 &node->v_, &node->w_, &node->kn_},
+                {Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn});
   }
   at::Tensor kin, cons, consis;
   {
@@ -342,18 +332,9 @@ Tensor3 bgk_residuals_sq_autograd(c10::DispatchKeySet ks, const at::Tensor& F, c
   if (compute_requires_grad(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn)) {
     node = c10::make_intrusive<BgkSqBackward>();
     node->set_next_edges(collect_next_edges(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn));
-    node->F_ = SavedVariable(F, false);
-    node->Ft_ = SavedVariable(Ft, false);
-    node->Fx_ = SavedVariable(Fx, false);
-    node->rho_ = SavedVariable(rho, false);
-    node->u_ = SavedVariable(u, false);
-    node->T_ = SavedVariable(T, false);
-    node->rho_t_ = SavedVariable(rho_t, false);
-    node->u_t_ = SavedVariable(u_t, false);
-    node->T_t_ = SavedVariable(T_t, false);
-    node->v_ = SavedVariable(v, false);
-    node->w_ = SavedVariable(w, false);
-    node->kn_ = SavedVariable(kn, false);
+    save_inputs({&node->F_, &node->Ft_, &node->Fx_, &node->rho_, &node->u_, &node->T_, &node->rho_t_, &node->u_t_,
+                 &node->T_t_, &node->v_, &node->w_, &node->kn_},
+                {F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn});
   }
   at::Tensor ksq, cons, consis;
   {
@@ -458,11 +439,8 @@ Tensor3 transport_mm_residuals_autograd(c10::DispatchKeySet ks, const at::Tensor
   if (compute_requires_grad(G, Gt, Gx, rho_t, rho_x, eps)) {
     node = c10::make_intrusive<TransportBackward>();
     node->set_next_edges(collect_next_edges(G, Gt, Gx, rho_t, rho_x, eps));
-    node->Gt_ = SavedVariable(Gt, false);
-    node->Gx_ = SavedVariable(Gx, false);
-    node->v_ = SavedVariable(v, false);
-    node->w_ = SavedVariable(w, false);
-    node->eps_ = SavedVariable(eps, false);
+    save_inputs({&node->Gt_, &node->Gx_, &node->v_, &node->w_, &node->eps_},
+                {Gt, Gx, v, w, eps});
   }
   at::Tensor g, micro, macro;
   {
@@ -526,13 +504,8 @@ std::tuple<at::Tensor, at::Tensor> transport_mm_residuals_sq_autograd(
   if (compute_requires_grad(G, Gt, Gx, rho_t, rho_x, eps)) {
     node = c10::make_intrusive<TransportSqBackward>();
     node->set_next_edges(collect_next_edges(G, Gt, Gx, rho_t, rho_x, eps));
-    node->G_ = SavedVariable(G, false);
-    node->Gt_ = SavedVariable(Gt, false);
-    node->Gx_ = SavedVariable(Gx, false);
-    node->rho_x_ = SavedVariable(rho_x, false);
-    node->v_ = SavedVariable(v, false);
-    node->w_ = SavedVariable(w, false);
-    node->eps_ = SavedVariable(eps, false);
+    save_inputs({&node->G_, &node->Gt_, &node->Gx_, &node->rho_x_, &node->v_, &node->w_, &node->eps_},
+                {G, Gt, Gx, rho_x, v, w, eps});
   }
   at::Tensor msq, macro;
   {

@@ -603,28 +603,16 @@ def _maxwellian_kernel(rho, u, T, v):
     return _Maxwellian.call(rho, u, T, v)
 
 
-def _bgk_kernel(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn):
-    _check_not_differentiable("bgk_residuals", "v", v, _NODES_WHY)
-    _check_not_differentiable("bgk_residuals", "w", w, _NODES_WHY)
-    return _Bgk.call(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn)
+def _residual_kernel(name: str, function):
+    """The Autograd kernel of a residual op (bgk_residuals, transport_mm_residuals and their loss
+    forms): its last three arguments are v, w and kn / eps."""
 
+    def kernel(*args):
+        _check_not_differentiable(name, "v", args[-3], _NODES_WHY)
+        _check_not_differentiable(name, "w", args[-2], _NODES_WHY)
+        return function.call(*args)
 
-def _transport_kernel(G, Gt, Gx, rho_t, rho_x, v, w, eps):
-    _check_not_differentiable("transport_mm_residuals", "v", v, _NODES_WHY)
-    _check_not_differentiable("transport_mm_residuals", "w", w, _NODES_WHY)
-    return _Transport.call(G, Gt, Gx, rho_t, rho_x, v, w, eps)
-
-
-def _bgk_sq_kernel(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn):
-    _check_not_differentiable("bgk_residuals_sq", "v", v, _NODES_WHY)
-    _check_not_differentiable("bgk_residuals_sq", "w", w, _NODES_WHY)
-    return _BgkSq.call(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn)
-
-
-def _transport_sq_kernel(G, Gt, Gx, rho_t, rho_x, v, w, eps):
-    _check_not_differentiable("transport_mm_residuals_sq", "v", v, _NODES_WHY)
-    _check_not_differentiable("transport_mm_residuals_sq", "w", w, _NODES_WHY)
-    return _TransportSq.call(G, Gt, Gx, rho_t, rho_x, v, w, eps)
+    return kernel
 
 
 def _fused_backward_kernel(name: str):
@@ -660,10 +648,10 @@ def register() -> None:
         "mgda_weights": _mgda_weights_kernel,
         "velocity_moments": _moments_kernel,
         "maxwellian": _maxwellian_kernel,
-        "bgk_residuals": _bgk_kernel,
-        "transport_mm_residuals": _transport_kernel,
-        "bgk_residuals_sq": _bgk_sq_kernel,
-        "transport_mm_residuals_sq": _transport_sq_kernel,
+        "bgk_residuals": _residual_kernel("bgk_residuals", _Bgk),
+        "transport_mm_residuals": _residual_kernel("transport_mm_residuals", _Transport),
+        "bgk_residuals_sq": _residual_kernel("bgk_residuals_sq", _BgkSq),
+        "transport_mm_residuals_sq": _residual_kernel("transport_mm_residuals_sq", _TransportSq),
     }
     for name in ("velocity_moments_backward", "maxwellian_backward", "bgk_residuals_backward",
                  "transport_mm_residuals_backward", "bgk_residuals_sq_backward",
