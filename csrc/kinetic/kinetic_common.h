@@ -134,8 +134,7 @@ inline int64_t check_bgk_rows(const char* op, const Tensor& ref, const char* ref
 inline int64_t check_bgk(const Tensor& F, const Tensor& Ft, const Tensor& Fx, const Tensor& rho,
                          const Tensor& u, const Tensor& T, const Tensor& rho_t,
                          const Tensor& u_t, const Tensor& T_t, const Tensor& v,
-                         const Tensor& w, const Tensor& kn) {
-  const char* op = "bgk_residuals";
+                         const Tensor& w, const Tensor& kn, const char* op = "bgk_residuals") {
   check_field(op, "F", F);
   check_same_field(op, "Ft", Ft, "F", F);
   check_same_field(op, "Fx", Fx, "F", F);
@@ -163,8 +162,7 @@ inline int64_t check_bgk_backward(const Tensor& gK, const Tensor& gC, const Tens
 
 inline int64_t check_transport(const Tensor& G, const Tensor& Gt, const Tensor& Gx,
                                const Tensor& rho_t, const Tensor& rho_x, const Tensor& v,
-                               const Tensor& w, const Tensor& eps) {
-  const char* op = "transport_mm_residuals";
+                               const Tensor& w, const Tensor& eps, const char* op = "transport_mm_residuals") {
   check_field(op, "Graw", G);
   check_same_field(op, "Graw_t", Gt, "Graw", G);
   check_same_field(op, "Graw_x", Gx, "Graw", G);
@@ -188,6 +186,56 @@ inline int64_t check_transport_backward(const Tensor& gg, const Tensor& gm, cons
   check_nodes(op, v, w, Gt.size(1), "Graw_t", Gt);
   return check_row_param(op, "eps", eps, N, "Graw_t", Gt);
 }
+
+// ---- the loss forms (*_sq ops) ---------------------------------------------------------------
+// Written on branch i10loss_cuda for the CUDA kernels; the CPU kernels' versions (branch
+// i10loss) are reconciled with these at merge. The grad of a row sum of squares is a row [N].
+
+inline int64_t check_bgk_sq(const Tensor& F, const Tensor& Ft, const Tensor& Fx, const Tensor& rho,
+                            const Tensor& u, const Tensor& T, const Tensor& rho_t, const Tensor& u_t,
+                            const Tensor& T_t, const Tensor& v, const Tensor& w, const Tensor& kn) {
+  return check_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn, "bgk_residuals_sq");
+}
+
+// grad_kinetic_sq [N], grad_conservation / grad_consistency [N, 3], then bgk_residuals_sq's inputs.
+inline int64_t check_bgk_sq_backward(const Tensor& gQ, const Tensor& gC, const Tensor& gS, const Tensor& F,
+                                     const Tensor& Ft, const Tensor& Fx, const Tensor& rho, const Tensor& u,
+                                     const Tensor& T, const Tensor& rho_t, const Tensor& u_t, const Tensor& T_t,
+                                     const Tensor& v, const Tensor& w, const Tensor& kn) {
+  const char* op = "bgk_residuals_sq_backward";
+  const int64_t ks = check_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn, op);
+  const int64_t N = F.size(0);
+  check_row(op, "grad_kinetic_sq", gQ, N, "F", F);
+  check_like(op, "grad_conservation", gC, "F", F);
+  check_like(op, "grad_consistency", gS, "F", F);
+  HRGRAD_CHECK(gC.dim() == 2 && gC.size(0) == N && gC.size(1) == 3, op, ": grad_conservation must be [N, 3] = [",
+              N, ", 3], got shape ", shape_str(gC));
+  HRGRAD_CHECK(gS.dim() == 2 && gS.size(0) == N && gS.size(1) == 3, op, ": grad_consistency must be [N, 3] = [",
+              N, ", 3], got shape ", shape_str(gS));
+  return ks;
+}
+
+inline int64_t check_transport_sq(const Tensor& G, const Tensor& Gt, const Tensor& Gx, const Tensor& rho_t,
+                                  const Tensor& rho_x, const Tensor& v, const Tensor& w, const Tensor& eps) {
+  return check_transport(G, Gt, Gx, rho_t, rho_x, v, w, eps, "transport_mm_residuals_sq");
+}
+
+// grad_micro_sq, grad_macro [N], then Graw, Graw_t, Graw_x, rho_x, v, w, eps.
+inline int64_t check_transport_sq_backward(const Tensor& gQ, const Tensor& gc, const Tensor& G, const Tensor& Gt,
+                                           const Tensor& Gx, const Tensor& rho_x, const Tensor& v, const Tensor& w,
+                                           const Tensor& eps) {
+  const char* op = "transport_mm_residuals_sq_backward";
+  check_field(op, "Graw", G);
+  check_same_field(op, "Graw_t", Gt, "Graw", G);
+  check_same_field(op, "Graw_x", Gx, "Graw", G);
+  const int64_t N = G.size(0);
+  check_row(op, "grad_micro_sq", gQ, N, "Graw", G);
+  check_row(op, "grad_macro", gc, N, "Graw", G);
+  check_row(op, "rho_x", rho_x, N, "Graw", G);
+  check_nodes(op, v, w, G.size(1), "Graw", G);
+  return check_row_param(op, "eps", eps, N, "Graw", G);
+}
+// ---- end of the loss forms' checks ------------------------------------------------------------
 
 }  // namespace kinetic
 }  // namespace hrgrad_ext
