@@ -283,6 +283,36 @@ def kinetic_cases():
             yield N, V, dtype
 
 
+def _f64(args):
+    return [a.to(f64) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _cast(outs, dtype):
+    return tuple(o.to(dtype) for o in outs)
+
+
+# The loss forms (*_sq ops) against compositions of the residual ops' CPU kernels, computed in
+# float64 and rounded to the dtype at the end: kinetic_sq = (kin ** 2).sum(1), and the fused
+# backward = the residual op's backward with grad_kinetic = 2 q[:, None] kin (transport: grad_g
+# = 0, grad_micro = 2 q[:, None] micro).
+def bgk_sq_reference(bgk, q, gC, gS):
+    bgk, (q, gC, gS) = _f64(bgk), _f64((q, gC, gS))
+    kin, cons, consis = CPU.bgk_residuals(*bgk)
+    forward = ((kin**2).sum(1), cons, consis)
+    backward = CPU.bgk_residuals_backward(2 * q[:, None] * kin, gC, gS, *bgk[1:])
+    return forward, backward
+
+
+def transport_sq_reference(tr, q, gc):
+    tr, (q, gc) = _f64(tr), _f64((q, gc))
+    G, Gt, Gx, rho_t, rho_x, v, w, eps = tr
+    _, micro, macro = CPU.transport_mm_residuals(*tr)
+    forward = ((micro**2).sum(1), macro)
+    backward = CPU.transport_mm_residuals_backward(torch.zeros_like(micro), 2 * q[:, None] * micro, gc, Gt, Gx, v, w,
+                                                   eps)
+    return forward, backward
+
+
 @pytest.mark.parametrize("N,V,dtype", list(kinetic_cases()))
 def test_kinetic_ops(backend, N, V, dtype):
     gen = torch.Generator().manual_seed(N * 1000 + V)
@@ -310,6 +340,19 @@ def test_kinetic_ops(backend, N, V, dtype):
             tback = (field(), layout(field()), rows(), Ft, Fx, v, w, kn)
             assert_same(backend("transport_mm_residuals_backward", *tback), CPU.transport_mm_residuals_backward(*tback),
                         "transport_mm_residuals_backward " + what, **t)
+            # The loss forms, same tolerances: a sum of squares has no cancellation, so its
+            # relative error is at most about twice the elements' (float32: ~1e-6 at V = 200).
+            q = layout(rows(0.0, 1.0))
+            forward, backward = bgk_sq_reference(bgk, q, *grads[1:])
+            assert_same(backend("bgk_residuals_sq", *bgk), _cast(forward, dtype), "bgk_residuals_sq " + what, **t)
+            assert_same(backend("bgk_residuals_sq_backward", q, *grads[1:], *bgk), _cast(backward, dtype),
+                        "bgk_residuals_sq_backward " + what, **t)
+            gc = rows()
+            forward, backward = transport_sq_reference(tr, q, gc)
+            assert_same(backend("transport_mm_residuals_sq", *tr), _cast(forward, dtype),
+                        "transport_mm_residuals_sq " + what, **t)
+            assert_same(backend("transport_mm_residuals_sq_backward", q, gc, *tr[:3], *tr[4:]), _cast(backward, dtype),
+                        "transport_mm_residuals_sq_backward " + what, **t)
         for order in (0, 4):
             assert_same(backend("velocity_moments", F, v, w, order), CPU.velocity_moments(F, v, w, order),
                         f"velocity_moments order={order} " + describe(F=F), **t)
