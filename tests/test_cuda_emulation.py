@@ -366,6 +366,36 @@ def test_kinetic_ops(backend, N, V, dtype):
                     "maxwellian_backward " + describe(grad=gm), **t)
 
 
+def test_loss_forms_reject_bad_inputs(backend):
+    # The checks of the *_sq ops (kinetic_common.h, shared with the CPU kernels): the grads of
+    # the row sums are [N] rows, grad_conservation [N, 3], and the messages name the op.
+    gen = torch.Generator().manual_seed(5)
+    N, V = 4, 30
+    field = lambda: torch.rand(N, V, generator=gen, dtype=f64)  # noqa: E731
+    row = lambda lo=0.5: lo + torch.rand(N, generator=gen, dtype=f64)  # noqa: E731
+    v, w = torch.linspace(-1.0, 1.0, V, dtype=f64), torch.full((V,), 2.0 / V, dtype=f64)
+    bgk = (field(), field(), field(), row(), row(-0.5), row(), row(), row(), row(), v, w, row())
+    q, g3 = row(), torch.zeros(N, 3, dtype=f64)
+    tr = (field(), field(), field(), row(), row(), v, w, row())
+    cases = [
+        ("bgk_residuals_sq", (*bgk[:9], v[:-1], w, bgk[11]), r"v must be \[V\] = \[30\]"),
+        ("bgk_residuals_sq_backward", (q[:-1], g3, g3, *bgk), r"grad_kinetic_sq must be \[N\]"),
+        ("bgk_residuals_sq_backward", (q, g3[:, :2], g3, *bgk), r"grad_conservation must be \[N, 3\]"),
+        ("bgk_residuals_sq_backward", (q, g3, g3.float(), *bgk), r"grad_consistency has dtype"),
+        ("transport_mm_residuals_sq", (*tr[:7], torch.ones(2, dtype=f64)), r"eps must be \[N\]"),
+        ("transport_mm_residuals_sq_backward", (q, q[:2], *tr[:3], *tr[4:]), r"grad_macro must be \[N\]"),
+        ("transport_mm_residuals_sq_backward", (q[:, None], q, *tr[:3], *tr[4:]), r"grad_micro_sq must be \[N\]"),
+    ]
+    for op, args, message in cases:
+        with pytest.raises((RuntimeError, ValueError), match=f"{op}: {message}"):
+            backend(op, *args)
+    # N = 0: empty outputs of the right shapes
+    empty = [a[:0] if a.dim() and a.shape[0] == N else a for a in (*bgk, *tr)]
+    assert [tuple(o.shape) for o in backend("bgk_residuals_sq", *empty[:12])] == [(0,), (0, 3), (0, 3)]
+    assert [tuple(o.shape) for o in backend("transport_mm_residuals_sq_backward", q[:0], q[:0], *empty[12:15],
+                                            *empty[16:])] == [(0, V)] * 3 + [(0,)] * 2
+
+
 def test_maxwellian_extreme_exponents_and_nan(backend):
     # Exponents from 0 down to about -1e6 (exp underflows to 0) and a NaN u: the values, the
     # NaN rows and the backward sums as on the CPU.
