@@ -141,6 +141,17 @@ inline int64_t check_bgk(const Tensor& F, const Tensor& Ft, const Tensor& Fx, co
   return check_bgk_rows(op, F, "F", rho, u, T, rho_t, u_t, T_t, v, w, kn);
 }
 
+// grad_conservation and grad_consistency, [N, 3] each.
+inline void check_bgk_row_grads(const char* op, const Tensor& gC, const Tensor& gS, int64_t N, const char* ref_name,
+                                const Tensor& ref) {
+  check_like(op, "grad_conservation", gC, ref_name, ref);
+  check_like(op, "grad_consistency", gS, ref_name, ref);
+  HRGRAD_CHECK(gC.dim() == 2 && gC.size(0) == N && gC.size(1) == 3, op, ": grad_conservation must be [N, 3] = [",
+              N, ", 3], got shape ", shape_str(gC));
+  HRGRAD_CHECK(gS.dim() == 2 && gS.size(0) == N && gS.size(1) == 3, op, ": grad_consistency must be [N, 3] = [",
+              N, ", 3], got shape ", shape_str(gS));
+}
+
 inline int64_t check_bgk_backward(const Tensor& gK, const Tensor& gC, const Tensor& gS,
                                   const Tensor& Ft, const Tensor& Fx, const Tensor& rho,
                                   const Tensor& u, const Tensor& T, const Tensor& rho_t,
@@ -150,13 +161,7 @@ inline int64_t check_bgk_backward(const Tensor& gK, const Tensor& gC, const Tens
   check_field(op, "Ft", Ft);
   check_same_field(op, "Fx", Fx, "Ft", Ft);
   check_same_field(op, "grad_kinetic", gK, "Ft", Ft);
-  const int64_t N = Ft.size(0);
-  check_like(op, "grad_conservation", gC, "Ft", Ft);
-  check_like(op, "grad_consistency", gS, "Ft", Ft);
-  HRGRAD_CHECK(gC.dim() == 2 && gC.size(0) == N && gC.size(1) == 3, op, ": grad_conservation must be [N, 3] = [",
-              N, ", 3], got shape ", shape_str(gC));
-  HRGRAD_CHECK(gS.dim() == 2 && gS.size(0) == N && gS.size(1) == 3, op, ": grad_consistency must be [N, 3] = [",
-              N, ", 3], got shape ", shape_str(gS));
+  check_bgk_row_grads(op, gC, gS, Ft.size(0), "Ft", Ft);
   return check_bgk_rows(op, Ft, "Ft", rho, u, T, rho_t, u_t, T_t, v, w, kn);
 }
 
@@ -204,14 +209,8 @@ inline int64_t check_bgk_sq_backward(const Tensor& gQ, const Tensor& gC, const T
                                      const Tensor& v, const Tensor& w, const Tensor& kn) {
   const char* op = "bgk_residuals_sq_backward";
   const int64_t ks = check_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn, op);
-  const int64_t N = F.size(0);
-  check_row(op, "grad_kinetic_sq", gQ, N, "F", F);
-  check_like(op, "grad_conservation", gC, "F", F);
-  check_like(op, "grad_consistency", gS, "F", F);
-  HRGRAD_CHECK(gC.dim() == 2 && gC.size(0) == N && gC.size(1) == 3, op, ": grad_conservation must be [N, 3] = [",
-              N, ", 3], got shape ", shape_str(gC));
-  HRGRAD_CHECK(gS.dim() == 2 && gS.size(0) == N && gS.size(1) == 3, op, ": grad_consistency must be [N, 3] = [",
-              N, ", 3], got shape ", shape_str(gS));
+  check_row(op, "grad_kinetic_sq", gQ, F.size(0), "F", F);
+  check_bgk_row_grads(op, gC, gS, F.size(0), "F", F);
   return ks;
 }
 

@@ -446,13 +446,15 @@ BgkRows<scalar_t> bgk_rows(const Tensor& rho, const Tensor& u, const Tensor& T, 
           kn.const_data_ptr<scalar_t>(),    ks};
 }
 
-// The residual op (SQ = false: kin [N, V]) and its loss form (SQ = true: kin [N], the row sums
-// of squares); ks is kn's row stride from the op's check.
+// bgk_residuals (SQ = false: kin [N, V]) and its loss form bgk_residuals_sq (SQ = true: kin
+// [N], the row sums of squares).
 template <bool SQ>
-std::tuple<Tensor, Tensor, Tensor> bgk_forward_cuda(int64_t ks, const Tensor& F_, const Tensor& Ft_, const Tensor& Fx_,
-                                                    const Tensor& rho_, const Tensor& u_, const Tensor& T_,
-                                                    const Tensor& rho_t_, const Tensor& u_t_, const Tensor& T_t_,
-                                                    const Tensor& v_, const Tensor& w_, const Tensor& kn_) {
+std::tuple<Tensor, Tensor, Tensor> bgk_residuals_cuda(const Tensor& F_, const Tensor& Ft_, const Tensor& Fx_,
+                                                      const Tensor& rho_, const Tensor& u_, const Tensor& T_,
+                                                      const Tensor& rho_t_, const Tensor& u_t_, const Tensor& T_t_,
+                                                      const Tensor& v_, const Tensor& w_, const Tensor& kn_) {
+  const int64_t ks = SQ ? check_bgk_sq(F_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v_, w_, kn_)
+                        : check_bgk(F_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v_, w_, kn_);
   const cuda::DeviceGuard guard(F_.get_device_index());
   const Tensor F = make_contiguous(F_), Ft = make_contiguous(Ft_), Fx = make_contiguous(Fx_), rho = make_contiguous(rho_),
                    u = make_contiguous(u_), T = make_contiguous(T_), rho_t = make_contiguous(rho_t_),
@@ -473,22 +475,6 @@ std::tuple<Tensor, Tensor, Tensor> bgk_forward_cuda(int64_t ks, const Tensor& F_
     });
   });
   return {kin, cons, consis};
-}
-
-std::tuple<Tensor, Tensor, Tensor> bgk_residuals_cuda(
-    const Tensor& F, const Tensor& Ft, const Tensor& Fx, const Tensor& rho,
-    const Tensor& u, const Tensor& T, const Tensor& rho_t, const Tensor& u_t,
-    const Tensor& T_t, const Tensor& v, const Tensor& w, const Tensor& kn) {
-  const int64_t ks = check_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
-  return bgk_forward_cuda<false>(ks, F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
-}
-
-std::tuple<Tensor, Tensor, Tensor> bgk_residuals_sq_cuda(
-    const Tensor& F, const Tensor& Ft, const Tensor& Fx, const Tensor& rho,
-    const Tensor& u, const Tensor& T, const Tensor& rho_t, const Tensor& u_t,
-    const Tensor& T_t, const Tensor& v, const Tensor& w, const Tensor& kn) {
-  const int64_t ks = check_bgk_sq(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
-  return bgk_forward_cuda<true>(ks, F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
 }
 
 using BgkGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -867,9 +853,9 @@ HRGRAD_EXT_CUDA_KERNELS(m) {
   m.impl("velocity_moments_backward", TORCH_BOX(&velocity_moments_backward_cuda));
   m.impl("maxwellian", TORCH_BOX(&maxwellian_cuda));
   m.impl("maxwellian_backward", TORCH_BOX(&maxwellian_backward_cuda));
-  m.impl("bgk_residuals", TORCH_BOX(&bgk_residuals_cuda));
+  m.impl("bgk_residuals", TORCH_BOX(&bgk_residuals_cuda<false>));
   m.impl("bgk_residuals_backward", TORCH_BOX(&bgk_residuals_backward_cuda));
-  m.impl("bgk_residuals_sq", TORCH_BOX(&bgk_residuals_sq_cuda));
+  m.impl("bgk_residuals_sq", TORCH_BOX(&bgk_residuals_cuda<true>));
   m.impl("bgk_residuals_sq_backward", TORCH_BOX(&bgk_residuals_sq_backward_cuda));
   m.impl("transport_mm_residuals", TORCH_BOX(&transport_mm_residuals_cuda));
   m.impl("transport_mm_residuals_backward", TORCH_BOX(&transport_mm_residuals_backward_cuda));
