@@ -708,3 +708,61 @@ def test_cuda_opcheck_and_errors():
         K.bgk_residuals(*bad)
     with pytest.raises(RuntimeError, match="v is on cpu but F is on cuda"):
         ops.bgk_residuals(*bad)
+
+
+# --- the loss forms (*_sq ops) on CUDA -------------------------------------------------------------
+# Their Python side (fake kernels, autograd) is not on this branch yet: the ops are called directly.
+
+
+def loss_forms_match_references(sq_ops, device, N, V, param):
+    """The four *_sq ops of ``sq_ops`` on ``device`` (float64) against (a) the residual ops' CPU
+    kernels composed as the loss forms are defined and (b) autograd through the plain-PyTorch
+    references. Tolerances: (a) rtol 1e-12 (only summation order and FMA contraction differ);
+    (b) 1e-10, since autograd sums the same products in another order and the kn / eps
+    gradients are sums of up to 200 terms of size ~1e2 that partly cancel."""
+    exact, loose = dict(rtol=1e-12, atol=1e-12), dict(rtol=1e-10, atol=1e-10)
+    gen = torch.Generator().manual_seed(N * 1000 + V)
+    q, gc = torch.rand(N, generator=gen, dtype=f64), torch.randn(N, generator=gen, dtype=f64)
+    gC, gS = torch.randn(N, 3, generator=gen, dtype=f64), torch.randn(N, 3, generator=gen, dtype=f64)
+    on = lambda args: [a.to(device) for a in args]  # noqa: E731
+
+    def close(got, want, tol, what):
+        assert len(got) == len(want), what
+        for k, (a, b) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a.cpu(), b, msg=lambda m: f"{what}, output {k}: {m}", **tol)
+
+    bgk = bgk_inputs(N, V, kn=param, seed=81)
+    kin, cons, consis = ops.bgk_residuals(*bgk)
+    close(sq_ops.bgk_residuals_sq.default(*on(bgk)), ((kin**2).sum(1), cons, consis), exact, "bgk_residuals_sq")
+    grads = sq_ops.bgk_residuals_sq_backward.default(*on([q, gC, gS, *bgk]))
+    close(grads, ops.bgk_residuals_backward(2 * q[:, None] * kin, gC, gS, *bgk[1:]), exact, "bgk_residuals_sq_backward")
+    leaves = [a.requires_grad_(True) for k, a in enumerate(bgk) if k not in (9, 10)]  # all but v, w
+    kin, cons, consis = ref_bgk(*bgk)
+    want = torch.autograd.grad((q * (kin**2).sum(1)).sum() + (gC * cons).sum() + (gS * consis).sum(), leaves)
+    if param == "scalar":  # the op gives kn's gradient per row
+        grads = (*grads[:-1], grads[-1].sum())
+    close(grads, want, loose, "bgk_residuals_sq_backward vs autograd")
+
+    tr = transport_inputs(N, V, eps=param, seed=82)
+    G, Gt, Gx, rho_t, rho_x, v, w, eps = tr
+    _, micro, macro = ops.transport_mm_residuals(*tr)
+    close(sq_ops.transport_mm_residuals_sq.default(*on(tr)), ((micro**2).sum(1), macro), exact,
+          "transport_mm_residuals_sq")
+    grads = sq_ops.transport_mm_residuals_sq_backward.default(*on([q, gc, G, Gt, Gx, rho_x, v, w, eps]))
+    want = ops.transport_mm_residuals_backward(torch.zeros_like(micro), 2 * q[:, None] * micro, gc, Gt, Gx, v, w, eps)
+    close(grads, want, exact, "transport_mm_residuals_sq_backward")
+    leaves = [a.requires_grad_(True) for a in (G, Gt, Gx, rho_x, eps)]
+    _, micro, macro = ref_transport(G, Gt, Gx, rho_t, rho_x, v, w, eps)
+    want = torch.autograd.grad((q * (micro**2).sum(1)).sum() + (gc * macro).sum(), leaves)
+    if param == "scalar":
+        grads = (*grads[:-1], grads[-1].sum())
+    close(grads, want, loose, "transport_mm_residuals_sq_backward vs autograd")
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("N,V", [(1, 30), (1000, 30), (257, 64), (70, 100), (19, 200), (0, 30)])
+@pytest.mark.parametrize("param", ["row", "scalar"])
+def test_cuda_loss_forms(N, V, param):
+    # (1000, 30): several blocks; V = 100 / 200: 32 lanes per row, values in registers / re-read.
+    loss_forms_match_references(ops, "cuda", N, V, param)
