@@ -710,8 +710,7 @@ def test_cuda_opcheck_and_errors():
         ops.bgk_residuals(*bad)
 
 
-# --- the loss forms (*_sq ops) on CUDA -------------------------------------------------------------
-# Their Python side (fake kernels, autograd) is not on this branch yet: the ops are called directly.
+# --- the loss forms (*_sq ops), device against the residual ops' CPU kernels -----------------------
 
 
 def loss_forms_match_references(sq_ops, device, N, V, param):
@@ -760,6 +759,11 @@ def loss_forms_match_references(sq_ops, device, N, V, param):
 
 
 @cuda
+@pytest.mark.parametrize("N,V", [(1, 30), (257, 64), (19, 200), (0, 30)])
+def test_cpu_loss_forms(N, V):
+    loss_forms_match_references(ops, "cpu", N, V, "row")
+
+
 @needs_cuda
 @pytest.mark.parametrize("N,V", [(1, 30), (1000, 30), (257, 64), (70, 100), (19, 200), (0, 30)])
 @pytest.mark.parametrize("param", ["row", "scalar"])
