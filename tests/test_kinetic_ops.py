@@ -128,6 +128,33 @@ def test_every_isa_matches_reference(isa, N, V):
             assert_close(a.double(), b.double(), rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
 
 
+def test_streamed_backward_outputs_equal_cached_ones(isa):
+    # Backward outputs above 16 MiB in all are written with streaming stores from a block
+    # scratch (kStreamBytes); rows are independent, so the two halves of the batch (each below
+    # the threshold: plain stores) must give the very same numbers. V = 31: rows not aligned to
+    # any vector, so the copies' unaligned heads and tails are exercised.
+    N, V = 47000, 31  # 3 * N * V * 4 bytes = 17.5 MB
+    a = bgk_inputs(N, V, torch.float32, seed=5)
+    t = transport_inputs(N, V, torch.float32, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    q, g3, gN = (torch.randn(N, generator=gen), torch.randn(N, 3, generator=gen), torch.randn(N, generator=gen))
+    gNV = torch.randn(N, V, generator=gen)
+    calls = [
+        (ops.bgk_residuals_sq_backward, lambda s: (q[s], g3[s], g3[s], *[x[s] if x.dim() else x for x in a[:9]],
+                                                    a[9], a[10], a[11][s])),
+        (ops.bgk_residuals_backward, lambda s: (gNV[s], g3[s], g3[s], *[x[s] for x in a[1:9]], a[9], a[10], a[11][s])),
+        (ops.transport_mm_residuals_sq_backward, lambda s: (q[s], gN[s], t[0][s], t[1][s], t[2][s], t[4][s], t[5], t[6],
+                                                             t[7][s])),
+        (ops.transport_mm_residuals_backward, lambda s: (gNV[s], gNV[s], gN[s], t[1][s], t[2][s], t[5], t[6], t[7][s])),
+    ]
+    halves = (slice(0, N // 2), slice(N // 2, N))
+    for op, args in calls:
+        whole = op(*args(slice(0, N)))
+        parts = [op(*args(h)) for h in halves]
+        for k, w in enumerate(whole):
+            assert torch.equal(w, torch.cat([p[k] for p in parts])), (op, k)
+
+
 @pytest.mark.parametrize("N,V", SIZES)
 def test_moments_and_maxwellian_match_reference(N, V):
     F, _, _, rho, u, T, *_rest, v, w, _ = bgk_inputs(N, V, seed=N + V)

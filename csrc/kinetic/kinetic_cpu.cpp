@@ -146,6 +146,42 @@ struct RowBlock {
   }
 };
 
+// ---- outputs written with streaming stores --------------------------------------------------
+
+// [N, V] outputs larger than this in all are written with streaming stores: far beyond the L2
+// caches and half the last-level cache of the benchmark machine (32 MB), where the cached
+// stores' read-for-ownership would double the bytes a backward kernel moves for its writes.
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+
+// The [N, V] outputs of a block of rows: written in place, or (streamed) into a block-sized
+// scratch first and then copied out with streaming stores, since a row of V elements is rarely
+// aligned to the vector size but the block's span mostly is.
+template <int B, class T, int Fields>
+struct BlockOutputs {
+  T* out[Fields];
+  bool streamed;
+  int64_t nv, rows;
+  std::vector<T> scratch;
+  BlockOutputs(std::initializer_list<T*> outs, bool stream, int64_t nv_, int64_t rows_)
+      : streamed(stream), nv(nv_), rows(rows_), scratch(stream ? static_cast<size_t>(Fields * rows_ * nv_) : 0) {
+    int f = 0;
+    for (T* o : outs) out[f++] = o;
+  }
+  // Row r of block ib of output f.
+  HRGRAD_INLINE T* row(int f, int64_t ib, int r) {
+    return streamed ? scratch.data() + (f * rows + r) * nv : out[f] + (ib + r) * nv;
+  }
+  // After the block's rows are written.
+  HRGRAD_INLINE void flush(int64_t ib, int nr) {
+    if (!streamed) return;
+    for (int f = 0; f < Fields; ++f) simd::stream_copy<B>(out[f] + ib * nv, scratch.data() + f * rows * nv, nr * nv);
+  }
+  // After the last block.
+  HRGRAD_INLINE void finish() {
+    if (streamed) simd::stream_fence();
+  }
+};
+
 // ---- quadrature tables ---------------------------------------------------------------------
 
 // Per-call tables over the velocity nodes, zero beyond V up to a multiple of the widest
@@ -581,6 +617,7 @@ struct BgkBackwardArgs {
   const Tables<T>* tab;
   T *dF, *dFt, *dFx;
   T* rows[7];  // drho, du, dT, drho_t, du_t, dT_t, dkn
+  bool stream;  // dF, dFt, dFx with streaming stores (BlockOutputs)
 };
 
 template <int B, class T, bool Sq>
@@ -595,11 +632,13 @@ HRGRAD_INLINE void bgk_backward_rows_impl(const BgkBackwardArgs<T, Sq>& a, const
   const double* vD = a.tab->D(0);
   GaussConsts<Block::R> gc;
   Block blk;
+  BlockOutputs<B, T, 3> outs({a.dF, a.dFt, a.dFx}, a.stream, nv, Block::R);
   for (int64_t ib = r0; ib < r1; ib += Block::R) {
     const int nr = static_cast<int>(std::min<int64_t>(Block::R, r1 - ib));
     gc.template set<T>(nullptr, a.Tm, ib, nr);
     for (int r = 0; r < nr; ++r) {
       const int64_t i = ib + r, o = i * nv;
+      T *dF = outs.row(0, ib, r), *dFt = outs.row(1, ib, r), *dFx = outs.row(2, ib, r);
       const double uu = a.u[i], TT = a.Tm[i];
       const vec k = bcast<B, T>(a.kn[i * a.ks]), u = bcast<B, T>(uu), minv = bcast<B, T>(gc.minv[r]);
       // kinetic = kn (Ft + v Fx) - M + F; consistency uses -sum w v^p F, conservation +sum w v^p Fx.
@@ -625,9 +664,9 @@ HRGRAD_INLINE void bgk_backward_rows_impl(const BgkBackwardArgs<T, Sq>& a, const
         }
         const vec t0 = simd::load<vec>(w0 + j), t1 = simd::load<vec>(w1 + j), t2 = simd::load<vec>(w2 + j),
                   t3 = simd::load<vec>(w3 + j);
-        st<B, T>(a.dF + o + j, g - (S0 * t0 + S1 * t1 + S2 * t2), m);
-        st<B, T>(a.dFt + o + j, k * g, m);
-        st<B, T>(a.dFx + o + j, k * vv * g + (C0 * t1 + C1 * t2 + C2 * t3), m);
+        st<B, T>(dF + j, g - (S0 * t0 + S1 * t1 + S2 * t2), m);
+        st<B, T>(dFt + j, k * g, m);
+        st<B, T>(dFx + j, k * vv * g + (C0 * t1 + C1 * t2 + C2 * t3), m);
         // The sums below need g = 0 beyond V; a recomputed g is not (the Maxwellian at the
         // padding nodes is not 0), so its last vector is masked.
         if constexpr (Sq) {
@@ -641,6 +680,7 @@ HRGRAD_INLINE void bgk_backward_rows_impl(const BgkBackwardArgs<T, Sq>& a, const
       blk.park(2, r, gmom.s2);
       blk.park(3, r, skn);
     }
+    outs.flush(ib, nr);
     blk.reduce(nr);
     for (int r = 0; r < nr; ++r) {
       const int64_t i = ib + r;
@@ -660,6 +700,7 @@ HRGRAD_INLINE void bgk_backward_rows_impl(const BgkBackwardArgs<T, Sq>& a, const
       a.rows[6][i] = static_cast<T>(blk.sums[3][r]);
     }
   }
+  outs.finish();
 }
 HRGRAD_SIMD_DISPATCH(bgk_backward_rows, bgk_backward_rows_impl)
 
@@ -694,7 +735,8 @@ BgkGrads bgk_backward_cpu(const Tensor& gK_, const Tensor& gC_, const Tensor& gS
                                  u_t.const_data_ptr<T_>(),   T_t.const_data_ptr<T_>(),  kn.const_data_ptr<T_>(),
                                  ks,                         nv,                        &tab,
                                  dF.mutable_data_ptr<T_>(),  dFt.mutable_data_ptr<T_>(), dFx.mutable_data_ptr<T_>(),
-                                 {}};
+                                 {},
+                                 3 * N * nv * static_cast<int64_t>(sizeof(T_)) > kStreamBytes};
     for (int r = 0; r < 7; ++r) args.rows[r] = rows[r].mutable_data_ptr<T_>();
     const BgkBackwardArgs<T_, Sq>& cargs = args;
     parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { bgk_backward_rows(vb, cargs, r0, r1); });
@@ -876,6 +918,7 @@ struct TransportBackwardArgs {
   int64_t es, nv;
   const TransportTables<T>* tab;
   T *dG, *dGt, *dGx, *drho_x, *deps;
+  bool stream;  // dG, dGt, dGx with streaming stores (BlockOutputs)
 };
 
 template <int B, class T, bool Sq>
@@ -891,6 +934,7 @@ HRGRAD_INLINE void transport_backward_rows_impl(const TransportBackwardArgs<T, S
   const double vbar = a.tab->vbar;
   Block blk;
   RowBlock<B, 1> deps;
+  BlockOutputs<B, T, 3> outs({a.dG, a.dGt, a.dGx}, a.stream, nv, Block::R);
   for (int64_t ib = r0; ib < r1; ib += Block::R) {
     const int nr = static_cast<int>(std::min<int64_t>(Block::R, r1 - ib));
     // Pass 1: sums of the incoming gradients and the forward averages needed for deps. Sq: the
@@ -956,6 +1000,7 @@ HRGRAD_INLINE void transport_backward_rows_impl(const TransportBackwardArgs<T, S
     }
     for (int r = 0; r < nr; ++r) {
       const int64_t i = ib + r, o = i * nv;
+      T *dG = outs.row(0, ib, r), *dGt = outs.row(1, ib, r), *dGx = outs.row(2, ib, r);
       const double e = a.eps[i * a.es], C = a.gc[i], sm = blk.sums[1][r], svm = blk.sums[2][r];
       // With P phi = phi - <phi> (adjoint P^T psi = psi - (w/W) sum psi):
       //   dGraw   = P^T (grad_g + grad_micro)
@@ -983,9 +1028,9 @@ HRGRAD_INLINE void transport_backward_rows_impl(const TransportBackwardArgs<T, S
           gm = ld<B, T>(a.gm + o + j, m);
           gsumj = ld<B, T>(a.gg + o + j, m) + gm;
         }
-        st<B, T>(a.dG + o + j, gsumj - wv * vsgm, m);
-        st<B, T>(a.dGt + o + j, e2 * (gm - wv * vsm), m);
-        st<B, T>(a.dGx + o + j, ve * vv * gm + wv * (vB * vv - vQ), m);
+        st<B, T>(dG + j, gsumj - wv * vsgm, m);
+        st<B, T>(dGt + j, e2 * (gm - wv * vsm), m);
+        st<B, T>(dGx + j, ve * vv * gm + wv * (vB * vv - vQ), m);
         // d micro_j / d eps = 2 eps g_t,j + v_j g_x,j - a
         const vec dm = twoe * (ld<B, T>(a.Gt + o + j, m) - vmt) + vv * (ld<B, T>(a.Gx + o + j, m) - vmx) - va;
         de.add(W::of(gm) * W::of(dm));
@@ -993,9 +1038,11 @@ HRGRAD_INLINE void transport_backward_rows_impl(const TransportBackwardArgs<T, S
       a.drho_x[i] = static_cast<T>(svm);
       deps.park(0, r, de);
     }
+    outs.flush(ib, nr);
     deps.reduce(nr);
     for (int r = 0; r < nr; ++r) a.deps[ib + r] = static_cast<T>(deps.sums[0][r]);
   }
+  outs.finish();
 }
 HRGRAD_SIMD_DISPATCH(transport_backward_rows, transport_backward_rows_impl)
 
@@ -1023,7 +1070,8 @@ TransportGrads transport_backward_cpu(const Tensor& gg_, const Tensor& gm_, cons
         Sq ? G.const_data_ptr<T_>() : nullptr,  Gt.const_data_ptr<T_>(), Gx.const_data_ptr<T_>(),
         Sq ? rho_x.const_data_ptr<T_>() : nullptr, eps.const_data_ptr<T_>(), es, nv, &tab,
         dG.mutable_data_ptr<T_>(), dGt.mutable_data_ptr<T_>(), dGx.mutable_data_ptr<T_>(),
-        drho_x.mutable_data_ptr<T_>(), deps.mutable_data_ptr<T_>()};
+        drho_x.mutable_data_ptr<T_>(), deps.mutable_data_ptr<T_>(),
+        3 * N * nv * static_cast<int64_t>(sizeof(T_)) > kStreamBytes};
     parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) {
       transport_backward_rows(vb, args, r0, r1);
     });
