@@ -108,6 +108,18 @@ def test_combine_every_isa(isa, K, n):
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("B,n", [(1, (17 << 20) // 4 + 3), (3, 1_400_003)])
+def test_combine_streamed_result(isa, B, n):
+    # A result above 16 MiB is written with streaming stores where a chunk of it is vector-
+    # aligned (B = 1), plainly where not (B = 3 with odd n: the rows after the first start
+    # unaligned); the odd n leaves a partial last vector. float64 reference, float32 input.
+    gen = torch.Generator().manual_seed(B)
+    J = torch.randn(B, 3, n, generator=gen)
+    w = torch.randn(B, 3, generator=gen)
+    want = (w.double().unsqueeze(-1) * J.double()).sum(-2)
+    torch.testing.assert_close(ops.combine(J, w).double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_combine_low_precision(dtype):
     J = torch.randn(6, 1000).to(dtype)
