@@ -269,7 +269,6 @@ struct CombineArgs {
   const T* w;     // [B, K]
   T* out;         // [B, n]
   int64_t K, n, nchunks;
-  bool stream;    // write out with streaming stores (a fresh result far larger than the caches)
 };
 
 // acc[j] (+)= sum_{k < G} w[k] rows[k][j] for j < len (len a multiple of the vector length
@@ -277,7 +276,7 @@ struct CombineArgs {
 // FMA chains. kFirst: acc starts at 0; kLast: the result goes to out (added to it with
 // kAccumulate) instead of acc.
 template <int B, class T, int G, bool kFirst, bool kLast, bool kAccumulate>
-HRGRAD_INLINE void combine_rows(const T* const* rows, const T* w, int64_t len, T* acc, T* out, bool stream) {
+HRGRAD_INLINE void combine_rows(const T* const* rows, const T* w, int64_t len, T* acc, T* out) {
   using vec = std::conditional_t<std::is_same_v<T, double>, typename V<B>::f64, typename V<B>::f32>;
   constexpr int64_t L = sizeof(vec) / sizeof(T);
   vec wk[G];
@@ -297,13 +296,8 @@ HRGRAD_INLINE void combine_rows(const T* const* rows, const T* w, int64_t len, T
         a0 = simd::load<vec>(out + j) + a0;
         a1 = simd::load<vec>(out + j + L) + a1;
       }
-      if (stream) {  // out is vector-aligned here (checked by the caller)
-        simd::stream<B>(out + j, a0);
-        simd::stream<B>(out + j + L, a1);
-      } else {
-        simd::store(out + j, a0);
-        simd::store(out + j + L, a1);
-      }
+      simd::store(out + j, a0);
+      simd::store(out + j + L, a1);
     } else {
       simd::store(acc + j, a0);
       simd::store(acc + j + L, a1);
@@ -324,11 +318,10 @@ HRGRAD_INLINE void combine_rows(const T* const* rows, const T* w, int64_t len, T
 }
 
 template <int B, class T, bool kFirst, bool kLast, bool kAccumulate, int G = kCombineRows>
-HRGRAD_INLINE void combine_rows_any(int64_t g, const T* const* rows, const T* w, int64_t len, T* acc, T* out,
-                                    bool stream) {
+HRGRAD_INLINE void combine_rows_any(int64_t g, const T* const* rows, const T* w, int64_t len, T* acc, T* out) {
   if constexpr (G >= 1) {
-    if (g != G) return combine_rows_any<B, T, kFirst, kLast, kAccumulate, G - 1>(g, rows, w, len, acc, out, stream);
-    combine_rows<B, T, G, kFirst, kLast, kAccumulate>(rows, w, len, acc, out, stream);
+    if (g != G) return combine_rows_any<B, T, kFirst, kLast, kAccumulate, G - 1>(g, rows, w, len, acc, out);
+    combine_rows<B, T, G, kFirst, kLast, kAccumulate>(rows, w, len, acc, out);
   }
 }
 
@@ -344,18 +337,16 @@ HRGRAD_INLINE void combine_tasks_impl(const CombineArgs<T, kAccumulate>& a, cons
     const T* Jb = a.J + b * K * n + start;
     const T* wb = a.w + b * K;
     T* ob = a.out + b * n + start;
-    const bool stream = a.stream && reinterpret_cast<uintptr_t>(ob) % B == 0;
     for (int64_t g0 = 0; g0 < K; g0 += kCombineRows) {
       const int64_t g = std::min<int64_t>(kCombineRows, K - g0);
       for (int64_t k = 0; k < g; ++k) rows[k] = Jb + (g0 + k) * n;
       const bool first = g0 == 0, last = g0 + g == K;
-      if (first && last) combine_rows_any<B, T, true, true, kAccumulate>(g, rows, wb + g0, len, buf, ob, stream);
-      else if (first) combine_rows_any<B, T, true, false, kAccumulate>(g, rows, wb + g0, len, buf, ob, stream);
-      else if (last) combine_rows_any<B, T, false, true, kAccumulate>(g, rows, wb + g0, len, buf, ob, stream);
-      else combine_rows_any<B, T, false, false, kAccumulate>(g, rows, wb + g0, len, buf, ob, stream);
+      if (first && last) combine_rows_any<B, T, true, true, kAccumulate>(g, rows, wb + g0, len, buf, ob);
+      else if (first) combine_rows_any<B, T, true, false, kAccumulate>(g, rows, wb + g0, len, buf, ob);
+      else if (last) combine_rows_any<B, T, false, true, kAccumulate>(g, rows, wb + g0, len, buf, ob);
+      else combine_rows_any<B, T, false, false, kAccumulate>(g, rows, wb + g0, len, buf, ob);
     }
   }
-  if (a.stream) simd::stream_fence();
 }
 HRGRAD_SIMD_DISPATCH(combine_tasks, combine_tasks_impl)
 
@@ -365,10 +356,7 @@ void combine_cpu_kernel(const T* J, const T* w, int64_t B, int64_t K, int64_t n,
   const int vb = simd::vector_bytes();
   constexpr int64_t C = kCombineChunkBytes / sizeof(T);
   const int64_t nchunks = (n + C - 1) / C;
-  // A fresh result (not combine_accumulate_, which reads it) above 16 MiB: streaming stores
-  // (no read-for-ownership of lines that are overwritten whole).
-  const bool stream = !kAccumulate && B * n * static_cast<int64_t>(sizeof(T)) > (int64_t{16} << 20);
-  const CombineArgs<T, kAccumulate> args{J, w, out, K, n, nchunks, stream};
+  const CombineArgs<T, kAccumulate> args{J, w, out, K, n, nchunks};
   // At least ~64k elements of J per task.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (C * K));
   parallel_for(0, B * nchunks, grain, [&](int64_t t0, int64_t t1) { combine_tasks(vb, args, t0, t1); });
