@@ -6,10 +6,14 @@ one forward + backward of the APNN loss "sum of the mean squared residuals" with
 every network-output input (kn / eps are constants, as in training), side by side in
 interleaved rounds:
 
-    eager         the formulas of issue 3 written in plain PyTorch
-    compiled      the same function under torch.compile (compile time excluded)
-    ext           hrgrad_ext.ops (fused forward and backward kernels), loss in eager PyTorch
-    ext_compiled  the ext function under torch.compile (inductor fuses the loss around the ops)
+    eager          the formulas of issue 3 written in plain PyTorch
+    compiled       the same function under torch.compile (compile time excluded)
+    ext            hrgrad_ext.ops as the library's training losses call them: for bgk_residuals
+                   and transport_mm_residuals their loss forms (bgk_residuals_sq,
+                   transport_mm_residuals_sq: the [N, V] residual reduced to row sums of squares
+                   inside the fused kernels, recomputed by the fused backward), else the op
+    ext_residuals  (ops with a loss form) the residual op, loss in eager PyTorch around it
+    ext_compiled   the ext function under torch.compile (the loss around the op compiled too)
 
 The targets are ``ext / compiled <= 1.0`` (stretch 0.5) on the CPU (issue 10) and ``<= 0.5`` at
 N = 65536, V = 64 on the GPU (issue 11). Also timed: the fused
@@ -90,6 +94,22 @@ def moments_ext(F, v, w):
     return K.velocity_moments(F, v, w, 2)
 
 
+def bgk_sq_loss(impl):
+    def loss(*args):
+        kin_sq, cons, consis = impl(*args)
+        return kin_sq.mean() / args[0].shape[1] + cons.pow(2).mean() + consis.pow(2).mean()
+
+    return loss
+
+
+def transport_sq_loss(impl):
+    def loss(*args):
+        micro_sq, macro = impl(*args)
+        return micro_sq.mean() / args[0].shape[1] + macro.pow(2).mean()
+
+    return loss
+
+
 def single_loss(impl):
     def loss(*args):
         return impl(*args).pow(2).mean()
@@ -164,17 +184,26 @@ def make_moments(N, V, dtype, device):
 
 
 # The pieces of each op: inputs, eager formulas, the public op, its loss, and the fused forward
-# and backward ops called directly (plain: the detached inputs; up: upstream gradients).
+# and backward ops called directly (plain: the detached inputs; up: upstream gradients). sq: the
+# loss form (its public op, loss, fused ops and name in bench/memory_model.py), which the ext
+# step then uses.
 OPS = {
     "bgk_residuals": dict(
         make=make_bgk, loss=bgk_loss, eager=bgk_eager, ext=K.bgk_residuals,
         fwd=lambda p: torch.ops.hrgrad_ext.bgk_residuals(*p),
-        bwd=lambda up, p: torch.ops.hrgrad_ext.bgk_residuals_backward(*up, *p[1:]), used=(0, 1, 2)),
+        bwd=lambda up, p: torch.ops.hrgrad_ext.bgk_residuals_backward(*up, *p[1:]), used=(0, 1, 2),
+        sq=dict(ext=K.bgk_residuals_sq, loss=bgk_sq_loss, model="bgk_residuals_sq",
+                fwd=lambda p: torch.ops.hrgrad_ext.bgk_residuals_sq(*p),
+                bwd=lambda up, p: torch.ops.hrgrad_ext.bgk_residuals_sq_backward(*up, *p))),
     "transport_mm_residuals": dict(
         make=make_transport, loss=transport_loss, eager=transport_eager, ext=K.transport_mm_residuals,
         fwd=lambda p: torch.ops.hrgrad_ext.transport_mm_residuals(*p),
         bwd=lambda up, p: torch.ops.hrgrad_ext.transport_mm_residuals_backward(*up, p[1], p[2], p[5], p[6], p[7]),
-        used=(1, 2)),
+        used=(1, 2),
+        sq=dict(ext=K.transport_mm_residuals_sq, loss=transport_sq_loss, model="transport_mm_residuals_sq",
+                fwd=lambda p: torch.ops.hrgrad_ext.transport_mm_residuals_sq(*p),
+                bwd=lambda up, p: torch.ops.hrgrad_ext.transport_mm_residuals_sq_backward(
+                    *up, p[0], p[1], p[2], p[4], p[5], p[6], p[7]))),
     "maxwellian": dict(
         make=make_maxwellian, loss=single_loss, eager=maxwellian_eager, ext=K.maxwellian,
         fwd=lambda p: (torch.ops.hrgrad_ext.maxwellian(*p),),
@@ -233,11 +262,15 @@ def main(argv=None):
         spec = OPS[op]
         make = spec["make"]
         eager_fn, ext_fn = spec["loss"](spec["eager"]), spec["loss"](spec["ext"])
+        sq = spec.get("sq")
         fns = {"eager": eager_fn, "ext": ext_fn}
+        if sq:
+            fns = {"eager": eager_fn, "ext": sq["loss"](sq["ext"]), "ext_residuals": ext_fn}
+        fused = sq or spec  # the fused ops the ext step calls
         if not a.no_compile:
             # dynamic=False: one graph per shape, the best case for the compiled baseline.
             fns["compiled"] = torch.compile(eager_fn, fullgraph=True, dynamic=False)
-            fns["ext_compiled"] = torch.compile(ext_fn, fullgraph=True, dynamic=False)
+            fns["ext_compiled"] = torch.compile(fns["ext"], fullgraph=True, dynamic=False)
         for V in vels:
             for N in sizes:
                 args, leaves = make(N, V, dtype, device)
@@ -245,15 +278,15 @@ def main(argv=None):
                 # the pieces of ext: the fused forward op, the fused backward op, the eager loss
                 plain = [x.detach() for x in args]
                 outs = spec["fwd"](plain)
-                upstream = [torch.randn_like(o) for o in outs]
+                upstream = [torch.randn_like(o) for o in fused["fwd"](plain)]
                 residuals = [o.clone().requires_grad_(True) for o in outs]
 
                 def loss_alone(residuals=residuals, used=spec["used"]):
                     L = sum(residuals[i].pow(2).mean() for i in used)
                     return torch.autograd.grad(L, [residuals[i] for i in used])
 
-                steps["ext_forward_op"] = lambda spec=spec, plain=plain: spec["fwd"](plain)
-                steps["ext_backward_op"] = lambda spec=spec, up=upstream, plain=plain: spec["bwd"](up, plain)
+                steps["ext_forward_op"] = lambda fused=fused, plain=plain: fused["fwd"](plain)
+                steps["ext_backward_op"] = lambda fused=fused, up=upstream, plain=plain: fused["bwd"](up, plain)
                 steps["eager_loss_alone"] = loss_alone
                 # eager PyTorch (dozens of large temporaries) on its own, so that it does not
                 # flush the caches between the calls of the others
@@ -263,6 +296,8 @@ def main(argv=None):
                 ms = {k: v.get("median_ms") for k, v in res.items()}
                 case = {"op": op, "N": N, "V": V, "ms": ms, "min_ms": {k: v.get("min_ms") for k, v in res.items()}}
                 ratios = {"ext_vs_eager": ms["ext"] / ms["eager"]}
+                if ms.get("ext_residuals"):
+                    ratios["ext_vs_ext_residuals"] = ms["ext"] / ms["ext_residuals"]
                 if "compiled" in ms and ms["compiled"]:
                     ratios["ext_vs_compiled"] = ms["ext"] / ms["compiled"]
                     ratios["ext_vs_compiled_min"] = case["min_ms"]["ext"] / case["min_ms"]["compiled"]
@@ -271,7 +306,7 @@ def main(argv=None):
                 case["ratios"] = ratios
                 # beside the fused ops' times and the whole ext step: the bytes they must move,
                 # the read-once floor at the device's bandwidth, achieved GB/s, % of the floor
-                moved = kinetic_bytes(op, N, V, torch.tensor([], dtype=dtype).element_size())
+                moved = kinetic_bytes(sq["model"] if sq else op, N, V, torch.tensor([], dtype=dtype).element_size())
                 case["bytes_fused_ops"] = moved["forward_op"] + moved["backward_op"]
                 case["floor"] = {"ext_forward_op": floor_figures(moved["forward_op"], ms.get("ext_forward_op"), bw),
                                  "ext_backward_op": floor_figures(moved["backward_op"], ms.get("ext_backward_op"), bw),
@@ -294,7 +329,8 @@ def main(argv=None):
         "rounds": rounds,
         "warmup": warmup,
         "metric": "ms of one forward + backward of the sum of mean squared residuals: median (and min) over "
-                  "interleaved rounds; ratios of medians",
+                  "interleaved rounds; ratios of medians. ext: the loss forms (*_sq ops) where an op has one; "
+                  "ext_forward_op / ext_backward_op: the fused ops the ext step calls",
         "bandwidth": bw,
         "cases": results,
     }

@@ -159,6 +159,35 @@ def transport_backward_bytes(N: int, V: int, elem: int, eps_per_row: bool = True
     return elem * (reads + writes)
 
 
+def bgk_sq_forward_bytes(N: int, V: int, elem: int, kn_per_row: bool = True) -> int:
+    """bgk_residuals_sq: the inputs of bgk_residuals read; kinetic_sq [N], conservation and
+    consistency [N, 3] written (no [N, V] output)."""
+    reads = 3 * N * V + 6 * N + _param(N, kn_per_row) + 2 * V
+    return elem * (reads + 7 * N)
+
+
+def bgk_sq_backward_bytes(N: int, V: int, elem: int, kn_per_row: bool = True) -> int:
+    """bgk_residuals_sq_backward: F, Ft, Fx [N, V], grad kinetic_sq [N], grad conservation and
+    grad consistency [N, 3], the per-row inputs read; dF, dFt, dFx and seven [N] gradients
+    written."""
+    reads = 3 * N * V + N + 6 * N + 6 * N + _param(N, kn_per_row) + 2 * V
+    return elem * (reads + 3 * N * V + 7 * N)
+
+
+def transport_sq_forward_bytes(N: int, V: int, elem: int, eps_per_row: bool = True) -> int:
+    """transport_mm_residuals_sq: the inputs of transport_mm_residuals read; micro_sq, macro [N]
+    written."""
+    reads = 3 * N * V + 2 * N + _param(N, eps_per_row) + 2 * V
+    return elem * (reads + 2 * N)
+
+
+def transport_sq_backward_bytes(N: int, V: int, elem: int, eps_per_row: bool = True) -> int:
+    """transport_mm_residuals_sq_backward: G, Gt, Gx [N, V], grad micro_sq, grad macro, rho_x, eps,
+    v, w read; dG, dGt, dGx [N, V], drho_x, deps written."""
+    reads = 3 * N * V + 3 * N + _param(N, eps_per_row) + 2 * V
+    return elem * (reads + 3 * N * V + 2 * N)
+
+
 def maxwellian_forward_bytes(N: int, V: int, elem: int) -> int:
     """maxwellian: rho, u, T, v read; M [N, V] written."""
     return elem * (3 * N + V + N * V)
@@ -186,6 +215,8 @@ _LOSS_FIELDS = {
     "transport_mm_residuals": (1, 1),  # micro; macro
     "maxwellian": (1, 0),
     "velocity_moments": (0, 3),
+    "bgk_residuals_sq": (0, 7),            # kinetic_sq; conservation + consistency
+    "transport_mm_residuals_sq": (0, 2),   # micro_sq; macro
 }
 
 KINETIC_OPS = {
@@ -193,6 +224,8 @@ KINETIC_OPS = {
     "transport_mm_residuals": (transport_forward_bytes, transport_backward_bytes),
     "maxwellian": (maxwellian_forward_bytes, maxwellian_backward_bytes),
     "velocity_moments": (velocity_moments_forward_bytes, velocity_moments_backward_bytes),
+    "bgk_residuals_sq": (bgk_sq_forward_bytes, bgk_sq_backward_bytes),
+    "transport_mm_residuals_sq": (transport_sq_forward_bytes, transport_sq_backward_bytes),
 }
 
 

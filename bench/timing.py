@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -45,7 +46,10 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
 def compare(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, rounds: int) -> dict[str, dict]:
     """Times the functions side by side: each round calls every function once, in turn, so a
     change of machine load (other jobs, frequency) hits all of them alike and their ratios
-    stay comparable. A function that raises is reported as failed and dropped.
+    stay comparable. The order is shuffled every round (fixed seed): on inputs about the size of
+    the last-level cache, what a call finds in the cache depends on the call before it, and a
+    fixed order would favour the same function every round. A function that raises is reported
+    as failed and dropped.
 
     Returns ``{name: {"median_ms", "min_ms"}}`` (or ``{"failed": message}``).
     """
@@ -60,9 +64,11 @@ def compare(fns: dict[str, Callable[[], object]], device: torch.device, warmup: 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in live}
+    order, rng = list(live), random.Random(0)
     for _ in range(rounds):
-        for name, fn in live.items():
-            times[name].append(_time_once(fn, device))
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(_time_once(live[name], device))
     for name, ts in times.items():
         out[name] = {"median_ms": statistics.median(ts), "min_ms": min(ts)}
     return out

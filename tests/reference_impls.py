@@ -146,3 +146,15 @@ def min_norm_hull_ref(J, tol=1e-9):
         if (J @ u >= u @ u - tol * scale).all():
             return u
     raise AssertionError("no support satisfies the KKT conditions")
+
+
+def ref_bgk_sq(*args):
+    """bgk_residuals_sq: the kinetic residual as its row sums of squares."""
+    kinetic, conservation, consistency = ref_bgk(*args)
+    return (kinetic * kinetic).sum(1), conservation, consistency
+
+
+def ref_transport_sq(*args):
+    """transport_mm_residuals_sq: (sum_j micro_ij^2, macro)."""
+    _, micro, macro = ref_transport(*args)
+    return (micro * micro).sum(1), macro

@@ -283,6 +283,36 @@ def kinetic_cases():
             yield N, V, dtype
 
 
+def _f64(args):
+    return [a.to(f64) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _cast(outs, dtype):
+    return tuple(o.to(dtype) for o in outs)
+
+
+# The loss forms (*_sq ops) against compositions of the residual ops' CPU kernels, computed in
+# float64 and rounded to the dtype at the end: kinetic_sq = (kin ** 2).sum(1), and the fused
+# backward = the residual op's backward with grad_kinetic = 2 q[:, None] kin (transport: grad_g
+# = 0, grad_micro = 2 q[:, None] micro).
+def bgk_sq_reference(bgk, q, gC, gS):
+    bgk, (q, gC, gS) = _f64(bgk), _f64((q, gC, gS))
+    kin, cons, consis = CPU.bgk_residuals(*bgk)
+    forward = ((kin**2).sum(1), cons, consis)
+    backward = CPU.bgk_residuals_backward(2 * q[:, None] * kin, gC, gS, *bgk[1:])
+    return forward, backward
+
+
+def transport_sq_reference(tr, q, gc):
+    tr, (q, gc) = _f64(tr), _f64((q, gc))
+    G, Gt, Gx, rho_t, rho_x, v, w, eps = tr
+    _, micro, macro = CPU.transport_mm_residuals(*tr)
+    forward = ((micro**2).sum(1), macro)
+    backward = CPU.transport_mm_residuals_backward(torch.zeros_like(micro), 2 * q[:, None] * micro, gc, Gt, Gx, v, w,
+                                                   eps)
+    return forward, backward
+
+
 @pytest.mark.parametrize("N,V,dtype", list(kinetic_cases()))
 def test_kinetic_ops(backend, N, V, dtype):
     gen = torch.Generator().manual_seed(N * 1000 + V)
@@ -310,6 +340,19 @@ def test_kinetic_ops(backend, N, V, dtype):
             tback = (field(), layout(field()), rows(), Ft, Fx, v, w, kn)
             assert_same(backend("transport_mm_residuals_backward", *tback), CPU.transport_mm_residuals_backward(*tback),
                         "transport_mm_residuals_backward " + what, **t)
+            # The loss forms, same tolerances: a sum of squares has no cancellation, so its
+            # relative error is at most about twice the elements' (float32: ~1e-6 at V = 200).
+            q = layout(rows(0.0, 1.0))
+            forward, backward = bgk_sq_reference(bgk, q, *grads[1:])
+            assert_same(backend("bgk_residuals_sq", *bgk), _cast(forward, dtype), "bgk_residuals_sq " + what, **t)
+            assert_same(backend("bgk_residuals_sq_backward", q, *grads[1:], *bgk), _cast(backward, dtype),
+                        "bgk_residuals_sq_backward " + what, **t)
+            gc = rows()
+            forward, backward = transport_sq_reference(tr, q, gc)
+            assert_same(backend("transport_mm_residuals_sq", *tr), _cast(forward, dtype),
+                        "transport_mm_residuals_sq " + what, **t)
+            assert_same(backend("transport_mm_residuals_sq_backward", q, gc, *tr[:3], *tr[4:]), _cast(backward, dtype),
+                        "transport_mm_residuals_sq_backward " + what, **t)
         for order in (0, 4):
             assert_same(backend("velocity_moments", F, v, w, order), CPU.velocity_moments(F, v, w, order),
                         f"velocity_moments order={order} " + describe(F=F), **t)
@@ -321,6 +364,36 @@ def test_kinetic_ops(backend, N, V, dtype):
         gm = layout(field())
         assert_same(backend("maxwellian_backward", gm, rho, u, T, v), CPU.maxwellian_backward(gm, rho, u, T, v),
                     "maxwellian_backward " + describe(grad=gm), **t)
+
+
+def test_loss_forms_reject_bad_inputs(backend):
+    # The checks of the *_sq ops (kinetic_common.h, shared with the CPU kernels): the grads of
+    # the row sums are [N] rows, grad_conservation [N, 3], and the messages name the op.
+    gen = torch.Generator().manual_seed(5)
+    N, V = 4, 30
+    field = lambda: torch.rand(N, V, generator=gen, dtype=f64)  # noqa: E731
+    row = lambda lo=0.5: lo + torch.rand(N, generator=gen, dtype=f64)  # noqa: E731
+    v, w = torch.linspace(-1.0, 1.0, V, dtype=f64), torch.full((V,), 2.0 / V, dtype=f64)
+    bgk = (field(), field(), field(), row(), row(-0.5), row(), row(), row(), row(), v, w, row())
+    q, g3 = row(), torch.zeros(N, 3, dtype=f64)
+    tr = (field(), field(), field(), row(), row(), v, w, row())
+    cases = [
+        ("bgk_residuals_sq", (*bgk[:9], v[:-1], w, bgk[11]), r"v must be \[V\] = \[30\]"),
+        ("bgk_residuals_sq_backward", (q[:-1], g3, g3, *bgk), r"grad_kinetic_sq must be \[N\]"),
+        ("bgk_residuals_sq_backward", (q, g3[:, :2], g3, *bgk), r"grad_conservation must be \[N, 3\]"),
+        ("bgk_residuals_sq_backward", (q, g3, g3.float(), *bgk), r"grad_consistency has dtype"),
+        ("transport_mm_residuals_sq", (*tr[:7], torch.ones(2, dtype=f64)), r"eps must be \[N\]"),
+        ("transport_mm_residuals_sq_backward", (q, q[:2], *tr[:3], *tr[4:]), r"grad_macro must be \[N\]"),
+        ("transport_mm_residuals_sq_backward", (q[:, None], q, *tr[:3], *tr[4:]), r"grad_micro_sq must be \[N\]"),
+    ]
+    for op, args, message in cases:
+        with pytest.raises((RuntimeError, ValueError), match=f"{op}: {message}"):
+            backend(op, *args)
+    # N = 0: empty outputs of the right shapes
+    empty = [a[:0] if a.dim() and a.shape[0] == N else a for a in (*bgk, *tr)]
+    assert [tuple(o.shape) for o in backend("bgk_residuals_sq", *empty[:12])] == [(0,), (0, 3), (0, 3)]
+    assert [tuple(o.shape) for o in backend("transport_mm_residuals_sq_backward", q[:0], q[:0], *empty[12:15],
+                                            *empty[16:])] == [(0, V)] * 3 + [(0,)] * 2
 
 
 def test_maxwellian_extreme_exponents_and_nan(backend):

@@ -108,6 +108,17 @@ def test_combine_every_isa(isa, K, n):
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("B,n", [(1, (17 << 20) // 4 + 3), (3, 1_400_003)])
+def test_combine_large_result(isa, B, n):
+    # Results above 16 MiB (float32 input, float64 reference); odd n: a partial last vector and,
+    # for B = 3, batch rows that start unaligned.
+    gen = torch.Generator().manual_seed(B)
+    J = torch.randn(B, 3, n, generator=gen)
+    w = torch.randn(B, 3, generator=gen)
+    want = (w.double().unsqueeze(-1) * J.double()).sum(-2)
+    torch.testing.assert_close(ops.combine(J, w).double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_combine_low_precision(dtype):
     J = torch.randn(6, 1000).to(dtype)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference_impls import ref_bgk, ref_maxwellian, ref_moments, ref_transport
+from reference_impls import ref_bgk, ref_bgk_sq, ref_maxwellian, ref_moments, ref_transport, ref_transport_sq
 
 import hrgrad_ext  # noqa: F401  (registers the ops)
 from hrgrad_ext.ops import kinetic as K
@@ -105,7 +105,9 @@ def test_every_isa_matches_reference(isa, N, V):
     gen = torch.Generator().manual_seed(N * V)
     for dtype, tol in ((f64, dict(rtol=1e-11, atol=1e-11)), (torch.float32, dict(rtol=1e-5, atol=2e-5))):
         for fn, ref, make in ((K.bgk_residuals, ref_bgk, bgk_inputs), (K.transport_mm_residuals, ref_transport,
-                                                                      transport_inputs)):
+                                                                      transport_inputs),
+                              (K.bgk_residuals_sq, ref_bgk_sq, bgk_inputs),
+                              (K.transport_mm_residuals_sq, ref_transport_sq, transport_inputs)):
             args = make(N, V, dtype, seed=N + V, requires_grad=True)
             args64 = [a.detach().double().requires_grad_(a.requires_grad) for a in args]
             out, want = fn(*args), ref(*args64)
@@ -124,6 +126,33 @@ def test_every_isa_matches_reference(isa, N, V):
         exp = torch.autograd.grad(ref_maxwellian(rho, u, T, v).pow(2).sum(), (rho, u, T))
         for a, b in zip(got, exp):
             assert_close(a.double(), b.double(), rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+
+
+def test_streamed_backward_outputs_equal_cached_ones(isa):
+    # Backward outputs above 16 MiB in all are written with streaming stores from a block
+    # scratch (kStreamBytes); rows are independent, so the two halves of the batch (each below
+    # the threshold: plain stores) must give the very same numbers. V = 31: rows not aligned to
+    # any vector, so the copies' unaligned heads and tails are exercised.
+    N, V = 47000, 31  # 3 * N * V * 4 bytes = 17.5 MB
+    a = bgk_inputs(N, V, torch.float32, seed=5)
+    t = transport_inputs(N, V, torch.float32, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    q, g3, gN = (torch.randn(N, generator=gen), torch.randn(N, 3, generator=gen), torch.randn(N, generator=gen))
+    gNV = torch.randn(N, V, generator=gen)
+    calls = [
+        (ops.bgk_residuals_sq_backward, lambda s: (q[s], g3[s], g3[s], *[x[s] if x.dim() else x for x in a[:9]],
+                                                    a[9], a[10], a[11][s])),
+        (ops.bgk_residuals_backward, lambda s: (gNV[s], g3[s], g3[s], *[x[s] for x in a[1:9]], a[9], a[10], a[11][s])),
+        (ops.transport_mm_residuals_sq_backward, lambda s: (q[s], gN[s], t[0][s], t[1][s], t[2][s], t[4][s], t[5], t[6],
+                                                             t[7][s])),
+        (ops.transport_mm_residuals_backward, lambda s: (gNV[s], gNV[s], gN[s], t[1][s], t[2][s], t[5], t[6], t[7][s])),
+    ]
+    halves = (slice(0, N // 2), slice(N // 2, N))
+    for op, args in calls:
+        whole = op(*args(slice(0, N)))
+        parts = [op(*args(h)) for h in halves]
+        for k, w in enumerate(whole):
+            assert torch.equal(w, torch.cat([p[k] for p in parts])), (op, k)
 
 
 @pytest.mark.parametrize("N,V", SIZES)
@@ -196,6 +225,11 @@ def test_float32_against_float64_reference():
     ref = ref_transport(*[a.double() for a in targs])
     for o, r in zip(out, ref):
         assert_close(o.double(), r, rtol=1e-5, atol=2e-5)
+    # The loss forms: float32 residuals squared and summed in float64, then rounded once.
+    for fn, ref_fn, a in ((K.bgk_residuals_sq, ref_bgk_sq, args), (K.transport_mm_residuals_sq, ref_transport_sq, targs)):
+        for o, r in zip(fn(*a), ref_fn(*[x.double() for x in a])):
+            assert o.dtype == torch.float32
+            assert_close(o.double(), r, rtol=1e-5, atol=2e-5)
 
 
 def test_non_contiguous_inputs():
@@ -210,6 +244,19 @@ def test_non_contiguous_inputs():
     nct = [a.t().contiguous().t() if a.dim() == 2 else a for a in targs]
     for o, r in zip(K.transport_mm_residuals(*nct), ref_transport(*targs)):
         assert_close(o, r, rtol=1e-12, atol=1e-12)
+    for o, r in zip(K.bgk_residuals_sq(*nc), ref_bgk_sq(*args)):
+        assert_close(o, r, rtol=1e-12, atol=1e-12)
+    for o, r in zip(K.transport_mm_residuals_sq(*nct), ref_transport_sq(*targs)):
+        assert_close(o, r, rtol=1e-12, atol=1e-12)
+    # and their fused backward kernels, non-contiguous upstream gradients included
+    for fn, ref_fn, a, nca in ((K.bgk_residuals_sq, ref_bgk_sq, args, nc),
+                               (K.transport_mm_residuals_sq, ref_transport_sq, targs, nct)):
+        a = [x.detach().requires_grad_(x.dtype.is_floating_point) if i < len(a) - 3 else x for i, x in enumerate(a)]
+        nca = [x.detach().requires_grad_(True) if i < len(nca) - 3 else x for i, x in enumerate(nca)]
+        got = torch.autograd.grad(sum(o.sum() for o in fn(*nca)), [x for x in nca if x.requires_grad])
+        want = torch.autograd.grad(sum(o.sum() for o in ref_fn(*a)), [x for x in a if x.requires_grad])
+        for g, h in zip(got, want):
+            assert_close(g, h, rtol=1e-12, atol=1e-12)
 
 
 def test_empty_batch():
@@ -224,6 +271,12 @@ def test_empty_batch():
     (micro.sum() + macro.sum()).backward()
     assert targs[0].grad.shape == (0, 30)
     assert K.velocity_moments(args[0].detach(), args[9], args[10], 2).shape == (0, 3)
+    ksq, cons, consis = K.bgk_residuals_sq(*args)
+    assert ksq.shape == (0,) and cons.shape == (0, 3)
+    (ksq.sum() + cons.sum()).backward()
+    msq, macro = K.transport_mm_residuals_sq(*targs)
+    assert msq.shape == (0,) and macro.shape == (0,)
+    (msq.sum() + macro.sum()).backward()
 
 
 # --- gradients ----------------------------------------------------------------------------------
@@ -265,6 +318,36 @@ def test_transport_gradients_match_reference(N, V, eps):
         assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("param", ["row", "scalar"])
+@pytest.mark.parametrize("N,V", [(1, 30), (37, 64), (20, 7)])
+def test_loss_form_gradients_match_reference(N, V, param):
+    gen = torch.Generator().manual_seed(3)
+    args = bgk_inputs(N, V, kn=param, seed=15, requires_grad=True)
+    up = [torch.randn(N, generator=gen, dtype=f64), torch.randn(N, 3, generator=gen, dtype=f64),
+          torch.randn(N, 3, generator=gen, dtype=f64)]
+    for a, b in zip(_grads_of(K.bgk_residuals_sq, args, up), _grads_of(ref_bgk_sq, args, up)):
+        assert_close(a, b, rtol=1e-11, atol=1e-11)
+    args = transport_inputs(N, V, eps=param, seed=16, requires_grad=True)
+    up = [torch.randn(N, generator=gen, dtype=f64), torch.randn(N, generator=gen, dtype=f64)]
+    got, want = _grads_of(K.transport_mm_residuals_sq, args, up), _grads_of(ref_transport_sq, args, up)
+    assert len(got) == 6
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_loss_form_is_the_loss_of_the_residual_op():
+    # What the training losses rely on: the mean of kinetic_sq / V is the mean squared residual,
+    # with the same gradients, in one call and its fused backward.
+    args = bgk_inputs(40, 64, seed=17, requires_grad=True)
+    kin, cons, _ = K.bgk_residuals(*args)
+    ksq, cons2, _ = K.bgk_residuals_sq(*args)
+    a = kin.pow(2).mean() + cons.pow(2).mean()
+    b = ksq.mean() / 64 + cons2.pow(2).mean()
+    assert_close(b, a, rtol=1e-13, atol=0)
+    for x, y in zip(torch.autograd.grad(a, args[:9]), torch.autograd.grad(b, args[:9])):
+        assert_close(y, x, rtol=1e-12, atol=1e-14)
+
+
 def test_only_some_outputs_used():
     # Unused outputs get zero gradients; the fused backward must still be right.
     args = bgk_inputs(10, 30, requires_grad=True)
@@ -284,6 +367,8 @@ def test_gradcheck_all_ops():
     for eps in ("row", "scalar"):
         targs = transport_inputs(3, 5, eps=eps, seed=22, requires_grad=True)
         assert torch.autograd.gradcheck(K.transport_mm_residuals, targs)
+        assert torch.autograd.gradcheck(K.transport_mm_residuals_sq, targs)
+        assert torch.autograd.gradcheck(K.bgk_residuals_sq, args)
     F, _, _, rho, u, T, *_r, v, w, _ = bgk_inputs(3, 6, seed=23, requires_grad=True)
     assert torch.autograd.gradcheck(lambda F: K.velocity_moments(F, v, w, 3), (F,))
     assert torch.autograd.gradcheck(lambda a, b, c: K.maxwellian(a, b, c, v), (rho, u, T))
@@ -305,6 +390,9 @@ def test_opcheck_forward_ops():
     _opcheck(ops.transport_mm_residuals.default, targs)
     targs = transport_inputs(6, 7, eps="scalar", seed=34, requires_grad=True)
     _opcheck(ops.transport_mm_residuals.default, targs)
+    for kind in ("row", "scalar"):
+        _opcheck(ops.bgk_residuals_sq.default, bgk_inputs(6, 7, kn=kind, seed=38, requires_grad=True))
+        _opcheck(ops.transport_mm_residuals_sq.default, transport_inputs(6, 7, eps=kind, seed=39, requires_grad=True))
     F, _, _, rho, u, T, *_r, v, w, _ = bgk_inputs(6, 7, seed=35, requires_grad=True)
     _opcheck(ops.velocity_moments.default, (F, v, w, 3))
     _opcheck(ops.maxwellian.default, (rho, u, T, v))
@@ -321,6 +409,11 @@ def test_opcheck_backward_ops():
              (g, torch.randn(N, V, dtype=f64), torch.randn(N, dtype=f64), t[1], t[2], t[5], t[6], t[7]))
     _opcheck(ops.velocity_moments_backward.default, (torch.randn(N, 4, dtype=f64), a[9], a[10]))
     _opcheck(ops.maxwellian_backward.default, (g, a[3], a[4], a[5], a[9]))
+    q = torch.randn(N, dtype=f64)
+    _opcheck(ops.bgk_residuals_sq_backward.default,
+             (q, torch.randn(N, 3, dtype=f64), torch.randn(N, 3, dtype=f64), *a))
+    _opcheck(ops.transport_mm_residuals_sq_backward.default,
+             (q, torch.randn(N, dtype=f64), t[0], t[1], t[2], t[4], t[5], t[6], t[7]))
 
 
 # --- torch.compile ------------------------------------------------------------------------------
@@ -445,6 +538,32 @@ def test_errors_transport_and_small_ops():
         ops.maxwellian(t[3], t[3][:2], t[3], t[5])
     with pytest.raises(TypeError, match="order must be an int"):
         K.velocity_moments(t[0], t[5], t[6], 2.0)
+
+
+def test_errors_loss_forms():
+    # Every check names the op that was called, its own arguments included.
+    a, t = bgk_inputs(5, 30), transport_inputs(5, 30)
+    bad = list(a)
+    bad[1] = a[1][:4]
+    with pytest.raises(ValueError, match="bgk_residuals_sq: Ft has shape"):
+        K.bgk_residuals_sq(*bad)
+    with pytest.raises(RuntimeError, match="bgk_residuals_sq: Ft has shape"):
+        ops.bgk_residuals_sq(*bad)
+    bad = list(t)
+    bad[7] = torch.ones(5, 1, dtype=f64)
+    with pytest.raises(ValueError, match="transport_mm_residuals_sq: eps must be"):
+        K.transport_mm_residuals_sq(*bad)
+    q, g3 = torch.zeros(5, dtype=f64), torch.zeros(5, 3, dtype=f64)
+    with pytest.raises(RuntimeError, match=r"bgk_residuals_sq_backward: grad_kinetic_sq must be \[N\]"):
+        ops.bgk_residuals_sq_backward(torch.zeros(5, 30, dtype=f64), g3, g3, *a)
+    with pytest.raises(RuntimeError, match=r"bgk_residuals_sq_backward: grad_consistency must be \[N, 3\]"):
+        ops.bgk_residuals_sq_backward(q, g3, q, *a)
+    with pytest.raises(RuntimeError, match=r"transport_mm_residuals_sq_backward: grad_macro must be \[N\]"):
+        ops.transport_mm_residuals_sq_backward(q, q[:3], t[0], t[1], t[2], t[4], t[5], t[6], t[7])
+    with pytest.raises(RuntimeError, match="transport_mm_residuals_sq_backward: rho_x has dtype"):
+        ops.transport_mm_residuals_sq_backward(q, q, t[0], t[1], t[2], t[4].float(), t[5], t[6], t[7])
+    with pytest.raises(RuntimeError, match="bgk_residuals_sq_backward is the fused first-order backward kernel"):
+        ops.bgk_residuals_sq_backward(q.requires_grad_(), g3, g3, *a)
 
 
 # --- properties of exact data -------------------------------------------------------------------
@@ -616,3 +735,65 @@ def test_cuda_opcheck_and_errors():
         K.bgk_residuals(*bad)
     with pytest.raises(RuntimeError, match="v is on cpu but F is on cuda"):
         ops.bgk_residuals(*bad)
+
+
+# --- the loss forms (*_sq ops), device against the residual ops' CPU kernels -----------------------
+
+
+def loss_forms_match_references(sq_ops, device, N, V, param):
+    """The four *_sq ops of ``sq_ops`` on ``device`` (float64) against (a) the residual ops' CPU
+    kernels composed as the loss forms are defined and (b) autograd through the plain-PyTorch
+    references. Tolerances: (a) rtol 1e-12 (only summation order and FMA contraction differ);
+    (b) 1e-10, since autograd sums the same products in another order and the kn / eps
+    gradients are sums of up to 200 terms of size ~1e2 that partly cancel."""
+    exact, loose = dict(rtol=1e-12, atol=1e-12), dict(rtol=1e-10, atol=1e-10)
+    gen = torch.Generator().manual_seed(N * 1000 + V)
+    q, gc = torch.rand(N, generator=gen, dtype=f64), torch.randn(N, generator=gen, dtype=f64)
+    gC, gS = torch.randn(N, 3, generator=gen, dtype=f64), torch.randn(N, 3, generator=gen, dtype=f64)
+    on = lambda args: [a.to(device) for a in args]  # noqa: E731
+
+    def close(got, want, tol, what):
+        assert len(got) == len(want), what
+        for k, (a, b) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a.cpu(), b, msg=lambda m: f"{what}, output {k}: {m}", **tol)
+
+    bgk = bgk_inputs(N, V, kn=param, seed=81)
+    kin, cons, consis = ops.bgk_residuals(*bgk)
+    close(sq_ops.bgk_residuals_sq.default(*on(bgk)), ((kin**2).sum(1), cons, consis), exact, "bgk_residuals_sq")
+    grads = sq_ops.bgk_residuals_sq_backward.default(*on([q, gC, gS, *bgk]))
+    close(grads, ops.bgk_residuals_backward(2 * q[:, None] * kin, gC, gS, *bgk[1:]), exact, "bgk_residuals_sq_backward")
+    leaves = [a.requires_grad_(True) for k, a in enumerate(bgk) if k not in (9, 10)]  # all but v, w
+    kin, cons, consis = ref_bgk(*bgk)
+    want = torch.autograd.grad((q * (kin**2).sum(1)).sum() + (gC * cons).sum() + (gS * consis).sum(), leaves)
+    if param == "scalar":  # the op gives kn's gradient per row
+        grads = (*grads[:-1], grads[-1].sum())
+    close(grads, want, loose, "bgk_residuals_sq_backward vs autograd")
+
+    tr = transport_inputs(N, V, eps=param, seed=82)
+    G, Gt, Gx, rho_t, rho_x, v, w, eps = tr
+    _, micro, macro = ops.transport_mm_residuals(*tr)
+    close(sq_ops.transport_mm_residuals_sq.default(*on(tr)), ((micro**2).sum(1), macro), exact,
+          "transport_mm_residuals_sq")
+    grads = sq_ops.transport_mm_residuals_sq_backward.default(*on([q, gc, G, Gt, Gx, rho_x, v, w, eps]))
+    want = ops.transport_mm_residuals_backward(torch.zeros_like(micro), 2 * q[:, None] * micro, gc, Gt, Gx, v, w, eps)
+    close(grads, want, exact, "transport_mm_residuals_sq_backward")
+    leaves = [a.requires_grad_(True) for a in (G, Gt, Gx, rho_x, eps)]
+    _, micro, macro = ref_transport(G, Gt, Gx, rho_t, rho_x, v, w, eps)
+    want = torch.autograd.grad((q * (micro**2).sum(1)).sum() + (gc * macro).sum(), leaves)
+    if param == "scalar":
+        grads = (*grads[:-1], grads[-1].sum())
+    close(grads, want, loose, "transport_mm_residuals_sq_backward vs autograd")
+
+
+@cuda
+@pytest.mark.parametrize("N,V", [(1, 30), (257, 64), (19, 200), (0, 30)])
+def test_cpu_loss_forms(N, V):
+    loss_forms_match_references(ops, "cpu", N, V, "row")
+
+
+@needs_cuda
+@pytest.mark.parametrize("N,V", [(1, 30), (1000, 30), (257, 64), (70, 100), (19, 200), (0, 30)])
+@pytest.mark.parametrize("param", ["row", "scalar"])
+def test_cuda_loss_forms(N, V, param):
+    # (1000, 30): several blocks; V = 100 / 200: 32 lanes per row, values in registers / re-read.
+    loss_forms_match_references(ops, "cuda", N, V, param)

@@ -76,6 +76,11 @@ def kinetic_calls(N, V, dtype, per_row):
     vm = (F, v, w)
     vback = (r(N, 3), v, w)
     yield "velocity_moments", vm, OPS.velocity_moments(*vm, 2), vback, OPS.velocity_moments_backward(*vback)
+    sback = (r(N), r(N, 3), r(N, 3), *bgk)
+    yield "bgk_residuals_sq", bgk, OPS.bgk_residuals_sq(*bgk), sback, OPS.bgk_residuals_sq_backward(*sback)
+    tsback = (r(N), r(N), F, Ft, Fx, rows[1], v, w, kn)
+    yield ("transport_mm_residuals_sq", tr, OPS.transport_mm_residuals_sq(*tr), tsback,
+           OPS.transport_mm_residuals_sq_backward(*tsback))
 
 
 @pytest.mark.parametrize("per_row", [True, False], ids=["kn-per-row", "kn-scalar"])
@@ -88,7 +93,7 @@ def test_kinetic_counts_every_input_and_output_once(dtype, per_row):
         names.add(op)
         fwd, bwd = mm.KINETIC_OPS[op]
         kw = {} if op in ("maxwellian", "velocity_moments") else {
-            "kn_per_row" if op == "bgk_residuals" else "eps_per_row": per_row}
+            "kn_per_row" if op.startswith("bgk") else "eps_per_row": per_row}
         assert fwd(N, V, e, **kw) == tensor_bytes(*fin, fout), op
         assert bwd(N, V, e, **kw) == tensor_bytes(*bin_, bout), op
         step = mm.kinetic_bytes(op, N, V, e)

@@ -28,9 +28,11 @@ from reference_impls import (
     hrgrad_pinv_ref,
     hrgrad_weights_ref,
     ref_bgk,
+    ref_bgk_sq,
     ref_maxwellian,
     ref_moments,
     ref_transport,
+    ref_transport_sq,
 )
 from torch import func
 from torch.utils._pytree import tree_map
@@ -131,6 +133,30 @@ CASES = [
         "transport_mm_residuals[0-d eps]",
         lambda *a: OPS.transport_mm_residuals(*a[:5], *nodes(a[0]), a[5]),
         lambda *a: ref_transport(*a[:5], *nodes(a[0]), a[5]),
+        lambda g: _transport_inputs(g, eps_scalar=True),
+    ),
+    Case(
+        "bgk_residuals_sq",
+        lambda *a: ops.bgk_residuals_sq(*a[:9], *nodes(a[0]), a[9]),
+        lambda *a: ref_bgk_sq(*a[:9], *nodes(a[0]), a[9]),
+        lambda g: _bgk_inputs(g, kn_scalar=False),
+    ),
+    Case(
+        "bgk_residuals_sq[0-d kn]",
+        lambda *a: OPS.bgk_residuals_sq(*a[:9], *nodes(a[0]), a[9]),
+        lambda *a: ref_bgk_sq(*a[:9], *nodes(a[0]), a[9]),
+        lambda g: _bgk_inputs(g, kn_scalar=True),
+    ),
+    Case(
+        "transport_mm_residuals_sq",
+        lambda *a: ops.transport_mm_residuals_sq(*a[:5], *nodes(a[0]), a[5]),
+        lambda *a: ref_transport_sq(*a[:5], *nodes(a[0]), a[5]),
+        lambda g: _transport_inputs(g, eps_scalar=False),
+    ),
+    Case(
+        "transport_mm_residuals_sq[0-d eps]",
+        lambda *a: OPS.transport_mm_residuals_sq(*a[:5], *nodes(a[0]), a[5]),
+        lambda *a: ref_transport_sq(*a[:5], *nodes(a[0]), a[5]),
         lambda g: _transport_inputs(g, eps_scalar=True),
     ),
 ]
@@ -369,7 +395,7 @@ def test_export():
     called = {str(n.target).split(".")[1] for n in program.graph.nodes if str(n.target).startswith("hrgrad_ext.")}
     # the fused ops themselves, not a decomposition
     assert called >= {"gram", "combine", "hrgrad_weights", "velocity_moments", "maxwellian", "bgk_residuals",
-                      "transport_mm_residuals"}, called
+                      "transport_mm_residuals", "bgk_residuals_sq", "transport_mm_residuals_sq"}, called
     assert_per_op_close(program.module()(*xs), all_ops(lambda c: c.ref)(*xs))
 
 

@@ -105,6 +105,13 @@ inline void check_backward_kernel_not_differentiated(const char* op, std::initia
   }
 }
 
+// Saves the op's inputs ts into the node's slots (in order; inputs, not outputs, of the op).
+inline void save_inputs(std::initializer_list<SavedVariable*> slots, std::initializer_list<at::Tensor> ts) {
+  TORCH_INTERNAL_ASSERT(slots.size() == ts.size());
+  auto t = ts.begin();
+  for (SavedVariable* slot : slots) *slot = SavedVariable(*t++, /*is_output=*/false);
+}
+
 // Base of our graph nodes: the op name for error messages and grad_fn, the saved-tensor
 // bookkeeping PyTorch's own nodes do.
 struct OpBackward : public TraceableFunction {

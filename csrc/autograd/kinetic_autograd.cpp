@@ -1,5 +1,5 @@
 // Autograd of the kinetic family (velocity_moments, maxwellian, bgk_residuals,
-// transport_mm_residuals): see autograd_common.h for the scheme. First-order backward: one
+// transport_mm_residuals and the loss forms *_sq): see autograd_common.h for the scheme. First-order backward: one
 // call of the fused *_backward kernel. Differentiable backward and forward mode: the formulas
 // below, in ATen ops and in the (differentiable) forward ops themselves. Formulas of the ops:
 // python/hrgrad_ext/ops/kinetic.py. Rows are collocation points [N], columns velocity nodes [V].
@@ -136,10 +136,8 @@ at::Tensor maxwellian_autograd(c10::DispatchKeySet ks, const at::Tensor& rho, co
   if (compute_requires_grad(rho, u, T)) {
     node = c10::make_intrusive<MaxwellianBackward>();
     node->set_next_edges(collect_next_edges(rho, u, T));
-    node->rho_ = SavedVariable(rho, false);
-    node->u_ = SavedVariable(u, false);
-    node->T_ = SavedVariable(T, false);
-    node->v_ = SavedVariable(v, false);
+    save_inputs({&node->rho_, &node->u_, &node->T_, &node->v_},
+                {rho, u, T, v});
   }
   at::Tensor M;
   {
@@ -159,6 +157,30 @@ at::Tensor maxwellian_autograd(c10::DispatchKeySet ks, const at::Tensor& rho, co
 //   conservation = (rho_t + <v Fx>, rho_t u + rho u_t + <v^2 Fx>, E_t + <v^3 Fx> / 2)
 //   consistency  = (rho - <F>, rho u - <v F>, E - <v^2 F> / 2),     <.> = sum_j w_j (.)
 //   E = rho (u^2 + T) / 2,  E_t = rho_t (u^2 + T) / 2 + rho (2 u u_t + T_t) / 2.
+
+// The vector-Jacobian product of bgk_residuals in differentiable ATen ops (double backward,
+// torch.func); gradients of F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn.
+variable_list bgk_vjp(const at::Tensor& gK, const at::Tensor& gC, const at::Tensor& gS, const at::Tensor& Ft,
+                      const at::Tensor& Fx, const at::Tensor& rho, const at::Tensor& u, const at::Tensor& T,
+                      const at::Tensor& rho_t, const at::Tensor& u_t, const at::Tensor& T_t, const at::Tensor& v,
+                      const at::Tensor& w, const at::Tensor& kn) {
+  const at::Tensor vv = node_row(v), ww = node_row(w), knb = per_row(kn);
+  const at::Tensor gC0 = gC.select(1, 0), gC1 = gC.select(1, 1), gC2 = gC.select(1, 2);
+  const at::Tensor gS0 = gS.select(1, 0), gS1 = gS.select(1, 1), gS2 = gS.select(1, 2);
+  const at::Tensor dF = gK - ww * (col(gS0) + col(gS1) * vv + col(gS2) * (vv * vv * 0.5));
+  const at::Tensor dFt = knb * gK;
+  const at::Tensor dFx = knb * vv * gK + ww * vv * (col(gC0) + col(gC1) * vv + col(gC2) * (vv * vv * 0.5));
+  const at::Tensor dkn = param_grad((gK * (Ft + vv * Fx)).sum(1), kn);
+  auto [mrho, mu, mT] = maxwellian_vjp(-gK, rho, u, T, v);
+  const at::Tensor E2 = u * u + T;
+  const at::Tensor drho = mrho + gS0 + gS1 * u + gS2 * E2 * 0.5 + gC1 * u_t + gC2 * (2 * u * u_t + T_t) * 0.5;
+  const at::Tensor du = mu + gS1 * rho + gS2 * rho * u + gC1 * rho_t + gC2 * (rho_t * u + rho * u_t);
+  const at::Tensor dT = mT + (gS2 * rho + gC2 * rho_t) * 0.5;
+  const at::Tensor drho_t = gC0 + gC1 * u + gC2 * E2 * 0.5;
+  const at::Tensor du_t = gC1 * rho + gC2 * rho * u;
+  const at::Tensor dT_t = gC2 * rho * 0.5;
+  return {dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, dkn};
+}
 
 struct BgkBackward : public OpBackward {
   BgkBackward() : OpBackward("bgk_residuals") {}
@@ -184,28 +206,42 @@ struct BgkBackward : public OpBackward {
           bw.call(gK, gC, gS, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
       return {dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, param_grad(dkn, kn)};
     }
-    const at::Tensor vv = node_row(v), ww = node_row(w), knb = per_row(kn);
-    const at::Tensor gC0 = gC.select(1, 0), gC1 = gC.select(1, 1), gC2 = gC.select(1, 2);
-    const at::Tensor gS0 = gS.select(1, 0), gS1 = gS.select(1, 1), gS2 = gS.select(1, 2);
-    const at::Tensor dF = gK - ww * (col(gS0) + col(gS1) * vv + col(gS2) * (vv * vv * 0.5));
-    const at::Tensor dFt = knb * gK;
-    const at::Tensor dFx = knb * vv * gK + ww * vv * (col(gC0) + col(gC1) * vv + col(gC2) * (vv * vv * 0.5));
-    const at::Tensor dkn = param_grad((gK * (Ft + vv * Fx)).sum(1), kn);
-    auto [mrho, mu, mT] = maxwellian_vjp(-gK, rho, u, T, v);
-    const at::Tensor E2 = u * u + T;
-    const at::Tensor drho = mrho + gS0 + gS1 * u + gS2 * E2 * 0.5 + gC1 * u_t + gC2 * (2 * u * u_t + T_t) * 0.5;
-    const at::Tensor du = mu + gS1 * rho + gS2 * rho * u + gC1 * rho_t + gC2 * (rho_t * u + rho * u_t);
-    const at::Tensor dT = mT + (gS2 * rho + gC2 * rho_t) * 0.5;
-    const at::Tensor drho_t = gC0 + gC1 * u + gC2 * E2 * 0.5;
-    const at::Tensor du_t = gC1 * rho + gC2 * rho * u;
-    const at::Tensor dT_t = gC2 * rho * 0.5;
-    return {dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, dkn};
+    return bgk_vjp(gK, gC, gS, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
   }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     for (SavedVariable* s : {&Ft_, &Fx_, &rho_, &u_, &T_, &rho_t_, &u_t_, &T_t_, &v_, &w_, &kn_}) s->reset_data();
   }
 };
+
+// The tangents of bgk_residuals' outputs for inputs carrying forward-mode tangents (primal
+// values and tangents are taken from the dual tensors).
+Tensor3 bgk_jvp(const at::Tensor& F, const at::Tensor& Ft, const at::Tensor& Fx, const at::Tensor& rho,
+                const at::Tensor& u, const at::Tensor& T, const at::Tensor& rho_t, const at::Tensor& u_t,
+                const at::Tensor& T_t, const at::Tensor& v, const at::Tensor& w, const at::Tensor& kn) {
+  const at::Tensor pFt = primal(Ft), pFx = primal(Fx), prho = primal(rho), pu = primal(u), pT = primal(T);
+  const at::Tensor prho_t = primal(rho_t), pu_t = primal(u_t), pT_t = primal(T_t), pkn = primal(kn);
+  const at::Tensor dF = tangent_or_zeros(F), dFt = tangent_or_zeros(Ft), dFx = tangent_or_zeros(Fx);
+  const at::Tensor drho = tangent_or_zeros(rho), du = tangent_or_zeros(u), dT = tangent_or_zeros(T);
+  const at::Tensor drho_t = tangent_or_zeros(rho_t), du_t = tangent_or_zeros(u_t), dT_t = tangent_or_zeros(T_t);
+  const at::Tensor dkn = tangent_or_zeros(kn);
+  const at::Tensor vv = node_row(v);
+  const at::Tensor M = maxwellian_call(prho, pu, pT, v);
+  const at::Tensor dM = maxwellian_jvp(M, prho, pu, pT, v, drho, du, dT);
+  const at::Tensor tkin = per_row(dkn) * (pFt + vv * pFx) + per_row(pkn) * (dFt + vv * dFx) - dM + dF;
+  const at::Tensor mx = velocity_moments_call(dFx, v, w, 3);  // <v^k dFx>, k = 0..3
+  const at::Tensor mf = velocity_moments_call(dF, v, w, 2);   // <v^k dF>,  k = 0..2
+  const at::Tensor E2 = pu * pu + pT, dE2 = 2 * pu * du + dT;
+  const at::Tensor dC0 = drho_t + mx.select(1, 1);
+  const at::Tensor dC1 = drho_t * pu + prho_t * du + drho * pu_t + prho * du_t + mx.select(1, 2);
+  const at::Tensor dEt = (drho_t * E2 + prho_t * dE2 + drho * (2 * pu * pu_t + pT_t) +
+                          prho * (2 * du * pu_t + 2 * pu * du_t + dT_t)) * 0.5;
+  const at::Tensor tcons = at::stack({dC0, dC1, dEt + mx.select(1, 3) * 0.5}, 1);
+  const at::Tensor dS0 = drho - mf.select(1, 0);
+  const at::Tensor dS1 = drho * pu + prho * du - mf.select(1, 1);
+  const at::Tensor dS2 = (drho * E2 + prho * dE2 - mf.select(1, 2)) * 0.5;
+  return {tkin, tcons, at::stack({dS0, dS1, dS2}, 1)};
+}
 
 Tensor3 bgk_residuals_autograd(c10::DispatchKeySet ks, const at::Tensor& F, const at::Tensor& Ft, const at::Tensor& Fx,
                                const at::Tensor& rho, const at::Tensor& u, const at::Tensor& T, const at::Tensor& rho_t,
@@ -222,17 +258,9 @@ Tensor3 bgk_residuals_autograd(c10::DispatchKeySet ks, const at::Tensor& F, cons
     node = c10::make_intrusive<BgkBackward>();
     node->set_next_edges(collect_next_edges(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn));
     // F itself is not needed: every derivative is linear in F or independent of it.
-    node->Ft_ = SavedVariable(Ft, false);
-    node->Fx_ = SavedVariable(Fx, false);
-    node->rho_ = SavedVariable(rho, false);
-    node->u_ = SavedVariable(u, false);
-    node->T_ = SavedVariable(T, false);
-    node->rho_t_ = SavedVariable(rho_t, false);
-    node->u_t_ = SavedVariable(u_t, false);
-    node->T_t_ = SavedVariable(T_t, false);
-    node->v_ = SavedVariable(v, false);
-    node->w_ = SavedVariable(w, false);
-    node->kn_ = SavedVariable(kn, false);
+    save_inputs({&node->Ft_, &node->Fx_, &node->rho_, &node->u_, &node->T_, &node->rho_t_, &node->u_t_, &node->T_t_,
+                 &node->v_, &node->w_, &node->kn_},
+                {Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn});
   }
   at::Tensor kin, cons, consis;
   {
@@ -241,30 +269,89 @@ Tensor3 bgk_residuals_autograd(c10::DispatchKeySet ks, const at::Tensor& F, cons
   }
   if (node) set_history({kin, cons, consis}, node);
   if (any_tangent({F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn})) {
-    const at::Tensor pFt = primal(Ft), pFx = primal(Fx), prho = primal(rho), pu = primal(u), pT = primal(T);
-    const at::Tensor prho_t = primal(rho_t), pu_t = primal(u_t), pT_t = primal(T_t), pkn = primal(kn);
-    const at::Tensor dF = tangent_or_zeros(F), dFt = tangent_or_zeros(Ft), dFx = tangent_or_zeros(Fx);
-    const at::Tensor drho = tangent_or_zeros(rho), du = tangent_or_zeros(u), dT = tangent_or_zeros(T);
-    const at::Tensor drho_t = tangent_or_zeros(rho_t), du_t = tangent_or_zeros(u_t), dT_t = tangent_or_zeros(T_t);
-    const at::Tensor dkn = tangent_or_zeros(kn);
-    const at::Tensor vv = node_row(v);
-    const at::Tensor M = maxwellian_call(prho, pu, pT, v);
-    const at::Tensor dM = maxwellian_jvp(M, prho, pu, pT, v, drho, du, dT);
-    set_tangent(kin, per_row(dkn) * (pFt + vv * pFx) + per_row(pkn) * (dFt + vv * dFx) - dM + dF);
-    const at::Tensor mx = velocity_moments_call(dFx, v, w, 3);  // <v^k dFx>, k = 0..3
-    const at::Tensor mf = velocity_moments_call(dF, v, w, 2);   // <v^k dF>,  k = 0..2
-    const at::Tensor E2 = pu * pu + pT, dE2 = 2 * pu * du + dT;
-    const at::Tensor dC0 = drho_t + mx.select(1, 1);
-    const at::Tensor dC1 = drho_t * pu + prho_t * du + drho * pu_t + prho * du_t + mx.select(1, 2);
-    const at::Tensor dEt = (drho_t * E2 + prho_t * dE2 + drho * (2 * pu * pu_t + pT_t) +
-                            prho * (2 * du * pu_t + 2 * pu * du_t + dT_t)) * 0.5;
-    set_tangent(cons, at::stack({dC0, dC1, dEt + mx.select(1, 3) * 0.5}, 1));
-    const at::Tensor dS0 = drho - mf.select(1, 0);
-    const at::Tensor dS1 = drho * pu + prho * du - mf.select(1, 1);
-    const at::Tensor dS2 = (drho * E2 + prho * dE2 - mf.select(1, 2)) * 0.5;
-    set_tangent(consis, at::stack({dS0, dS1, dS2}, 1));
+    auto [tkin, tcons, tconsis] = bgk_jvp(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
+    set_tangent(kin, tkin);
+    set_tangent(cons, tcons);
+    set_tangent(consis, tconsis);
   }
   return {kin, cons, consis};
+}
+
+// --- bgk_residuals_sq: (sum_j kinetic_ij^2, conservation, consistency) --------------------------
+// Its derivatives are those of bgk_residuals with grad_kinetic = 2 grad_kinetic_sq kinetic: the
+// first-order backward is the fused kernel (which recomputes kinetic); the differentiable one
+// recomputes kinetic with the differentiable op and applies bgk_vjp.
+
+using BgkSignature = Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+struct BgkSqBackward : public OpBackward {
+  BgkSqBackward() : OpBackward("bgk_residuals_sq") {}
+  SavedVariable F_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v_, w_, kn_;
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const at::Tensor F = F_.unpack(), Ft = Ft_.unpack(), Fx = Fx_.unpack(), rho = rho_.unpack(), u = u_.unpack();
+    const at::Tensor T = T_.unpack(), rho_t = rho_t_.unpack(), u_t = u_t_.unpack(), T_t = T_t_.unpack();
+    const at::Tensor v = v_.unpack(), w = w_.unpack(), kn = kn_.unpack();
+    const int64_t N = F.size(0);
+    if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined()) return variable_list(10);
+    const at::Tensor gQ = zeros_if_undefined(grads[0], F, {N});
+    const at::Tensor gC = zeros_if_undefined(grads[1], F, {N, 3});
+    const at::Tensor gS = zeros_if_undefined(grads[2], F, {N, 3});
+    if (!backward_must_be_differentiable({gQ, gC, gS, F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn})) {
+      using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor, at::Tensor>;
+      static const auto bw = op_handle<Out(
+          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+          "hrgrad_ext::bgk_residuals_sq_backward");
+      auto [dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, dkn] =
+          bw.call(gQ, gC, gS, F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
+      return {dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, param_grad(dkn, kn)};
+    }
+    static const auto fwd = op_handle<BgkSignature>("hrgrad_ext::bgk_residuals");
+    const at::Tensor kin = std::get<0>(fwd.call(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn));
+    return bgk_vjp(2 * col(gQ) * kin, gC, gS, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
+  }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* s : {&F_, &Ft_, &Fx_, &rho_, &u_, &T_, &rho_t_, &u_t_, &T_t_, &v_, &w_, &kn_}) s->reset_data();
+  }
+};
+
+Tensor3 bgk_residuals_sq_autograd(c10::DispatchKeySet ks, const at::Tensor& F, const at::Tensor& Ft,
+                                  const at::Tensor& Fx, const at::Tensor& rho, const at::Tensor& u, const at::Tensor& T,
+                                  const at::Tensor& rho_t, const at::Tensor& u_t, const at::Tensor& T_t,
+                                  const at::Tensor& v, const at::Tensor& w, const at::Tensor& kn) {
+  static const auto op = op_handle<BgkSignature>("hrgrad_ext::bgk_residuals_sq");
+  check_not_differentiable("bgk_residuals_sq", "v", v, kNodesWhy);
+  check_not_differentiable("bgk_residuals_sq", "w", w, kNodesWhy);
+  c10::intrusive_ptr<BgkSqBackward> node;
+  if (compute_requires_grad(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn)) {
+    node = c10::make_intrusive<BgkSqBackward>();
+    node->set_next_edges(collect_next_edges(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn));
+    save_inputs({&node->F_, &node->Ft_, &node->Fx_, &node->rho_, &node->u_, &node->T_, &node->rho_t_, &node->u_t_,
+                 &node->T_t_, &node->v_, &node->w_, &node->kn_},
+                {F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn});
+  }
+  at::Tensor ksq, cons, consis;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(ksq, cons, consis) = op.redispatch(below_autograd(ks), F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
+  }
+  if (node) set_history({ksq, cons, consis}, node);
+  if (any_tangent({F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn})) {
+    static const auto fwd = op_handle<BgkSignature>("hrgrad_ext::bgk_residuals");
+    const at::Tensor kin = std::get<0>(fwd.call(primal(F), primal(Ft), primal(Fx), primal(rho), primal(u), primal(T),
+                                                primal(rho_t), primal(u_t), primal(T_t), v, w, primal(kn)));
+    auto [tkin, tcons, tconsis] = bgk_jvp(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
+    set_tangent(ksq, 2 * (kin * tkin).sum(1));
+    set_tangent(cons, tcons);
+    set_tangent(consis, tconsis);
+  }
+  return {ksq, cons, consis};
 }
 
 // --- transport_mm_residuals --------------------------------------------------------------------
@@ -279,6 +366,39 @@ struct Averages {
 };
 
 Averages averages(const at::Tensor& w) { return {node_row(w / w.sum())}; }
+
+// The vector-Jacobian product of transport_mm_residuals in differentiable ATen ops; gradients of
+// Graw, Graw_t, Graw_x, rho_t, rho_x, eps. gg = grad_g may be undefined (zero).
+variable_list transport_vjp(const at::Tensor& gg, const at::Tensor& gm, const at::Tensor& gc, const at::Tensor& Gt,
+                            const at::Tensor& Gx, const at::Tensor& v, const at::Tensor& w, const at::Tensor& eps) {
+  const Averages avg = averages(w);
+  const at::Tensor vv = node_row(v), e = per_row(eps);
+  const at::Tensor dG = avg.P_adjoint(gg.defined() ? gg + gm : gm);
+  const at::Tensor dGt = avg.P_adjoint(e * e * gm);
+  const at::Tensor dGx = avg.P_adjoint(vv * (avg.P_adjoint(e * gm) + col(gc) * avg.pw));
+  const at::Tensor drho_x = (gm * vv).sum(1);
+  const at::Tensor deps = param_grad((gm * (2 * e * avg.P(Gt) + avg.P(vv * avg.P(Gx)))).sum(1), eps);
+  return {dG, dGt, dGx, gc, drho_x, deps};
+}
+
+using TransportSignature = Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+// The tangents of transport_mm_residuals' outputs for inputs carrying forward-mode tangents.
+// Linear in every input but eps: the op itself at the tangents, plus the eps term.
+Tensor3 transport_jvp(const at::Tensor& G, const at::Tensor& Gt, const at::Tensor& Gx, const at::Tensor& rho_t,
+                      const at::Tensor& rho_x, const at::Tensor& v, const at::Tensor& w, const at::Tensor& eps) {
+  static const auto op = op_handle<TransportSignature>("hrgrad_ext::transport_mm_residuals");
+  const at::Tensor peps = primal(eps);
+  auto [tg, tmicro, tmacro] = op.call(tangent_or_zeros(G), tangent_or_zeros(Gt), tangent_or_zeros(Gx),
+                                      tangent_or_zeros(rho_t), tangent_or_zeros(rho_x), v, w, peps);
+  if (has_tangent(eps)) {
+    const Averages avg = averages(w);
+    const at::Tensor e = per_row(peps);
+    tmicro = tmicro + per_row(eps._fw_grad(0)) * (2 * e * avg.P(primal(Gt)) + avg.P(node_row(v) * avg.P(primal(Gx))));
+  }
+  return {tg, tmicro, tmacro};
+}
 
 struct TransportBackward : public OpBackward {
   TransportBackward() : OpBackward("transport_mm_residuals") {}
@@ -301,14 +421,7 @@ struct TransportBackward : public OpBackward {
       // macro = rho_t + ...: its gradient passes through unchanged.
       return {dG, dGt, dGx, gc, drho_x, param_grad(deps, eps)};
     }
-    const Averages avg = averages(w);
-    const at::Tensor vv = node_row(v), e = per_row(eps);
-    const at::Tensor dG = avg.P_adjoint(gg + gm);
-    const at::Tensor dGt = avg.P_adjoint(e * e * gm);
-    const at::Tensor dGx = avg.P_adjoint(vv * (avg.P_adjoint(e * gm) + col(gc) * avg.pw));
-    const at::Tensor drho_x = (gm * vv).sum(1);
-    const at::Tensor deps = param_grad((gm * (2 * e * avg.P(Gt) + avg.P(vv * avg.P(Gx)))).sum(1), eps);
-    return {dG, dGt, dGx, gc, drho_x, deps};
+    return transport_vjp(gg, gm, gc, Gt, Gx, v, w, eps);
   }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -319,20 +432,15 @@ struct TransportBackward : public OpBackward {
 Tensor3 transport_mm_residuals_autograd(c10::DispatchKeySet ks, const at::Tensor& G, const at::Tensor& Gt,
                                         const at::Tensor& Gx, const at::Tensor& rho_t, const at::Tensor& rho_x,
                                         const at::Tensor& v, const at::Tensor& w, const at::Tensor& eps) {
-  static const auto op = op_handle<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
-      "hrgrad_ext::transport_mm_residuals");
+  static const auto op = op_handle<TransportSignature>("hrgrad_ext::transport_mm_residuals");
   check_not_differentiable("transport_mm_residuals", "v", v, kNodesWhy);
   check_not_differentiable("transport_mm_residuals", "w", w, kNodesWhy);
   c10::intrusive_ptr<TransportBackward> node;
   if (compute_requires_grad(G, Gt, Gx, rho_t, rho_x, eps)) {
     node = c10::make_intrusive<TransportBackward>();
     node->set_next_edges(collect_next_edges(G, Gt, Gx, rho_t, rho_x, eps));
-    node->Gt_ = SavedVariable(Gt, false);
-    node->Gx_ = SavedVariable(Gx, false);
-    node->v_ = SavedVariable(v, false);
-    node->w_ = SavedVariable(w, false);
-    node->eps_ = SavedVariable(eps, false);
+    save_inputs({&node->Gt_, &node->Gx_, &node->v_, &node->w_, &node->eps_},
+                {Gt, Gx, v, w, eps});
   }
   at::Tensor g, micro, macro;
   {
@@ -341,20 +449,79 @@ Tensor3 transport_mm_residuals_autograd(c10::DispatchKeySet ks, const at::Tensor
   }
   if (node) set_history({g, micro, macro}, node);
   if (any_tangent({G, Gt, Gx, rho_t, rho_x, eps})) {
-    // Linear in every input but eps: the op itself at the tangents, plus the eps term.
-    const at::Tensor peps = primal(eps);
-    auto [tg, tmicro, tmacro] = op.call(tangent_or_zeros(G), tangent_or_zeros(Gt), tangent_or_zeros(Gx),
-                                        tangent_or_zeros(rho_t), tangent_or_zeros(rho_x), v, w, peps);
-    if (has_tangent(eps)) {
-      const Averages avg = averages(w);
-      const at::Tensor e = per_row(peps);
-      tmicro = tmicro + per_row(eps._fw_grad(0)) * (2 * e * avg.P(primal(Gt)) + avg.P(node_row(v) * avg.P(primal(Gx))));
-    }
+    auto [tg, tmicro, tmacro] = transport_jvp(G, Gt, Gx, rho_t, rho_x, v, w, eps);
     set_tangent(g, tg);
     set_tangent(micro, tmicro);
     set_tangent(macro, tmacro);
   }
   return {g, micro, macro};
+}
+
+// --- transport_mm_residuals_sq: (sum_j micro_ij^2, macro) --------------------------------------
+// The derivatives of transport_mm_residuals with grad_g = 0 and grad_micro = 2 grad_micro_sq
+// micro (see bgk_residuals_sq).
+
+struct TransportSqBackward : public OpBackward {
+  TransportSqBackward() : OpBackward("transport_mm_residuals_sq") {}
+  SavedVariable G_, Gt_, Gx_, rho_x_, v_, w_, eps_;
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const at::Tensor G = G_.unpack(), Gt = Gt_.unpack(), Gx = Gx_.unpack(), rho_x = rho_x_.unpack();
+    const at::Tensor v = v_.unpack(), w = w_.unpack(), eps = eps_.unpack();
+    const int64_t N = G.size(0);
+    if (!grads[0].defined() && !grads[1].defined()) return variable_list(6);
+    const at::Tensor gQ = zeros_if_undefined(grads[0], G, {N});
+    const at::Tensor gc = zeros_if_undefined(grads[1], G, {N});
+    if (!backward_must_be_differentiable({gQ, gc, G, Gt, Gx, rho_x, eps})) {
+      using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+      static const auto bw =
+          op_handle<Out(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+              "hrgrad_ext::transport_mm_residuals_sq_backward");
+      auto [dG, dGt, dGx, drho_x, deps] = bw.call(gQ, gc, G, Gt, Gx, rho_x, v, w, eps);
+      return {dG, dGt, dGx, gc, drho_x, param_grad(deps, eps)};
+    }
+    // micro does not depend on rho_t: any [N] tensor stands in for it.
+    static const auto fwd = op_handle<TransportSignature>("hrgrad_ext::transport_mm_residuals");
+    const at::Tensor micro = std::get<1>(fwd.call(G, Gt, Gx, rho_x, rho_x, v, w, eps));
+    return transport_vjp(at::Tensor(), 2 * col(gQ) * micro, gc, Gt, Gx, v, w, eps);
+  }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* s : {&G_, &Gt_, &Gx_, &rho_x_, &v_, &w_, &eps_}) s->reset_data();
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> transport_mm_residuals_sq_autograd(
+    c10::DispatchKeySet ks, const at::Tensor& G, const at::Tensor& Gt, const at::Tensor& Gx, const at::Tensor& rho_t,
+    const at::Tensor& rho_x, const at::Tensor& v, const at::Tensor& w, const at::Tensor& eps) {
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&)>("hrgrad_ext::transport_mm_residuals_sq");
+  check_not_differentiable("transport_mm_residuals_sq", "v", v, kNodesWhy);
+  check_not_differentiable("transport_mm_residuals_sq", "w", w, kNodesWhy);
+  c10::intrusive_ptr<TransportSqBackward> node;
+  if (compute_requires_grad(G, Gt, Gx, rho_t, rho_x, eps)) {
+    node = c10::make_intrusive<TransportSqBackward>();
+    node->set_next_edges(collect_next_edges(G, Gt, Gx, rho_t, rho_x, eps));
+    save_inputs({&node->G_, &node->Gt_, &node->Gx_, &node->rho_x_, &node->v_, &node->w_, &node->eps_},
+                {G, Gt, Gx, rho_x, v, w, eps});
+  }
+  at::Tensor msq, macro;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(msq, macro) = op.redispatch(below_autograd(ks), G, Gt, Gx, rho_t, rho_x, v, w, eps);
+  }
+  if (node) set_history({msq, macro}, node);
+  if (any_tangent({G, Gt, Gx, rho_t, rho_x, eps})) {
+    static const auto fwd = op_handle<TransportSignature>("hrgrad_ext::transport_mm_residuals");
+    const at::Tensor micro = std::get<1>(fwd.call(primal(G), primal(Gt), primal(Gx), primal(rho_t), primal(rho_x), v, w,
+                                                  primal(eps)));
+    auto [tg, tmicro, tmacro] = transport_jvp(G, Gt, Gx, rho_t, rho_x, v, w, eps);
+    set_tangent(msq, 2 * (micro * tmicro).sum(1));
+    set_tangent(macro, tmacro);
+  }
+  return {msq, macro};
 }
 
 // --- the fused backward kernels: first-order only ----------------------------------------------
@@ -411,6 +578,36 @@ TransportGrads transport_mm_residuals_backward_autograd(c10::DispatchKeySet ks, 
   return op.redispatch(below_autograd(ks), gg, gm, gc, Gt, Gx, v, w, eps);
 }
 
+BgkGrads bgk_residuals_sq_backward_autograd(c10::DispatchKeySet ks, const at::Tensor& gQ, const at::Tensor& gC,
+                                            const at::Tensor& gS, const at::Tensor& F, const at::Tensor& Ft,
+                                            const at::Tensor& Fx, const at::Tensor& rho, const at::Tensor& u,
+                                            const at::Tensor& T, const at::Tensor& rho_t, const at::Tensor& u_t,
+                                            const at::Tensor& T_t, const at::Tensor& v, const at::Tensor& w,
+                                            const at::Tensor& kn) {
+  static const auto op = op_handle<BgkGrads(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&)>("hrgrad_ext::bgk_residuals_sq_backward");
+  check_backward_kernel_not_differentiated("bgk_residuals_sq_backward",
+                                           {gQ, gC, gS, F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn});
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.redispatch(below_autograd(ks), gQ, gC, gS, F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
+}
+
+TransportGrads transport_mm_residuals_sq_backward_autograd(c10::DispatchKeySet ks, const at::Tensor& gQ,
+                                                           const at::Tensor& gc, const at::Tensor& G,
+                                                           const at::Tensor& Gt, const at::Tensor& Gx,
+                                                           const at::Tensor& rho_x, const at::Tensor& v,
+                                                           const at::Tensor& w, const at::Tensor& eps) {
+  static const auto op =
+      op_handle<TransportGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&)>("hrgrad_ext::transport_mm_residuals_sq_backward");
+  check_backward_kernel_not_differentiated("transport_mm_residuals_sq_backward", {gQ, gc, G, Gt, Gx, rho_x, v, w, eps});
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.redispatch(below_autograd(ks), gQ, gc, G, Gt, Gx, rho_x, v, w, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hrgrad_ext, Autograd, m) {
@@ -418,10 +615,14 @@ TORCH_LIBRARY_IMPL(hrgrad_ext, Autograd, m) {
   m.impl("maxwellian", &maxwellian_autograd);
   m.impl("bgk_residuals", &bgk_residuals_autograd);
   m.impl("transport_mm_residuals", &transport_mm_residuals_autograd);
+  m.impl("bgk_residuals_sq", &bgk_residuals_sq_autograd);
+  m.impl("transport_mm_residuals_sq", &transport_mm_residuals_sq_autograd);
   m.impl("velocity_moments_backward", &velocity_moments_backward_autograd);
   m.impl("maxwellian_backward", &maxwellian_backward_autograd);
   m.impl("bgk_residuals_backward", &bgk_residuals_backward_autograd);
   m.impl("transport_mm_residuals_backward", &transport_mm_residuals_backward_autograd);
+  m.impl("bgk_residuals_sq_backward", &bgk_residuals_sq_backward_autograd);
+  m.impl("transport_mm_residuals_sq_backward", &transport_mm_residuals_sq_backward_autograd);
 }
 
 }  // namespace hrgrad_ext::autograd

@@ -207,6 +207,64 @@ HRGRAD_TARGET_AVX2 inline void store_n<32>(double* p, V<32>::f64 v, int64_t n) {
 }
 #endif
 
+// ---- streaming (non-temporal) stores ---------------------------------------------------------
+// For an output much larger than the caches: a cached store first reads the line it writes
+// (write-allocate), a streaming store does not, so each written byte costs one memory transfer
+// instead of two. Only worth it when nothing reads the output soon from the cache (it is evicted
+// on the way). p must be aligned to the vector's size; stream_fence() after a kernel's last one.
+template <int B>
+HRGRAD_INLINE void stream(float* p, typename V<B>::f32 v) {
+  store(p, v);
+}
+template <int B>
+HRGRAD_INLINE void stream(double* p, typename V<B>::f64 v) {
+  store(p, v);
+}
+#if HRGRAD_SIMD_X86
+template <>
+HRGRAD_TARGET_AVX512 inline void stream<64>(float* p, V<64>::f32 v) {
+  _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+}
+template <>
+HRGRAD_TARGET_AVX512 inline void stream<64>(double* p, V<64>::f64 v) {
+  _mm512_stream_pd(p, reinterpret_cast<__m512d>(v));
+}
+template <>
+HRGRAD_TARGET_AVX2 inline void stream<32>(float* p, V<32>::f32 v) {
+  _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
+}
+template <>
+HRGRAD_TARGET_AVX2 inline void stream<32>(double* p, V<32>::f64 v) {
+  _mm256_stream_pd(p, reinterpret_cast<__m256d>(v));
+}
+template <>
+inline void stream<16>(float* p, V<16>::f32 v) {
+  _mm_stream_ps(p, reinterpret_cast<__m128>(v));
+}
+template <>
+inline void stream<16>(double* p, V<16>::f64 v) {
+  _mm_stream_pd(p, reinterpret_cast<__m128d>(v));
+}
+inline void stream_fence() { _mm_sfence(); }
+#else
+inline void stream_fence() {}
+#endif
+
+// dst[0, n) = src[0, n) with streaming stores for the vector-aligned middle of dst (its
+// unaligned head and tail are copied plainly).
+template <int B, class T>
+HRGRAD_INLINE void stream_copy(T* dst, const T* src, int64_t n) {
+  using vec = std::conditional_t<std::is_same_v<T, float>, typename V<B>::f32, typename V<B>::f64>;
+  constexpr int64_t L = sizeof(vec) / sizeof(T);
+  const int64_t misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % sizeof(vec));
+  int64_t head = misaligned ? (static_cast<int64_t>(sizeof(vec)) - misaligned) / static_cast<int64_t>(sizeof(T)) : 0;
+  if (misaligned % sizeof(T) != 0 || head > n) head = n;  // not alignable: plain copy
+  std::memcpy(dst, src, static_cast<size_t>(head) * sizeof(T));
+  int64_t j = head;
+  for (; j + L <= n; j += L) stream<B>(dst + j, load<vec>(src + j));
+  std::memcpy(dst + j, src + j, static_cast<size_t>(n - j) * sizeof(T));
+}
+
 // x in every lane. Spelled as a lane-0 insert and a shuffle (or the broadcast intrinsic):
 // GCC 12 expands the obvious `Vec{x, x, ...}` (and `x - Vec{}`) for 512-bit vectors into one
 // masked broadcast per lane.

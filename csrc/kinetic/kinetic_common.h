@@ -134,12 +134,22 @@ inline int64_t check_bgk_rows(const char* op, const Tensor& ref, const char* ref
 inline int64_t check_bgk(const Tensor& F, const Tensor& Ft, const Tensor& Fx, const Tensor& rho,
                          const Tensor& u, const Tensor& T, const Tensor& rho_t,
                          const Tensor& u_t, const Tensor& T_t, const Tensor& v,
-                         const Tensor& w, const Tensor& kn) {
-  const char* op = "bgk_residuals";
+                         const Tensor& w, const Tensor& kn, const char* op = "bgk_residuals") {
   check_field(op, "F", F);
   check_same_field(op, "Ft", Ft, "F", F);
   check_same_field(op, "Fx", Fx, "F", F);
   return check_bgk_rows(op, F, "F", rho, u, T, rho_t, u_t, T_t, v, w, kn);
+}
+
+// grad_conservation and grad_consistency, [N, 3] each.
+inline void check_bgk_row_grads(const char* op, const Tensor& gC, const Tensor& gS, int64_t N, const char* ref_name,
+                                const Tensor& ref) {
+  check_like(op, "grad_conservation", gC, ref_name, ref);
+  check_like(op, "grad_consistency", gS, ref_name, ref);
+  HRGRAD_CHECK(gC.dim() == 2 && gC.size(0) == N && gC.size(1) == 3, op, ": grad_conservation must be [N, 3] = [",
+              N, ", 3], got shape ", shape_str(gC));
+  HRGRAD_CHECK(gS.dim() == 2 && gS.size(0) == N && gS.size(1) == 3, op, ": grad_consistency must be [N, 3] = [",
+              N, ", 3], got shape ", shape_str(gS));
 }
 
 inline int64_t check_bgk_backward(const Tensor& gK, const Tensor& gC, const Tensor& gS,
@@ -151,20 +161,13 @@ inline int64_t check_bgk_backward(const Tensor& gK, const Tensor& gC, const Tens
   check_field(op, "Ft", Ft);
   check_same_field(op, "Fx", Fx, "Ft", Ft);
   check_same_field(op, "grad_kinetic", gK, "Ft", Ft);
-  const int64_t N = Ft.size(0);
-  check_like(op, "grad_conservation", gC, "Ft", Ft);
-  check_like(op, "grad_consistency", gS, "Ft", Ft);
-  HRGRAD_CHECK(gC.dim() == 2 && gC.size(0) == N && gC.size(1) == 3, op, ": grad_conservation must be [N, 3] = [",
-              N, ", 3], got shape ", shape_str(gC));
-  HRGRAD_CHECK(gS.dim() == 2 && gS.size(0) == N && gS.size(1) == 3, op, ": grad_consistency must be [N, 3] = [",
-              N, ", 3], got shape ", shape_str(gS));
+  check_bgk_row_grads(op, gC, gS, Ft.size(0), "Ft", Ft);
   return check_bgk_rows(op, Ft, "Ft", rho, u, T, rho_t, u_t, T_t, v, w, kn);
 }
 
 inline int64_t check_transport(const Tensor& G, const Tensor& Gt, const Tensor& Gx,
                                const Tensor& rho_t, const Tensor& rho_x, const Tensor& v,
-                               const Tensor& w, const Tensor& eps) {
-  const char* op = "transport_mm_residuals";
+                               const Tensor& w, const Tensor& eps, const char* op = "transport_mm_residuals") {
   check_field(op, "Graw", G);
   check_same_field(op, "Graw_t", Gt, "Graw", G);
   check_same_field(op, "Graw_x", Gx, "Graw", G);
@@ -187,6 +190,48 @@ inline int64_t check_transport_backward(const Tensor& gg, const Tensor& gm, cons
   check_row(op, "grad_macro", gc, N, "Graw_t", Gt);
   check_nodes(op, v, w, Gt.size(1), "Graw_t", Gt);
   return check_row_param(op, "eps", eps, N, "Graw_t", Gt);
+}
+
+// ---- the loss forms (*_sq ops) ---------------------------------------------------------------
+// The gradient of a row sum of squares is a row [N].
+
+inline int64_t check_bgk_sq(const Tensor& F, const Tensor& Ft, const Tensor& Fx, const Tensor& rho,
+                            const Tensor& u, const Tensor& T, const Tensor& rho_t, const Tensor& u_t,
+                            const Tensor& T_t, const Tensor& v, const Tensor& w, const Tensor& kn) {
+  return check_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn, "bgk_residuals_sq");
+}
+
+// grad_kinetic_sq [N], grad_conservation / grad_consistency [N, 3], then bgk_residuals_sq's inputs.
+inline int64_t check_bgk_sq_backward(const Tensor& gQ, const Tensor& gC, const Tensor& gS, const Tensor& F,
+                                     const Tensor& Ft, const Tensor& Fx, const Tensor& rho, const Tensor& u,
+                                     const Tensor& T, const Tensor& rho_t, const Tensor& u_t, const Tensor& T_t,
+                                     const Tensor& v, const Tensor& w, const Tensor& kn) {
+  const char* op = "bgk_residuals_sq_backward";
+  const int64_t ks = check_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn, op);
+  check_row(op, "grad_kinetic_sq", gQ, F.size(0), "F", F);
+  check_bgk_row_grads(op, gC, gS, F.size(0), "F", F);
+  return ks;
+}
+
+inline int64_t check_transport_sq(const Tensor& G, const Tensor& Gt, const Tensor& Gx, const Tensor& rho_t,
+                                  const Tensor& rho_x, const Tensor& v, const Tensor& w, const Tensor& eps) {
+  return check_transport(G, Gt, Gx, rho_t, rho_x, v, w, eps, "transport_mm_residuals_sq");
+}
+
+// grad_micro_sq, grad_macro [N], then Graw, Graw_t, Graw_x, rho_x, v, w, eps.
+inline int64_t check_transport_sq_backward(const Tensor& gQ, const Tensor& gc, const Tensor& G, const Tensor& Gt,
+                                           const Tensor& Gx, const Tensor& rho_x, const Tensor& v, const Tensor& w,
+                                           const Tensor& eps) {
+  const char* op = "transport_mm_residuals_sq_backward";
+  check_field(op, "Graw", G);
+  check_same_field(op, "Graw_t", Gt, "Graw", G);
+  check_same_field(op, "Graw_x", Gx, "Graw", G);
+  const int64_t N = G.size(0);
+  check_row(op, "grad_micro_sq", gQ, N, "Graw", G);
+  check_row(op, "grad_macro", gc, N, "Graw", G);
+  check_row(op, "rho_x", rho_x, N, "Graw", G);
+  check_nodes(op, v, w, G.size(1), "Graw", G);
+  return check_row_param(op, "eps", eps, N, "Graw", G);
 }
 
 }  // namespace kinetic

@@ -146,6 +146,42 @@ struct RowBlock {
   }
 };
 
+// ---- outputs written with streaming stores --------------------------------------------------
+
+// [N, V] outputs larger than this in all are written with streaming stores: far beyond the L2
+// caches and half the last-level cache of the benchmark machine (32 MB), where the cached
+// stores' read-for-ownership would double the bytes a backward kernel moves for its writes.
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+
+// The [N, V] outputs of a block of rows: written in place, or (streamed) into a block-sized
+// scratch first and then copied out with streaming stores, since a row of V elements is rarely
+// aligned to the vector size but the block's span mostly is.
+template <int B, class T, int Fields>
+struct BlockOutputs {
+  T* out[Fields];
+  bool streamed;
+  int64_t nv, rows;
+  std::vector<T> scratch;
+  BlockOutputs(std::initializer_list<T*> outs, bool stream, int64_t nv_, int64_t rows_)
+      : streamed(stream), nv(nv_), rows(rows_), scratch(stream ? static_cast<size_t>(Fields * rows_ * nv_) : 0) {
+    int f = 0;
+    for (T* o : outs) out[f++] = o;
+  }
+  // Row r of block ib of output f.
+  HRGRAD_INLINE T* row(int f, int64_t ib, int r) {
+    return streamed ? scratch.data() + (f * rows + r) * nv : out[f] + (ib + r) * nv;
+  }
+  // After the block's rows are written.
+  HRGRAD_INLINE void flush(int64_t ib, int nr) {
+    if (!streamed) return;
+    for (int f = 0; f < Fields; ++f) simd::stream_copy<B>(out[f] + ib * nv, scratch.data() + f * rows * nv, nr * nv);
+  }
+  // After the last block.
+  HRGRAD_INLINE void finish() {
+    if (streamed) simd::stream_fence();
+  }
+};
+
 // ---- quadrature tables ---------------------------------------------------------------------
 
 // Per-call tables over the velocity nodes, zero beyond V up to a multiple of the widest
@@ -174,16 +210,18 @@ inline std::vector<double> as_double(const Tensor& x) {
   return std::vector<double>(d.const_data_ptr<double>(), d.const_data_ptr<double>() + d.numel());
 }
 
-// Rows 0: v, 1 + p: w v^p for p = 0..powers-1.
+// Rows 0: v, 1 + p: w v^p for p = 0..powers-1, then with_valid: 1 at the nodes and 0 in the
+// padding (the mask of a row's last vector for terms that are not 0 there).
 template <class T>
-Tables<T> velocity_tables(const Tensor& v, const Tensor* w, int powers) {
+Tables<T> velocity_tables(const Tensor& v, const Tensor* w, int powers, bool with_valid = false) {
   const std::vector<double> vd = as_double(v), wd = w ? as_double(*w) : std::vector<double>();
   const int64_t nv = static_cast<int64_t>(vd.size());
-  Tables<T> tab(nv, 1 + powers);
+  Tables<T> tab(nv, 1 + powers + (with_valid ? 1 : 0));
   for (int64_t j = 0; j < nv; ++j) {
     tab.set(0, j, vd[j]);
     double p = w ? wd[j] : 0.0;
     for (int k = 0; k < powers; ++k, p *= vd[j]) tab.set(1 + k, j, p);
+    if (with_valid) tab.set(1 + powers, j, 1.0);
   }
   return tab;
 }
@@ -361,7 +399,12 @@ struct GaussMoments {
   // g: incoming gradient; d, minv: as for gauss(); vd: the nodes in double at element j.
   HRGRAD_INLINE void add(typename Lanes<B, T>::vec g, typename Lanes<B, T>::vec d, typename Lanes<B, T>::vec minv,
                          const double* vd, const Wide<B, T>& u, const Wide<B, T>& TT) {
-    const Wide<B, T> gm = Wide<B, T>::of(g * gauss<B, T>(d, minv));
+    add_gauss(g, gauss<B, T>(d, minv), vd, u, TT);
+  }
+  // The same with e = gauss(d, minv) already computed.
+  HRGRAD_INLINE void add_gauss(typename Lanes<B, T>::vec g, typename Lanes<B, T>::vec e, const double* vd,
+                               const Wide<B, T>& u, const Wide<B, T>& TT) {
+    const Wide<B, T> gm = Wide<B, T>::of(g * e);
     const Wide<B, T> dd = Wide<B, T>::table(vd) - u;
     s0.add(gm);
     s1.add(gm * dd);
@@ -451,13 +494,15 @@ std::tuple<Tensor, Tensor, Tensor> maxwellian_backward_cpu(const Tensor& grad_, 
 
 // ---- bgk_residuals -------------------------------------------------------------------------
 
-// Tables of the BGK ops: row 0 v, rows 1..4 w v^0..3.
+// Tables of the BGK ops: row 0 v, rows 1..4 w v^0..3, row 5 the valid-node mask.
 template <class T>
 Tables<T> bgk_tables(const Tensor& v, const Tensor& w) {
-  return velocity_tables<T>(v, &w, 4);
+  return velocity_tables<T>(v, &w, 4, true);
 }
 
-template <class T>
+// Sq: the loss form (bgk_residuals_sq): kin is the [N] row sums of squares of the kinetic
+// residual instead of the [N, V] residual.
+template <class T, bool Sq>
 struct BgkArgs {
   const T *F, *Ft, *Fx, *rho, *u, *Tm, *rho_t, *u_t, *T_t, *kn;
   int64_t ks, nv;
@@ -465,14 +510,14 @@ struct BgkArgs {
   T *kin, *cons, *consis;
 };
 
-template <int B, class T>
-HRGRAD_INLINE void bgk_rows_impl(const BgkArgs<T>& a, const int64_t& r0, const int64_t& r1) {
+template <int B, class T, bool Sq>
+HRGRAD_INLINE void bgk_rows_impl(const BgkArgs<T, Sq>& a, const int64_t& r0, const int64_t& r1) {
   using vec = typename Lanes<B, T>::vec;
   using W = Wide<B, T>;
-  using Block = RowBlock<B, 6>;
+  using Block = RowBlock<B, Sq ? 7 : 6>;
   constexpr int64_t L = Lanes<B, T>::L;
   const int64_t nv = a.nv;
-  const T* vT = a.tab->Tt(0);
+  const T *vT = a.tab->Tt(0), *valid = a.tab->Tt(5);
   const double *t0 = a.tab->D(1), *t1 = a.tab->D(2), *t2 = a.tab->D(3), *t3 = a.tab->D(4);
   GaussConsts<Block::R> gc;
   Block blk;
@@ -484,14 +529,21 @@ HRGRAD_INLINE void bgk_rows_impl(const BgkArgs<T>& a, const int64_t& r0, const i
       const vec coef = bcast<B, T>(gc.coef[r]), u = bcast<B, T>(a.u[i]), minv = bcast<B, T>(gc.minv[r]),
                 k = bcast<B, T>(a.kn[i * a.ks]);
       const T *f = a.F + i * nv, *ft = a.Ft + i * nv, *fx = a.Fx + i * nv;
-      T* kin = a.kin + i * nv;
-      // The six velocity sums: sum w F v^{0,1,2}, sum w Fx v^{1,2,3}.
+      // The six velocity sums: sum w F v^{0,1,2}, sum w Fx v^{1,2,3} (and sum kin^2).
       W sF0 = W::zero(), sF1 = W::zero(), sF2 = W::zero(), sX1 = W::zero(), sX2 = W::zero(), sX3 = W::zero();
+      W sK = W::zero();
       for (int64_t j = 0; j < nv; j += L) {
         const int64_t m = nv - j;
         const vec vv = simd::load<vec>(vT + j), F = ld<B, T>(f + j, m), Fx = ld<B, T>(fx + j, m);
         const vec M = coef * gauss<B, T>(vv - u, minv);
-        st<B, T>(kin + j, k * (ld<B, T>(ft + j, m) + vv * Fx) - (M - F), m);
+        const vec kin = k * (ld<B, T>(ft + j, m) + vv * Fx) - (M - F);
+        if constexpr (Sq) {
+          // Beyond V the residual is -M at node 0, not 0: the last vector of a row is masked.
+          const W wk = W::of(m >= L ? kin : kin * simd::load<vec>(valid + j));
+          sK.add(wk * wk);
+        } else {
+          st<B, T>(a.kin + i * nv + j, kin, m);
+        }
         const W wf = W::of(F), wx = W::of(Fx);
         sF0.add_mul(wf, t0 + j);
         sF1.add_mul(wf, t1 + j);
@@ -506,12 +558,14 @@ HRGRAD_INLINE void bgk_rows_impl(const BgkArgs<T>& a, const int64_t& r0, const i
       blk.park(3, r, sX1);
       blk.park(4, r, sX2);
       blk.park(5, r, sX3);
+      if constexpr (Sq) blk.park(6, r, sK);
     }
     blk.reduce(nr);
     for (int r = 0; r < nr; ++r) {
       const int64_t i = ib + r;
       const double rr = a.rho[i], uu = a.u[i], TT = a.Tm[i], rt = a.rho_t[i], ut = a.u_t[i], Tt = a.T_t[i];
       const double q = uu * uu + TT;  // E = rho q / 2
+      if constexpr (Sq) a.kin[i] = static_cast<T>(blk.sums[6][r]);
       T* oc = a.cons + 3 * i;
       T* os = a.consis + 3 * i;
       oc[0] = static_cast<T>(rt + blk.sums[3][r]);
@@ -525,22 +579,25 @@ HRGRAD_INLINE void bgk_rows_impl(const BgkArgs<T>& a, const int64_t& r0, const i
 }
 HRGRAD_SIMD_DISPATCH(bgk_rows, bgk_rows_impl)
 
-std::tuple<Tensor, Tensor, Tensor> bgk_residuals_cpu(
+// bgk_residuals (Sq false) and bgk_residuals_sq (Sq true).
+template <bool Sq>
+std::tuple<Tensor, Tensor, Tensor> bgk_forward_cpu(
     const Tensor& F_, const Tensor& Ft_, const Tensor& Fx_, const Tensor& rho_,
     const Tensor& u_, const Tensor& T_, const Tensor& rho_t_, const Tensor& u_t_,
     const Tensor& T_t_, const Tensor& v, const Tensor& w, const Tensor& kn_) {
-  const int64_t ks = check_bgk(F_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v, w, kn_);
+  const int64_t ks = check_bgk(F_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v, w, kn_,
+                               Sq ? "bgk_residuals_sq" : "bgk_residuals");
   const Tensor F = make_contiguous(F_), Ft = make_contiguous(Ft_), Fx = make_contiguous(Fx_), rho = make_contiguous(rho_),
                    u = make_contiguous(u_), T = make_contiguous(T_), rho_t = make_contiguous(rho_t_),
                    u_t = make_contiguous(u_t_), T_t = make_contiguous(T_t_), kn = make_contiguous(kn_);
   const int64_t N = F.size(0), nv = F.size(1);
-  Tensor kin = empty_on(F, {N, nv}), cons = empty_on(F, {N, 3}),
-             consis = empty_on(F, {N, 3});
+  Tensor kin = Sq ? empty_on(F, {N}) : empty_on(F, {N, nv}), cons = empty_on(F, {N, 3}),
+         consis = empty_on(F, {N, 3});
   const int vb = simd::vector_bytes();
   HRGRAD_DISPATCH_FLOATING(F.scalar_type(), "bgk_residuals_cpu", [&] {
     using T_ = scalar_t;
     const Tables<T_> tab = bgk_tables<T_>(v, w);
-    const BgkArgs<T_> args{F.const_data_ptr<T_>(),     Ft.const_data_ptr<T_>(),    Fx.const_data_ptr<T_>(),
+    const BgkArgs<T_, Sq> args{F.const_data_ptr<T_>(),     Ft.const_data_ptr<T_>(),    Fx.const_data_ptr<T_>(),
                            rho.const_data_ptr<T_>(),   u.const_data_ptr<T_>(),     T.const_data_ptr<T_>(),
                            rho_t.const_data_ptr<T_>(), u_t.const_data_ptr<T_>(),   T_t.const_data_ptr<T_>(),
                            kn.const_data_ptr<T_>(),    ks,                         nv,
@@ -551,31 +608,37 @@ std::tuple<Tensor, Tensor, Tensor> bgk_residuals_cpu(
   return {kin, cons, consis};
 }
 
-template <class T>
+// Sq: the backward of bgk_residuals_sq: gK is grad_kinetic_sq [N], and the incoming gradient of
+// the kinetic residual, 2 gK_i kinetic_ij, is recomputed from F, Ft, Fx (F is read only then).
+template <class T, bool Sq>
 struct BgkBackwardArgs {
-  const T *gK, *gC, *gS, *Ft, *Fx, *rho, *u, *Tm, *rho_t, *u_t, *T_t, *kn;
+  const T *gK, *gC, *gS, *F, *Ft, *Fx, *rho, *u, *Tm, *rho_t, *u_t, *T_t, *kn;
   int64_t ks, nv;
   const Tables<T>* tab;
   T *dF, *dFt, *dFx;
   T* rows[7];  // drho, du, dT, drho_t, du_t, dT_t, dkn
+  bool stream;  // dF, dFt, dFx with streaming stores (BlockOutputs)
 };
 
-template <int B, class T>
-HRGRAD_INLINE void bgk_backward_rows_impl(const BgkBackwardArgs<T>& a, const int64_t& r0, const int64_t& r1) {
+template <int B, class T, bool Sq>
+HRGRAD_INLINE void bgk_backward_rows_impl(const BgkBackwardArgs<T, Sq>& a, const int64_t& r0, const int64_t& r1) {
   using vec = typename Lanes<B, T>::vec;
   using W = Wide<B, T>;
   using Block = RowBlock<B, 4>;
   constexpr int64_t L = Lanes<B, T>::L;
   const int64_t nv = a.nv;
-  const T *vT = a.tab->Tt(0), *w0 = a.tab->Tt(1), *w1 = a.tab->Tt(2), *w2 = a.tab->Tt(3), *w3 = a.tab->Tt(4);
+  const T *vT = a.tab->Tt(0), *w0 = a.tab->Tt(1), *w1 = a.tab->Tt(2), *w2 = a.tab->Tt(3), *w3 = a.tab->Tt(4),
+          *valid = a.tab->Tt(5);
   const double* vD = a.tab->D(0);
   GaussConsts<Block::R> gc;
   Block blk;
+  BlockOutputs<B, T, 3> outs({a.dF, a.dFt, a.dFx}, a.stream, nv, Block::R);
   for (int64_t ib = r0; ib < r1; ib += Block::R) {
     const int nr = static_cast<int>(std::min<int64_t>(Block::R, r1 - ib));
     gc.template set<T>(nullptr, a.Tm, ib, nr);
     for (int r = 0; r < nr; ++r) {
       const int64_t i = ib + r, o = i * nv;
+      T *dF = outs.row(0, ib, r), *dFt = outs.row(1, ib, r), *dFx = outs.row(2, ib, r);
       const double uu = a.u[i], TT = a.Tm[i];
       const vec k = bcast<B, T>(a.kn[i * a.ks]), u = bcast<B, T>(uu), minv = bcast<B, T>(gc.minv[r]);
       // kinetic = kn (Ft + v Fx) - M + F; consistency uses -sum w v^p F, conservation +sum w v^p Fx.
@@ -584,25 +647,40 @@ HRGRAD_INLINE void bgk_backward_rows_impl(const BgkBackwardArgs<T>& a, const int
       const vec C0 = bcast<B, T>(a.gC[3 * i]), C1 = bcast<B, T>(a.gC[3 * i + 1]),
                 C2 = bcast<B, T>(0.5 * a.gC[3 * i + 2]);
       const W uw = W::splat(uu), Tw = W::splat(TT);
+      // Sq: 2 grad_kinetic_sq and the Maxwellian's rho / sqrt(2 pi T).
+      const vec q2 = bcast<B, T>(Sq ? 2.0 * static_cast<double>(a.gK[i]) : 0.0),
+                mc = bcast<B, T>(Sq ? static_cast<double>(a.rho[i]) * gc.coef[r] : 0.0);
       W skn = W::zero();
       GaussMoments<B, T> gmom;
       for (int64_t j = 0; j < nv; j += L) {
         const int64_t m = nv - j;
-        const vec vv = simd::load<vec>(vT + j), g = ld<B, T>(a.gK + o + j, m);
+        const vec vv = simd::load<vec>(vT + j), ft = ld<B, T>(a.Ft + o + j, m), fx = ld<B, T>(a.Fx + o + j, m);
+        const vec e = gauss<B, T>(vv - u, minv);
+        vec g;
+        if constexpr (Sq) {
+          g = q2 * (k * (ft + vv * fx) - (mc * e - ld<B, T>(a.F + o + j, m)));
+        } else {
+          g = ld<B, T>(a.gK + o + j, m);
+        }
         const vec t0 = simd::load<vec>(w0 + j), t1 = simd::load<vec>(w1 + j), t2 = simd::load<vec>(w2 + j),
                   t3 = simd::load<vec>(w3 + j);
-        st<B, T>(a.dF + o + j, g - (S0 * t0 + S1 * t1 + S2 * t2), m);
-        st<B, T>(a.dFt + o + j, k * g, m);
-        st<B, T>(a.dFx + o + j, k * vv * g + (C0 * t1 + C1 * t2 + C2 * t3), m);
-        // d kinetic / d kn = Ft + v Fx
-        skn.add(W::of(g) * (W::of(ld<B, T>(a.Ft + o + j, m)) + W::table(vD + j) * W::of(ld<B, T>(a.Fx + o + j, m))));
-        gmom.add(g, vv - u, minv, vD + j, uw, Tw);
+        st<B, T>(dF + j, g - (S0 * t0 + S1 * t1 + S2 * t2), m);
+        st<B, T>(dFt + j, k * g, m);
+        st<B, T>(dFx + j, k * vv * g + (C0 * t1 + C1 * t2 + C2 * t3), m);
+        // The sums below need g = 0 beyond V; a recomputed g is not (the Maxwellian at the
+        // padding nodes is not 0), so its last vector is masked.
+        if constexpr (Sq) {
+          if (m < L) g = g * simd::load<vec>(valid + j);
+        }
+        skn.add(W::of(g) * (W::of(ft) + W::table(vD + j) * W::of(fx)));
+        gmom.add_gauss(g, e, vD + j, uw, Tw);
       }
       blk.park(0, r, gmom.s0);
       blk.park(1, r, gmom.s1);
       blk.park(2, r, gmom.s2);
       blk.park(3, r, skn);
     }
+    outs.flush(ib, nr);
     blk.reduce(nr);
     for (int r = 0; r < nr; ++r) {
       const int64_t i = ib + r;
@@ -622,21 +700,24 @@ HRGRAD_INLINE void bgk_backward_rows_impl(const BgkBackwardArgs<T>& a, const int
       a.rows[6][i] = static_cast<T>(blk.sums[3][r]);
     }
   }
+  outs.finish();
 }
 HRGRAD_SIMD_DISPATCH(bgk_backward_rows, bgk_backward_rows_impl)
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-           Tensor, Tensor>
-bgk_residuals_backward_cpu(const Tensor& gK_, const Tensor& gC_, const Tensor& gS_,
-                           const Tensor& Ft_, const Tensor& Fx_, const Tensor& rho_,
-                           const Tensor& u_, const Tensor& T_, const Tensor& rho_t_,
-                           const Tensor& u_t_, const Tensor& T_t_, const Tensor& v,
-                           const Tensor& w, const Tensor& kn_) {
-  const int64_t ks = check_bgk_backward(gK_, gC_, gS_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v, w, kn_);
-  const Tensor gK = make_contiguous(gK_), gC = make_contiguous(gC_), gS = make_contiguous(gS_), Ft = make_contiguous(Ft_),
-                   Fx = make_contiguous(Fx_), rho = make_contiguous(rho_), u = make_contiguous(u_), T = make_contiguous(T_),
-                   rho_t = make_contiguous(rho_t_), u_t = make_contiguous(u_t_), T_t = make_contiguous(T_t_),
-                   kn = make_contiguous(kn_);
+using BgkGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The backward of bgk_residuals (Sq false: gK [N, V], F unused) and of bgk_residuals_sq (Sq true:
+// gK = grad_kinetic_sq [N]); the inputs are validated by the caller.
+template <bool Sq>
+BgkGrads bgk_backward_cpu(const Tensor& gK_, const Tensor& gC_, const Tensor& gS_, const Tensor& F_,
+                          const Tensor& Ft_, const Tensor& Fx_, const Tensor& rho_, const Tensor& u_,
+                          const Tensor& T_, const Tensor& rho_t_, const Tensor& u_t_, const Tensor& T_t_,
+                          const Tensor& v, const Tensor& w, const Tensor& kn_, int64_t ks) {
+  const Tensor gK = make_contiguous(gK_), gC = make_contiguous(gC_), gS = make_contiguous(gS_),
+               F = Sq ? make_contiguous(F_) : F_, Ft = make_contiguous(Ft_), Fx = make_contiguous(Fx_),
+               rho = make_contiguous(rho_), u = make_contiguous(u_), T = make_contiguous(T_),
+               rho_t = make_contiguous(rho_t_), u_t = make_contiguous(u_t_), T_t = make_contiguous(T_t_),
+               kn = make_contiguous(kn_);
   const int64_t N = Ft.size(0), nv = Ft.size(1);
   const Tensor& opt = Ft;  // outputs: Ft's dtype and device
   Tensor dF = empty_on(opt, {N, nv}), dFt = empty_on(opt, {N, nv}), dFx = empty_on(opt, {N, nv});
@@ -647,18 +728,36 @@ bgk_residuals_backward_cpu(const Tensor& gK_, const Tensor& gC_, const Tensor& g
   HRGRAD_DISPATCH_FLOATING(Ft.scalar_type(), "bgk_residuals_backward_cpu", [&] {
     using T_ = scalar_t;
     const Tables<T_> tab = bgk_tables<T_>(v, w);
-    BgkBackwardArgs<T_> args{gK.const_data_ptr<T_>(),    gC.const_data_ptr<T_>(),   gS.const_data_ptr<T_>(),
-                             Ft.const_data_ptr<T_>(),    Fx.const_data_ptr<T_>(),   rho.const_data_ptr<T_>(),
-                             u.const_data_ptr<T_>(),     T.const_data_ptr<T_>(),    rho_t.const_data_ptr<T_>(),
-                             u_t.const_data_ptr<T_>(),   T_t.const_data_ptr<T_>(),  kn.const_data_ptr<T_>(),
-                             ks,                         nv,                        &tab,
-                             dF.mutable_data_ptr<T_>(),  dFt.mutable_data_ptr<T_>(), dFx.mutable_data_ptr<T_>(),
-                             {}};
+    BgkBackwardArgs<T_, Sq> args{gK.const_data_ptr<T_>(),    gC.const_data_ptr<T_>(),   gS.const_data_ptr<T_>(),
+                                 Sq ? F.const_data_ptr<T_>() : nullptr,
+                                 Ft.const_data_ptr<T_>(),    Fx.const_data_ptr<T_>(),   rho.const_data_ptr<T_>(),
+                                 u.const_data_ptr<T_>(),     T.const_data_ptr<T_>(),    rho_t.const_data_ptr<T_>(),
+                                 u_t.const_data_ptr<T_>(),   T_t.const_data_ptr<T_>(),  kn.const_data_ptr<T_>(),
+                                 ks,                         nv,                        &tab,
+                                 dF.mutable_data_ptr<T_>(),  dFt.mutable_data_ptr<T_>(), dFx.mutable_data_ptr<T_>(),
+                                 {},
+                                 3 * N * nv * static_cast<int64_t>(sizeof(T_)) > kStreamBytes};
     for (int r = 0; r < 7; ++r) args.rows[r] = rows[r].mutable_data_ptr<T_>();
-    const BgkBackwardArgs<T_>& cargs = args;
+    const BgkBackwardArgs<T_, Sq>& cargs = args;
     parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { bgk_backward_rows(vb, cargs, r0, r1); });
   });
   return {dF, dFt, dFx, rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6]};
+}
+
+BgkGrads bgk_residuals_backward_cpu(const Tensor& gK, const Tensor& gC, const Tensor& gS, const Tensor& Ft,
+                                    const Tensor& Fx, const Tensor& rho, const Tensor& u, const Tensor& T,
+                                    const Tensor& rho_t, const Tensor& u_t, const Tensor& T_t, const Tensor& v,
+                                    const Tensor& w, const Tensor& kn) {
+  const int64_t ks = check_bgk_backward(gK, gC, gS, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
+  return bgk_backward_cpu<false>(gK, gC, gS, Ft, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn, ks);
+}
+
+BgkGrads bgk_residuals_sq_backward_cpu(const Tensor& gQ, const Tensor& gC, const Tensor& gS, const Tensor& F,
+                                       const Tensor& Ft, const Tensor& Fx, const Tensor& rho, const Tensor& u,
+                                       const Tensor& T, const Tensor& rho_t, const Tensor& u_t, const Tensor& T_t,
+                                       const Tensor& v, const Tensor& w, const Tensor& kn) {
+  const int64_t ks = check_bgk_sq_backward(gQ, gC, gS, F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
+  return bgk_backward_cpu<true>(gQ, gC, gS, F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn, ks);
 }
 
 // ---- transport_mm_residuals ----------------------------------------------------------------
@@ -666,11 +765,13 @@ bgk_residuals_backward_cpu(const Tensor& gK_, const Tensor& gC_, const Tensor& g
 // Per-call tables of the normalised average <phi> = sum w phi / W: row 0 v, row 1
 // wn_j = w_j / W, row 2 c_j = w_j (v_j - vbar) / W with vbar = <v>. <v g_x> = sum_j c_j Graw_x,j
 // exactly (g_x is Graw_x minus its average), and centring v instead of Graw_x avoids
-// cancelling a large row mean of Graw_x.
+// cancelling a large row mean of Graw_x. Row 3: the valid-node mask (1 at the nodes, 0 in the
+// padding), for the loss forms, whose recomputed residual is not 0 in the padding; row 4: v^2.
+// sv1, sv2: sum_j v_j and sum_j v_j^2 (unweighted).
 template <class T>
 struct TransportTables : Tables<T> {
-  double vbar = 0.0;
-  TransportTables(const Tensor& vt, const Tensor& wt) : Tables<T>(vt.size(0), 3) {
+  double vbar = 0.0, sv1 = 0.0, sv2 = 0.0;
+  TransportTables(const Tensor& vt, const Tensor& wt) : Tables<T>(vt.size(0), 5) {
     const std::vector<double> v = as_double(vt), w = as_double(wt);
     double W = 0.0, Wv = 0.0;
     for (size_t j = 0; j < v.size(); ++j) {
@@ -682,11 +783,17 @@ struct TransportTables : Tables<T> {
       this->set(0, static_cast<int64_t>(j), v[j]);
       this->set(1, static_cast<int64_t>(j), w[j] / W);
       this->set(2, static_cast<int64_t>(j), w[j] * (v[j] - vbar) / W);
+      this->set(3, static_cast<int64_t>(j), 1.0);
+      this->set(4, static_cast<int64_t>(j), v[j] * v[j]);
+      sv1 += v[j];
+      sv2 += v[j] * v[j];
     }
   }
 };
 
-template <class T>
+// Sq: the loss form (transport_mm_residuals_sq): micro is the [N] row sums of squares of the
+// micro residual, g is not written.
+template <class T, bool Sq>
 struct TransportArgs {
   const T *G, *Gt, *Gx, *rho_t, *rho_x, *eps;
   int64_t es, nv;
@@ -694,16 +801,32 @@ struct TransportArgs {
   T *g, *micro, *macro;
 };
 
+// micro = eps^2 g_t + eps (v g_x - a) + v rho_x + g of one vector of a row, from the raw fields
+// and the row's averages (the forward op and the backward of its loss form).
 template <int B, class T>
-HRGRAD_INLINE void transport_rows_impl(const TransportArgs<T>& a, const int64_t& r0, const int64_t& r1) {
+struct MicroRow {
+  using vec = typename Lanes<B, T>::vec;
+  vec mg, mt, mx, e2, e, a, rx;
+  HRGRAD_INLINE MicroRow(double mg_, double mt_, double mx_, double eps, double a_, double rho_x)
+      : mg(bcast<B, T>(mg_)), mt(bcast<B, T>(mt_)), mx(bcast<B, T>(mx_)), e2(bcast<B, T>(eps * eps)),
+        e(bcast<B, T>(eps)), a(bcast<B, T>(a_)), rx(bcast<B, T>(rho_x)) {}
+  HRGRAD_INLINE vec g(const T* G, int64_t m) const { return ld<B, T>(G, m) - mg; }
+  HRGRAD_INLINE vec micro(vec g, const T* Gt, const T* Gx, vec vv, int64_t m) const {
+    return e2 * (ld<B, T>(Gt, m) - mt) + e * (vv * (ld<B, T>(Gx, m) - mx) - a) + vv * rx + g;
+  }
+};
+
+template <int B, class T, bool Sq>
+HRGRAD_INLINE void transport_rows_impl(const TransportArgs<T, Sq>& a, const int64_t& r0, const int64_t& r1) {
   using vec = typename Lanes<B, T>::vec;
   using W = Wide<B, T>;
   using Block = RowBlock<B, 4>;
   constexpr int64_t L = Lanes<B, T>::L;
   const int64_t nv = a.nv;
-  const T* vT = a.tab->Tt(0);
+  const T *vT = a.tab->Tt(0), *valid = a.tab->Tt(3);
   const double *wn = a.tab->D(1), *cc = a.tab->D(2);
   Block blk;
+  RowBlock<B, 1> sq;
   for (int64_t ib = r0; ib < r1; ib += Block::R) {
     const int nr = static_cast<int>(std::min<int64_t>(Block::R, r1 - ib));
     // Pass 1 over the block's rows (in L1 afterwards): the three averages and a = <v g_x>.
@@ -724,83 +847,123 @@ HRGRAD_INLINE void transport_rows_impl(const TransportArgs<T>& a, const int64_t&
       blk.park(3, r, aa);
     }
     blk.reduce(nr);
-    // Pass 2: micro = eps^2 g_t + eps (v g_x - a) + v rho_x + g.
+    // Pass 2: micro (and g), or the sum of micro^2.
     for (int r = 0; r < nr; ++r) {
       const int64_t i = ib + r, o = i * nv;
-      const double e = a.eps[i * a.es], av = blk.sums[3][r];
-      const vec vmg = bcast<B, T>(blk.sums[0][r]), vmt = bcast<B, T>(blk.sums[1][r]),
-                vmx = bcast<B, T>(blk.sums[2][r]);
-      const vec e2 = bcast<B, T>(e * e), ve = bcast<B, T>(e), va = bcast<B, T>(av), rx = bcast<B, T>(a.rho_x[i]);
+      const double av = blk.sums[3][r];
+      const MicroRow<B, T> mr(blk.sums[0][r], blk.sums[1][r], blk.sums[2][r], a.eps[i * a.es], av, a.rho_x[i]);
+      W s2 = W::zero();
       for (int64_t j = 0; j < nv; j += L) {
         const int64_t m = nv - j;
-        const vec vv = simd::load<vec>(vT + j);
-        const vec g = ld<B, T>(a.G + o + j, m) - vmg, gt = ld<B, T>(a.Gt + o + j, m) - vmt,
-                  gx = ld<B, T>(a.Gx + o + j, m) - vmx;
-        st<B, T>(a.g + o + j, g, m);
-        st<B, T>(a.micro + o + j, e2 * gt + ve * (vv * gx - va) + vv * rx + g, m);
+        const vec vv = simd::load<vec>(vT + j), g = mr.g(a.G + o + j, m);
+        const vec micro = mr.micro(g, a.Gt + o + j, a.Gx + o + j, vv, m);
+        if constexpr (Sq) {
+          const W wm = W::of(m >= L ? micro : micro * simd::load<vec>(valid + j));  // not 0 beyond V
+          s2.add(wm * wm);
+        } else {
+          st<B, T>(a.g + o + j, g, m);
+          st<B, T>(a.micro + o + j, micro, m);
+        }
       }
       a.macro[i] = static_cast<T>(static_cast<double>(a.rho_t[i]) + av);
+      if constexpr (Sq) sq.park(0, r, s2);
+    }
+    if constexpr (Sq) {
+      sq.reduce(nr);
+      for (int r = 0; r < nr; ++r) a.micro[ib + r] = static_cast<T>(sq.sums[0][r]);
     }
   }
 }
 HRGRAD_SIMD_DISPATCH(transport_rows, transport_rows_impl)
 
-std::tuple<Tensor, Tensor, Tensor> transport_mm_residuals_cpu(
+// transport_mm_residuals (Sq false: g, micro, macro) and transport_mm_residuals_sq (Sq true:
+// g undefined, micro_sq, macro).
+template <bool Sq>
+std::tuple<Tensor, Tensor, Tensor> transport_forward_cpu(
     const Tensor& G_, const Tensor& Gt_, const Tensor& Gx_, const Tensor& rho_t_,
     const Tensor& rho_x_, const Tensor& v, const Tensor& w, const Tensor& eps_) {
-  const int64_t es = check_transport(G_, Gt_, Gx_, rho_t_, rho_x_, v, w, eps_);
+  const int64_t es = check_transport(G_, Gt_, Gx_, rho_t_, rho_x_, v, w, eps_,
+                                     Sq ? "transport_mm_residuals_sq" : "transport_mm_residuals");
   const Tensor G = make_contiguous(G_), Gt = make_contiguous(Gt_), Gx = make_contiguous(Gx_),
                    rho_t = make_contiguous(rho_t_), rho_x = make_contiguous(rho_x_), eps = make_contiguous(eps_);
   const int64_t N = G.size(0), nv = G.size(1);
-  Tensor g = empty_on(G, {N, nv}), micro = empty_on(G, {N, nv}),
-             macro = empty_on(G, {N});
+  Tensor g = Sq ? Tensor() : empty_on(G, {N, nv}), micro = Sq ? empty_on(G, {N}) : empty_on(G, {N, nv}),
+         macro = empty_on(G, {N});
   const int vb = simd::vector_bytes();
   HRGRAD_DISPATCH_FLOATING(G.scalar_type(), "transport_mm_residuals_cpu", [&] {
     using T_ = scalar_t;
     const TransportTables<T_> tab(v, w);
-    const TransportArgs<T_> args{G.const_data_ptr<T_>(),     Gt.const_data_ptr<T_>(),      Gx.const_data_ptr<T_>(),
-                                 rho_t.const_data_ptr<T_>(), rho_x.const_data_ptr<T_>(),   eps.const_data_ptr<T_>(),
-                                 es,                         nv,                           &tab,
-                                 g.mutable_data_ptr<T_>(),   micro.mutable_data_ptr<T_>(), macro.mutable_data_ptr<T_>()};
+    const TransportArgs<T_, Sq> args{G.const_data_ptr<T_>(),     Gt.const_data_ptr<T_>(),      Gx.const_data_ptr<T_>(),
+                                     rho_t.const_data_ptr<T_>(), rho_x.const_data_ptr<T_>(),   eps.const_data_ptr<T_>(),
+                                     es,                         nv,                           &tab,
+                                     Sq ? nullptr : g.mutable_data_ptr<T_>(), micro.mutable_data_ptr<T_>(),
+                                     macro.mutable_data_ptr<T_>()};
     parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) { transport_rows(vb, args, r0, r1); });
   });
   return {g, micro, macro};
 }
 
-template <class T>
+std::tuple<Tensor, Tensor> transport_mm_residuals_sq_cpu(const Tensor& G, const Tensor& Gt, const Tensor& Gx,
+                                                          const Tensor& rho_t, const Tensor& rho_x, const Tensor& v,
+                                                          const Tensor& w, const Tensor& eps) {
+  auto [g, micro_sq, macro] = transport_forward_cpu<true>(G, Gt, Gx, rho_t, rho_x, v, w, eps);
+  return {micro_sq, macro};
+}
+
+// Sq: the backward of transport_mm_residuals_sq: gm is grad_micro_sq [N], gg is unused (0), and
+// the incoming gradient of micro, 2 gm_i micro_ij, is recomputed from G, Gt, Gx and rho_x.
+template <class T, bool Sq>
 struct TransportBackwardArgs {
-  const T *gg, *gm, *gc, *Gt, *Gx, *eps;
+  const T *gg, *gm, *gc, *G, *Gt, *Gx, *rho_x, *eps;
   int64_t es, nv;
   const TransportTables<T>* tab;
   T *dG, *dGt, *dGx, *drho_x, *deps;
+  bool stream;  // dG, dGt, dGx with streaming stores (BlockOutputs)
 };
 
-template <int B, class T>
-HRGRAD_INLINE void transport_backward_rows_impl(const TransportBackwardArgs<T>& a, const int64_t& r0,
+template <int B, class T, bool Sq>
+HRGRAD_INLINE void transport_backward_rows_impl(const TransportBackwardArgs<T, Sq>& a, const int64_t& r0,
                                                 const int64_t& r1) {
   using vec = typename Lanes<B, T>::vec;
   using W = Wide<B, T>;
-  using Block = RowBlock<B, 6>;
+  using Block = RowBlock<B, Sq ? 10 : 6>;  // Sq: slots 6-9, see pass 1
   constexpr int64_t L = Lanes<B, T>::L;
   const int64_t nv = a.nv;
-  const T *vT = a.tab->Tt(0), *wnT = a.tab->Tt(1);
-  const double *vD = a.tab->D(0), *wn = a.tab->D(1), *cc = a.tab->D(2);
+  const T *vT = a.tab->Tt(0), *wnT = a.tab->Tt(1), *valid = a.tab->Tt(3);
+  const double *vD = a.tab->D(0), *wn = a.tab->D(1), *cc = a.tab->D(2), *v2D = a.tab->D(4);
   const double vbar = a.tab->vbar;
   Block blk;
   RowBlock<B, 1> deps;
+  BlockOutputs<B, T, 3> outs({a.dG, a.dGt, a.dGx}, a.stream, nv, Block::R);
   for (int64_t ib = r0; ib < r1; ib += Block::R) {
     const int nr = static_cast<int>(std::min<int64_t>(Block::R, r1 - ib));
-    // Pass 1: sums of the incoming gradients and the forward averages needed for deps.
+    // Pass 1: sums of the incoming gradients and the forward averages needed for deps. Sq: the
+    // averages and raw sums of the fields, from which those of gm = 2 grad_micro_sq micro follow
+    // in closed form (below), so that micro is recomputed once per element, not twice.
     for (int r = 0; r < nr; ++r) {
       const int64_t o = (ib + r) * nv;
       W Sgm = W::zero(), Sm = W::zero(), Svm = W::zero(), mt = W::zero(), mx = W::zero(), aa = W::zero();
+      W mg = W::zero(), svG = W::zero(), svGx = W::zero(), sv2Gx = W::zero();
       for (int64_t j = 0; j < nv; j += L) {
         const int64_t m = nv - j;
-        const W gm = W::of(ld<B, T>(a.gm + o + j, m)), x = W::of(ld<B, T>(a.Gx + o + j, m));
-        Sgm.add(W::of(ld<B, T>(a.gg + o + j, m)) + gm);
-        Sm.add(gm);
-        Svm.add_mul(gm, vD + j);
-        mt.add_mul(W::of(ld<B, T>(a.Gt + o + j, m)), wn + j);
+        const W x = W::of(ld<B, T>(a.Gx + o + j, m)), t = W::of(ld<B, T>(a.Gt + o + j, m));
+        if constexpr (Sq) {
+          // slots 0, 1, 2: sum G, sum Gt, sum v Gt
+          const W G = W::of(ld<B, T>(a.G + o + j, m));
+          mg.add_mul(G, wn + j);
+          Sgm.add(G);
+          Sm.add(t);
+          Svm.add_mul(t, vD + j);
+          svG.add_mul(G, vD + j);
+          svGx.add_mul(x, vD + j);
+          sv2Gx.add_mul(x, v2D + j);
+        } else {
+          const W gm = W::of(ld<B, T>(a.gm + o + j, m));
+          Sgm.add(W::of(ld<B, T>(a.gg + o + j, m)) + gm);
+          Sm.add(gm);
+          Svm.add_mul(gm, vD + j);
+        }
+        mt.add_mul(t, wn + j);
         mx.add_mul(x, wn + j);
         aa.add_mul(x, cc + j);
       }
@@ -810,10 +973,34 @@ HRGRAD_INLINE void transport_backward_rows_impl(const TransportBackwardArgs<T>& 
       blk.park(3, r, mt);
       blk.park(4, r, mx);
       blk.park(5, r, aa);
+      if constexpr (Sq) {
+        blk.park(6, r, mg);
+        blk.park(7, r, svG);
+        blk.park(8, r, svGx);
+        blk.park(9, r, sv2Gx);
+      }
     }
     blk.reduce(nr);
+    if constexpr (Sq) {
+      // sum_j micro_j and sum_j v_j micro_j from the sums, with micro_j = eps^2 (Gt_j - mt)
+      // + eps (v_j (Gx_j - mx) - a) + v_j rho_x + G_j - mg over the V nodes (float64 sums of the
+      // float32 fields: the cancellation of the means costs ~1e-16 of the row's magnitude).
+      const double nvd = static_cast<double>(nv), s1 = a.tab->sv1, s2 = a.tab->sv2;
+      for (int r = 0; r < nr; ++r) {
+        const int64_t i = ib + r;
+        const double e = a.eps[i * a.es], rx = a.rho_x[i], q2 = 2.0 * static_cast<double>(a.gm[i]);
+        const double sG = blk.sums[0][r], sGt = blk.sums[1][r], svGt = blk.sums[2][r], mt = blk.sums[3][r],
+                     mx = blk.sums[4][r], av = blk.sums[5][r], mg = blk.sums[6][r], svG = blk.sums[7][r],
+                     svGx = blk.sums[8][r], sv2Gx = blk.sums[9][r];
+        const double sum_micro = e * e * (sGt - nvd * mt) + e * (svGx - mx * s1 - nvd * av) + rx * s1 + sG - nvd * mg;
+        const double sum_vmicro = e * e * (svGt - mt * s1) + e * (sv2Gx - mx * s2 - av * s1) + rx * s2 + svG - mg * s1;
+        blk.sums[0][r] = blk.sums[1][r] = q2 * sum_micro;  // gg = 0: sum (gg + gm) = sum gm
+        blk.sums[2][r] = q2 * sum_vmicro;
+      }
+    }
     for (int r = 0; r < nr; ++r) {
       const int64_t i = ib + r, o = i * nv;
+      T *dG = outs.row(0, ib, r), *dGt = outs.row(1, ib, r), *dGx = outs.row(2, ib, r);
       const double e = a.eps[i * a.es], C = a.gc[i], sm = blk.sums[1][r], svm = blk.sums[2][r];
       // With P phi = phi - <phi> (adjoint P^T psi = psi - (w/W) sum psi):
       //   dGraw   = P^T (grad_g + grad_micro)
@@ -825,13 +1012,25 @@ HRGRAD_INLINE void transport_backward_rows_impl(const TransportBackwardArgs<T>& 
                 e2 = bcast<B, T>(e * e), vB = bcast<B, T>(Bc), vQ = bcast<B, T>(Q), twoe = bcast<B, T>(2.0 * e),
                 vmt = bcast<B, T>(blk.sums[3][r]), vmx = bcast<B, T>(blk.sums[4][r]),
                 va = bcast<B, T>(blk.sums[5][r]);
+      const MicroRow<B, T> mr(Sq ? blk.sums[6][r] : 0.0, blk.sums[3][r], blk.sums[4][r], e, blk.sums[5][r],
+                              Sq ? static_cast<double>(a.rho_x[i]) : 0.0);
+      const vec q2 = bcast<B, T>(Sq ? 2.0 * static_cast<double>(a.gm[i]) : 0.0);
       W de = W::zero();
       for (int64_t j = 0; j < nv; j += L) {
         const int64_t m = nv - j;
-        const vec gm = ld<B, T>(a.gm + o + j, m), vv = simd::load<vec>(vT + j), wv = simd::load<vec>(wnT + j);
-        st<B, T>(a.dG + o + j, ld<B, T>(a.gg + o + j, m) + gm - wv * vsgm, m);
-        st<B, T>(a.dGt + o + j, e2 * (gm - wv * vsm), m);
-        st<B, T>(a.dGx + o + j, ve * vv * gm + wv * (vB * vv - vQ), m);
+        const vec vv = simd::load<vec>(vT + j), wv = simd::load<vec>(wnT + j);
+        vec gm, gsumj;  // the gradient of micro, and of micro + g
+        if constexpr (Sq) {
+          gm = q2 * mr.micro(mr.g(a.G + o + j, m), a.Gt + o + j, a.Gx + o + j, vv, m);
+          if (m < L) gm = gm * simd::load<vec>(valid + j);  // not 0 beyond V (the deps sum below)
+          gsumj = gm;
+        } else {
+          gm = ld<B, T>(a.gm + o + j, m);
+          gsumj = ld<B, T>(a.gg + o + j, m) + gm;
+        }
+        st<B, T>(dG + j, gsumj - wv * vsgm, m);
+        st<B, T>(dGt + j, e2 * (gm - wv * vsm), m);
+        st<B, T>(dGx + j, ve * vv * gm + wv * (vB * vv - vQ), m);
         // d micro_j / d eps = 2 eps g_t,j + v_j g_x,j - a
         const vec dm = twoe * (ld<B, T>(a.Gt + o + j, m) - vmt) + vv * (ld<B, T>(a.Gx + o + j, m) - vmx) - va;
         de.add(W::of(gm) * W::of(dm));
@@ -839,18 +1038,25 @@ HRGRAD_INLINE void transport_backward_rows_impl(const TransportBackwardArgs<T>& 
       a.drho_x[i] = static_cast<T>(svm);
       deps.park(0, r, de);
     }
+    outs.flush(ib, nr);
     deps.reduce(nr);
     for (int r = 0; r < nr; ++r) a.deps[ib + r] = static_cast<T>(deps.sums[0][r]);
   }
+  outs.finish();
 }
 HRGRAD_SIMD_DISPATCH(transport_backward_rows, transport_backward_rows_impl)
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> transport_mm_residuals_backward_cpu(
-    const Tensor& gg_, const Tensor& gm_, const Tensor& gc_, const Tensor& Gt_,
-    const Tensor& Gx_, const Tensor& v, const Tensor& w, const Tensor& eps_) {
-  const int64_t es = check_transport_backward(gg_, gm_, gc_, Gt_, Gx_, v, w, eps_);
-  const Tensor gg = make_contiguous(gg_), gm = make_contiguous(gm_), gc = make_contiguous(gc_), Gt = make_contiguous(Gt_),
-                   Gx = make_contiguous(Gx_), eps = make_contiguous(eps_);
+using TransportGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The backward of transport_mm_residuals (Sq false: gg, gm [N, V]; G, rho_x unused) and of
+// transport_mm_residuals_sq (Sq true: gm = grad_micro_sq [N], gg unused); validated by the caller.
+template <bool Sq>
+TransportGrads transport_backward_cpu(const Tensor& gg_, const Tensor& gm_, const Tensor& gc_, const Tensor& G_,
+                                      const Tensor& Gt_, const Tensor& Gx_, const Tensor& rho_x_, const Tensor& v,
+                                      const Tensor& w, const Tensor& eps_, int64_t es) {
+  const Tensor gg = Sq ? gg_ : make_contiguous(gg_), gm = make_contiguous(gm_), gc = make_contiguous(gc_),
+               G = Sq ? make_contiguous(G_) : G_, Gt = make_contiguous(Gt_), Gx = make_contiguous(Gx_),
+               rho_x = Sq ? make_contiguous(rho_x_) : rho_x_, eps = make_contiguous(eps_);
   const int64_t N = Gt.size(0), nv = Gt.size(1);
   const Tensor& opt = Gt;  // outputs: Gt's dtype and device
   Tensor dG = empty_on(opt, {N, nv}), dGt = empty_on(opt, {N, nv}), dGx = empty_on(opt, {N, nv});
@@ -859,16 +1065,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> transport_mm_residuals_backwa
   HRGRAD_DISPATCH_FLOATING(Gt.scalar_type(), "transport_mm_residuals_backward_cpu", [&] {
     using T_ = scalar_t;
     const TransportTables<T_> tab(v, w);
-    const TransportBackwardArgs<T_> args{
-        gg.const_data_ptr<T_>(),     gm.const_data_ptr<T_>(),  gc.const_data_ptr<T_>(),  Gt.const_data_ptr<T_>(),
-        Gx.const_data_ptr<T_>(),     eps.const_data_ptr<T_>(), es,                        nv,
-        &tab,                        dG.mutable_data_ptr<T_>(), dGt.mutable_data_ptr<T_>(), dGx.mutable_data_ptr<T_>(),
-        drho_x.mutable_data_ptr<T_>(), deps.mutable_data_ptr<T_>()};
+    const TransportBackwardArgs<T_, Sq> args{
+        Sq ? nullptr : gg.const_data_ptr<T_>(), gm.const_data_ptr<T_>(), gc.const_data_ptr<T_>(),
+        Sq ? G.const_data_ptr<T_>() : nullptr,  Gt.const_data_ptr<T_>(), Gx.const_data_ptr<T_>(),
+        Sq ? rho_x.const_data_ptr<T_>() : nullptr, eps.const_data_ptr<T_>(), es, nv, &tab,
+        dG.mutable_data_ptr<T_>(), dGt.mutable_data_ptr<T_>(), dGx.mutable_data_ptr<T_>(),
+        drho_x.mutable_data_ptr<T_>(), deps.mutable_data_ptr<T_>(),
+        3 * N * nv * static_cast<int64_t>(sizeof(T_)) > kStreamBytes};
     parallel_for(0, N, row_grain(nv), [&](int64_t r0, int64_t r1) {
       transport_backward_rows(vb, args, r0, r1);
     });
   });
   return {dG, dGt, dGx, drho_x, deps};
+}
+
+TransportGrads transport_mm_residuals_backward_cpu(const Tensor& gg, const Tensor& gm, const Tensor& gc,
+                                                   const Tensor& Gt, const Tensor& Gx, const Tensor& v,
+                                                   const Tensor& w, const Tensor& eps) {
+  const int64_t es = check_transport_backward(gg, gm, gc, Gt, Gx, v, w, eps);
+  return transport_backward_cpu<false>(gg, gm, gc, Gt, Gt, Gx, gc, v, w, eps, es);
+}
+
+TransportGrads transport_mm_residuals_sq_backward_cpu(const Tensor& gQ, const Tensor& gc, const Tensor& G,
+                                                      const Tensor& Gt, const Tensor& Gx, const Tensor& rho_x,
+                                                      const Tensor& v, const Tensor& w, const Tensor& eps) {
+  const int64_t es = check_transport_sq_backward(gQ, gc, G, Gt, Gx, rho_x, v, w, eps);
+  return transport_backward_cpu<true>(gQ, gQ, gc, G, Gt, Gx, rho_x, v, w, eps, es);
 }
 
 }  // namespace
@@ -878,9 +1100,13 @@ STABLE_TORCH_LIBRARY_IMPL(hrgrad_ext, CPU, m) {
   m.impl("velocity_moments_backward", TORCH_BOX(&velocity_moments_backward_cpu));
   m.impl("maxwellian", TORCH_BOX(&maxwellian_cpu));
   m.impl("maxwellian_backward", TORCH_BOX(&maxwellian_backward_cpu));
-  m.impl("bgk_residuals", TORCH_BOX(&bgk_residuals_cpu));
+  m.impl("bgk_residuals", TORCH_BOX(&bgk_forward_cpu<false>));
+  m.impl("bgk_residuals_sq", TORCH_BOX(&bgk_forward_cpu<true>));
+  m.impl("bgk_residuals_sq_backward", TORCH_BOX(&bgk_residuals_sq_backward_cpu));
   m.impl("bgk_residuals_backward", TORCH_BOX(&bgk_residuals_backward_cpu));
-  m.impl("transport_mm_residuals", TORCH_BOX(&transport_mm_residuals_cpu));
+  m.impl("transport_mm_residuals", TORCH_BOX(&transport_forward_cpu<false>));
+  m.impl("transport_mm_residuals_sq", TORCH_BOX(&transport_mm_residuals_sq_cpu));
+  m.impl("transport_mm_residuals_sq_backward", TORCH_BOX(&transport_mm_residuals_sq_backward_cpu));
   m.impl("transport_mm_residuals_backward", TORCH_BOX(&transport_mm_residuals_backward_cpu));
 }
 

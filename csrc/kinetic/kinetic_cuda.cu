@@ -325,7 +325,9 @@ struct BgkRows {
 
 // Single pass: the kinetic residual is element-wise and the six velocity sums only feed the
 // per-row outputs, so nothing has to be kept between phases.
-template <typename scalar_t, typename acc_t, int L>
+// SQ (bgk_residuals_sq): `kin` is [N] and gets the row sum of the squared residual, summed in
+// double whatever acc_t (the loss form's contract), instead of the [N, V] residual.
+template <typename scalar_t, typename acc_t, int L, bool SQ>
 __global__ void __launch_bounds__(kThreads) bgk_forward_kernel(
     const scalar_t* __restrict__ F, const scalar_t* __restrict__ Ft, const scalar_t* __restrict__ Fx,
     BgkRows<scalar_t> p, const scalar_t* __restrict__ v, const scalar_t* __restrict__ w, int64_t N, int V,
@@ -338,11 +340,17 @@ __global__ void __launch_bounds__(kThreads) bgk_forward_kernel(
   const acc_t coef = r * acc_t(kInvSqrt2PiD) * drsqrt(TT), inv2T = acc_t(0.5) / TT;
   const int64_t o = i * V;
   acc_t sF0 = 0, sF1 = 0, sF2 = 0, sX1 = 0, sX2 = 0, sX3 = 0;
+  double sq = 0;
   for (int j = lane; j < V; j += L) {
     const acc_t vj = v[j], wj = w[j], fj = F[o + j], ftj = Ft[o + j], fxj = Fx[o + j];
     const acc_t d = vj - uu;
     const acc_t M = coef * gauss_exp(-d * d * inv2T);
-    if (row.live) kin[o + j] = static_cast<scalar_t>(k * (ftj + vj * fxj) - (M - fj));
+    if constexpr (SQ) {
+      const acc_t kj = k * (ftj + vj * fxj) - (M - fj);
+      sq += static_cast<double>(kj) * static_cast<double>(kj);
+    } else {
+      if (row.live) kin[o + j] = static_cast<scalar_t>(k * (ftj + vj * fxj) - (M - fj));
+    }
     const acc_t wf = wj * fj, wx = wj * vj * fxj;
     sF0 += wf;
     sF1 += wf * vj;
@@ -352,7 +360,9 @@ __global__ void __launch_bounds__(kThreads) bgk_forward_kernel(
     sX3 += wx * vj * vj;
   }
   row_sums<L>(sF0, sF1, sF2, sX1, sX2, sX3);
+  if constexpr (SQ) sq = row_sum<L>(sq);
   if (row.live && lane == 0) {
+    if constexpr (SQ) kin[i] = static_cast<scalar_t>(sq);
     const acc_t rt = p.rho_t[i], ut = p.u_t[i], Tt = p.T_t[i];
     const acc_t q = uu * uu + TT;
     cons[3 * i + 0] = static_cast<scalar_t>(rt + sX1);
@@ -370,12 +380,15 @@ struct BgkGradRows {
   scalar_t *rho, *u, *T, *rho_t, *u_t, *T_t, *kn;
 };
 
-template <typename scalar_t, typename acc_t, int L>
+// SQ (bgk_residuals_sq_backward): gK is grad_kinetic_sq [N], and the incoming gradient of the
+// residual, 2 gK_i kin_ij, is formed here from kin recomputed from F, Ft, Fx and the row's
+// Maxwellian (whose exp the gradient sums need anyway). F is read only then (nullptr otherwise).
+template <typename scalar_t, typename acc_t, int L, bool SQ>
 __global__ void __launch_bounds__(kThreads) bgk_backward_kernel(
     const scalar_t* __restrict__ gK, const scalar_t* __restrict__ gC, const scalar_t* __restrict__ gS,
-    const scalar_t* __restrict__ Ft, const scalar_t* __restrict__ Fx, BgkRows<scalar_t> p,
-    const scalar_t* __restrict__ v, const scalar_t* __restrict__ w, int64_t N, int V, scalar_t* __restrict__ dF,
-    scalar_t* __restrict__ dFt, scalar_t* __restrict__ dFx, BgkGradRows<scalar_t> out) {
+    const scalar_t* __restrict__ F, const scalar_t* __restrict__ Ft, const scalar_t* __restrict__ Fx,
+    BgkRows<scalar_t> p, const scalar_t* __restrict__ v, const scalar_t* __restrict__ w, int64_t N, int V,
+    scalar_t* __restrict__ dF, scalar_t* __restrict__ dFt, scalar_t* __restrict__ dFx, BgkGradRows<scalar_t> out) {
   RowLane row;
   if (!row_lane<L>(N, row)) return;
   const int64_t i = row.i;
@@ -384,18 +397,29 @@ __global__ void __launch_bounds__(kThreads) bgk_backward_kernel(
   const acc_t c0 = gC[3 * i], c1 = gC[3 * i + 1], c2 = gC[3 * i + 2];
   const acc_t s0 = gS[3 * i], s1 = gS[3 * i + 1], s2 = gS[3 * i + 2];
   const acc_t cm = acc_t(kInvSqrt2PiD) * drsqrt(TT), inv2T = acc_t(0.5) / TT;
+  const acc_t q2 = SQ ? acc_t(2) * static_cast<acc_t>(gK[i]) : acc_t(0);
   const int64_t o = i * V;
   acc_t skn = 0, sm0 = 0, sm1 = 0, sm2 = 0;
   for (int j = lane; j < V; j += L) {
-    const acc_t vj = v[j], wj = w[j], g = gK[o + j];
+    const acc_t vj = v[j], wj = w[j];
+    const acc_t et = static_cast<acc_t>(Ft[o + j]) + vj * static_cast<acc_t>(Fx[o + j]);  // Ft + v Fx
+    const acc_t d = vj - uu;
+    const acc_t m0 = cm * gauss_exp(-d * d * inv2T);  // M / rho
+    acc_t g;
+    if constexpr (SQ) {
+      // rho read here rather than hoisted for both variants: hoisted, it cost the residual
+      // op's double instances 4 registers
+      g = q2 * (k * et - (static_cast<acc_t>(p.rho[i]) * m0 - static_cast<acc_t>(F[o + j])));
+    } else {
+      g = gK[o + j];
+    }
     if (row.live) {
       dF[o + j] = static_cast<scalar_t>(g - wj * (s0 + vj * (s1 + acc_t(0.5) * vj * s2)));
       dFt[o + j] = static_cast<scalar_t>(k * g);
       dFx[o + j] = static_cast<scalar_t>(k * vj * g + wj * vj * (c0 + vj * (c1 + acc_t(0.5) * vj * c2)));
     }
-    skn += g * (static_cast<acc_t>(Ft[o + j]) + vj * static_cast<acc_t>(Fx[o + j]));
-    const acc_t d = vj - uu;
-    const acc_t gm0 = g * cm * gauss_exp(-d * d * inv2T);  // g * M / rho
+    skn += g * et;
+    const acc_t gm0 = g * m0;  // g * M / rho
     sm0 += gm0;
     sm1 += gm0 * d;
     sm2 += gm0 * (d * d - TT);
@@ -422,24 +446,28 @@ BgkRows<scalar_t> bgk_rows(const Tensor& rho, const Tensor& u, const Tensor& T, 
           kn.const_data_ptr<scalar_t>(),    ks};
 }
 
-std::tuple<Tensor, Tensor, Tensor> bgk_residuals_cuda(
-    const Tensor& F_, const Tensor& Ft_, const Tensor& Fx_, const Tensor& rho_,
-    const Tensor& u_, const Tensor& T_, const Tensor& rho_t_, const Tensor& u_t_,
-    const Tensor& T_t_, const Tensor& v_, const Tensor& w_, const Tensor& kn_) {
-  const int64_t ks = check_bgk(F_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v_, w_, kn_);
+// bgk_residuals (SQ = false: kin [N, V]) and its loss form bgk_residuals_sq (SQ = true: kin
+// [N], the row sums of squares).
+template <bool SQ>
+std::tuple<Tensor, Tensor, Tensor> bgk_residuals_cuda(const Tensor& F_, const Tensor& Ft_, const Tensor& Fx_,
+                                                      const Tensor& rho_, const Tensor& u_, const Tensor& T_,
+                                                      const Tensor& rho_t_, const Tensor& u_t_, const Tensor& T_t_,
+                                                      const Tensor& v_, const Tensor& w_, const Tensor& kn_) {
+  const int64_t ks = SQ ? check_bgk_sq(F_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v_, w_, kn_)
+                        : check_bgk(F_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v_, w_, kn_);
   const cuda::DeviceGuard guard(F_.get_device_index());
   const Tensor F = make_contiguous(F_), Ft = make_contiguous(Ft_), Fx = make_contiguous(Fx_), rho = make_contiguous(rho_),
                    u = make_contiguous(u_), T = make_contiguous(T_), rho_t = make_contiguous(rho_t_),
                    u_t = make_contiguous(u_t_), T_t = make_contiguous(T_t_), v = make_contiguous(v_), w = make_contiguous(w_),
                    kn = make_contiguous(kn_);
   const int64_t N = F.size(0), V = F.size(1);
-  Tensor kin = empty_on(F, {N, V}), cons = empty_on(F, {N, 3}),
+  Tensor kin = SQ ? empty_on(F, {N}) : empty_on(F, {N, V}), cons = empty_on(F, {N, 3}),
              consis = empty_on(F, {N, 3});
   if (N == 0) return {kin, cons, consis};
   HRGRAD_DISPATCH_FLOATING(F.scalar_type(), "bgk_residuals_cuda", [&] {
     with_lanes(V, [&](auto lanes) {
       constexpr int L = decltype(lanes)::value;
-      launch<bgk_forward_kernel<scalar_t, scalar_t, L>>({row_blocks(N, L), kThreads},
+      launch<bgk_forward_kernel<scalar_t, scalar_t, L, SQ>>({row_blocks(N, L), kThreads},
           F.const_data_ptr<scalar_t>(), Ft.const_data_ptr<scalar_t>(), Fx.const_data_ptr<scalar_t>(),
           bgk_rows<scalar_t>(rho, u, T, rho_t, u_t, T_t, kn, ks), v.const_data_ptr<scalar_t>(),
           w.const_data_ptr<scalar_t>(), N, static_cast<int>(V), kin.mutable_data_ptr<scalar_t>(),
@@ -449,19 +477,21 @@ std::tuple<Tensor, Tensor, Tensor> bgk_residuals_cuda(
   return {kin, cons, consis};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-           Tensor, Tensor>
-bgk_residuals_backward_cuda(const Tensor& gK_, const Tensor& gC_, const Tensor& gS_,
-                            const Tensor& Ft_, const Tensor& Fx_, const Tensor& rho_,
-                            const Tensor& u_, const Tensor& T_, const Tensor& rho_t_,
-                            const Tensor& u_t_, const Tensor& T_t_, const Tensor& v_,
-                            const Tensor& w_, const Tensor& kn_) {
-  const int64_t ks = check_bgk_backward(gK_, gC_, gS_, Ft_, Fx_, rho_, u_, T_, rho_t_, u_t_, T_t_, v_, w_, kn_);
+using BgkGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The residual op's backward (SQ = false: gK [N, V], F unused) and the loss form's (SQ = true:
+// gK = grad_kinetic_sq [N], kin recomputed from F).
+template <bool SQ>
+BgkGrads bgk_backward_cuda(int64_t ks, const Tensor& gK_, const Tensor& gC_, const Tensor& gS_, const Tensor& F_,
+                           const Tensor& Ft_, const Tensor& Fx_, const Tensor& rho_, const Tensor& u_, const Tensor& T_,
+                           const Tensor& rho_t_, const Tensor& u_t_, const Tensor& T_t_, const Tensor& v_,
+                           const Tensor& w_, const Tensor& kn_) {
   const cuda::DeviceGuard guard(Ft_.get_device_index());
   const Tensor gK = make_contiguous(gK_), gC = make_contiguous(gC_), gS = make_contiguous(gS_), Ft = make_contiguous(Ft_),
                    Fx = make_contiguous(Fx_), rho = make_contiguous(rho_), u = make_contiguous(u_), T = make_contiguous(T_),
                    rho_t = make_contiguous(rho_t_), u_t = make_contiguous(u_t_), T_t = make_contiguous(T_t_),
                    v = make_contiguous(v_), w = make_contiguous(w_), kn = make_contiguous(kn_);
+  const Tensor F = SQ ? make_contiguous(F_) : F_;
   const int64_t N = Ft.size(0), V = Ft.size(1);
   const Tensor& opt = Ft;  // outputs: Ft's dtype and device
   Tensor dF = empty_on(opt, {N, V}), dFt = empty_on(opt, {N, V}), dFx = empty_on(opt, {N, V});
@@ -475,9 +505,9 @@ bgk_residuals_backward_cuda(const Tensor& gK_, const Tensor& gC_, const Tensor& 
                                 r[6].mutable_data_ptr<scalar_t>()};
       with_lanes(V, [&](auto lanes) {
         constexpr int L = decltype(lanes)::value;
-        launch<bgk_backward_kernel<scalar_t, scalar_t, L>>({row_blocks(N, L), kThreads},
+        launch<bgk_backward_kernel<scalar_t, scalar_t, L, SQ>>({row_blocks(N, L), kThreads},
             gK.const_data_ptr<scalar_t>(), gC.const_data_ptr<scalar_t>(), gS.const_data_ptr<scalar_t>(),
-            Ft.const_data_ptr<scalar_t>(), Fx.const_data_ptr<scalar_t>(),
+            SQ ? F.const_data_ptr<scalar_t>() : nullptr, Ft.const_data_ptr<scalar_t>(), Fx.const_data_ptr<scalar_t>(),
             bgk_rows<scalar_t>(rho, u, T, rho_t, u_t, T_t, kn, ks), v.const_data_ptr<scalar_t>(),
             w.const_data_ptr<scalar_t>(), N, static_cast<int>(V), dF.mutable_data_ptr<scalar_t>(),
             dFt.mutable_data_ptr<scalar_t>(), dFx.mutable_data_ptr<scalar_t>(), out);
@@ -487,12 +517,30 @@ bgk_residuals_backward_cuda(const Tensor& gK_, const Tensor& gC_, const Tensor& 
   return {dF, dFt, dFx, r[0], r[1], r[2], r[3], r[4], r[5], r[6]};
 }
 
+BgkGrads bgk_residuals_backward_cuda(const Tensor& gK, const Tensor& gC, const Tensor& gS, const Tensor& Ft,
+                                     const Tensor& Fx, const Tensor& rho, const Tensor& u, const Tensor& T,
+                                     const Tensor& rho_t, const Tensor& u_t, const Tensor& T_t, const Tensor& v,
+                                     const Tensor& w, const Tensor& kn) {
+  const int64_t ks = check_bgk_backward(gK, gC, gS, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
+  return bgk_backward_cuda<false>(ks, gK, gC, gS, /*F: unused*/ Ft, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
+}
+
+BgkGrads bgk_residuals_sq_backward_cuda(const Tensor& gQ, const Tensor& gC, const Tensor& gS, const Tensor& F,
+                                        const Tensor& Ft, const Tensor& Fx, const Tensor& rho, const Tensor& u,
+                                        const Tensor& T, const Tensor& rho_t, const Tensor& u_t, const Tensor& T_t,
+                                        const Tensor& v, const Tensor& w, const Tensor& kn) {
+  const int64_t ks = check_bgk_sq_backward(gQ, gC, gS, F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
+  return bgk_backward_cuda<true>(ks, gQ, gC, gS, F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn);
+}
+
 // ---- transport_mm_residuals ---------------------------------------------------------------
 // Per-row-segment constants of the normalised average (see kinetic_cpu.cpp): W = sum w, vbar = <v>;
 // <v g_x> = sum_j w_j (v_j - vbar) Graw_x,j / W. Each segment recomputes W and vbar from v and w
 // (two extra reductions of data it reads anyway) instead of a separate kernel launch.
 
-template <typename scalar_t, typename acc_t, int L, int PER>
+// SQ (transport_mm_residuals_sq): `micro` is [N] and gets the row sum of the squared micro
+// residual, summed in double whatever acc_t; g_out is not written (nullptr).
+template <typename scalar_t, typename acc_t, int L, int PER, bool SQ>
 __global__ void __launch_bounds__(kThreads) transport_forward_kernel(
     const scalar_t* __restrict__ G, const scalar_t* __restrict__ Gt, const scalar_t* __restrict__ Gx,
     const scalar_t* __restrict__ rho_t, const scalar_t* __restrict__ rho_x, const scalar_t* __restrict__ v,
@@ -542,6 +590,7 @@ __global__ void __launch_bounds__(kThreads) transport_forward_kernel(
   }
   a = row_sum<L>(a) * invW;
   const acc_t e = eps[i * eps_stride], rxi = rho_x[i];
+  double sq = 0;
   // Phase 2: element-wise outputs.
   for (int t = 0; t < iters; ++t) {
     const int j = lane + L * t;
@@ -557,20 +606,35 @@ __global__ void __launch_bounds__(kThreads) transport_forward_kernel(
         gxj = static_cast<acc_t>(Gx[o + j]) - mx;
       }
       const acc_t vj = v[j];
-      g_out[o + j] = static_cast<scalar_t>(gj);
-      micro[o + j] = static_cast<scalar_t>(e * e * gtj + e * (vj * gxj - a) + vj * rxi + gj);
+      const acc_t mj = e * e * gtj + e * (vj * gxj - a) + vj * rxi + gj;
+      if constexpr (SQ) {
+        sq += static_cast<double>(mj) * static_cast<double>(mj);
+      } else {
+        g_out[o + j] = static_cast<scalar_t>(gj);
+        micro[o + j] = static_cast<scalar_t>(mj);
+      }
     }
   }
-  if (row.live && lane == 0) macro[i] = static_cast<scalar_t>(static_cast<acc_t>(rho_t[i]) + a);
+  if constexpr (SQ) sq = row_sum<L>(sq);
+  if (row.live && lane == 0) {
+    if constexpr (SQ) micro[i] = static_cast<scalar_t>(sq);
+    macro[i] = static_cast<scalar_t>(static_cast<acc_t>(rho_t[i]) + a);
+  }
 }
 
-template <typename scalar_t, typename acc_t, int L, int PER>
+// SQ (transport_mm_residuals_sq_backward): gm is grad_micro_sq [N] and there is no grad_g (gg
+// unused, nullptr). The incoming gradient of micro, 2 gm_i micro_ij, is formed here from micro
+// recomputed from Graw (G), Graw_t, Graw_x and rho_x (read only then, nullptr otherwise).
+// micro needs the row averages of the three fields and <v g_x> first, so the gradient's row
+// sums move to a phase 1b behind them: one more row-sum phase than the residual op's backward.
+template <typename scalar_t, typename acc_t, int L, int PER, bool SQ>
 __global__ void __launch_bounds__(kThreads) transport_backward_kernel(
     const scalar_t* __restrict__ gg, const scalar_t* __restrict__ gm, const scalar_t* __restrict__ gc,
-    const scalar_t* __restrict__ Gt, const scalar_t* __restrict__ Gx, const scalar_t* __restrict__ v,
-    const scalar_t* __restrict__ w, const scalar_t* __restrict__ eps, int64_t eps_stride, int64_t N, int V,
-    scalar_t* __restrict__ dG, scalar_t* __restrict__ dGt, scalar_t* __restrict__ dGx,
-    scalar_t* __restrict__ drho_x, scalar_t* __restrict__ deps) {
+    const scalar_t* __restrict__ G, const scalar_t* __restrict__ Gt, const scalar_t* __restrict__ Gx,
+    const scalar_t* __restrict__ rho_x, const scalar_t* __restrict__ v, const scalar_t* __restrict__ w,
+    const scalar_t* __restrict__ eps, int64_t eps_stride, int64_t N, int V, scalar_t* __restrict__ dG,
+    scalar_t* __restrict__ dGt, scalar_t* __restrict__ dGx, scalar_t* __restrict__ drho_x,
+    scalar_t* __restrict__ deps) {
   RowLane row;
   if (!row_lane<L>(N, row)) return;
   const int64_t i = row.i;
@@ -578,25 +642,31 @@ __global__ void __launch_bounds__(kThreads) transport_backward_kernel(
   const int64_t o = i * V;
   const int iters = lane_iters<L, PER>(V);
   constexpr int R = PER > 0 ? PER : 1;
-  acc_t rgg[R], rm[R], rt[R], rx[R];
+  acc_t rgg[R], rm[R], rt[R], rx[R];  // SQ: rgg holds Graw, rm the gradient of micro from phase 1b
   // Phase 1: sums of the incoming gradients and the forward averages (needed for deps).
+  // SQ: Sgm sums w Graw here (for <Graw>); the gradient's sums are phase 1b's.
   acc_t W = 0, Wv = 0, Sgm = 0, Sm = 0, Svm = 0, st = 0, sx = 0;
   for (int t = 0; t < iters; ++t) {
     const int j = lane + L * t;
     acc_t a_gg = 0, a_m = 0, a_t = 0, a_x = 0;
     if (j < V) {
       const acc_t wj = w[j], vj = v[j];
-      a_gg = gg[o + j];
-      a_m = gm[o + j];
       a_t = Gt[o + j];
       a_x = Gx[o + j];
       W += wj;
       Wv += wj * vj;
-      Sgm += a_gg + a_m;
-      Sm += a_m;
-      Svm += vj * a_m;
       st += wj * a_t;
       sx += wj * a_x;
+      if constexpr (SQ) {
+        a_gg = G[o + j];
+        Sgm += wj * a_gg;
+      } else {
+        a_gg = gg[o + j];
+        a_m = gm[o + j];
+        Sgm += a_gg + a_m;
+        Sm += a_m;
+        Svm += vj * a_m;
+      }
     }
     if constexpr (PER > 0) {
       rgg[t] = a_gg;
@@ -605,7 +675,14 @@ __global__ void __launch_bounds__(kThreads) transport_backward_kernel(
       rx[t] = a_x;
     }
   }
-  row_sums<L>(W, Wv, Sgm, Sm, Svm, st, sx);
+  if constexpr (SQ) {
+    row_sums<L>(W, Wv, Sgm, st, sx);
+  } else {
+    row_sums<L>(W, Wv, Sgm, Sm, Svm, st, sx);
+  }
+  // e and C loaded before the division: with them after it, ptxas spilled one register of the
+  // SQ, double, L = 32 instance on sm_90 (the division's slow path is a call).
+  const acc_t e = eps[i * eps_stride], C = gc[i];
   const acc_t invW = acc_t(1) / W, vbar = Wv * invW, mt = st * invW, mx = sx * invW;
   // a = <v g_x> from the centred g_x, as in the forward kernel.
   acc_t a = 0;
@@ -617,13 +694,35 @@ __global__ void __launch_bounds__(kThreads) transport_backward_kernel(
     }
   }
   a = row_sum<L>(a) * invW;
-  const acc_t e = eps[i * eps_stride], C = gc[i];
+  // SQ: 2 q_i micro_ij from the raw fields at node j (micro as in the forward kernel).
+  const acc_t mg = SQ ? Sgm * invW : acc_t(0), q2 = SQ ? acc_t(2) * static_cast<acc_t>(gm[i]) : acc_t(0),
+              rxi = SQ ? static_cast<acc_t>(rho_x[i]) : acc_t(0);
+  const auto micro_grad = [&](acc_t graw, acc_t graw_t, acc_t graw_x, acc_t vj) {
+    return q2 * (e * e * (graw_t - mt) + e * (vj * (graw_x - mx) - a) + vj * rxi + (graw - mg));
+  };
+  if constexpr (SQ) {
+    // Phase 1b: the sums of the gradient of micro (there is no grad_g: Sgm = Sm).
+    for (int t = 0; t < iters; ++t) {
+      const int j = lane + L * t;
+      if (j < V) {
+        const acc_t vj = v[j];
+        const acc_t m = PER > 0 ? micro_grad(rgg[PER > 0 ? t : 0], rt[PER > 0 ? t : 0], rx[PER > 0 ? t : 0], vj)
+                                : micro_grad(G[o + j], Gt[o + j], Gx[o + j], vj);
+        if constexpr (PER > 0) rm[t] = m;
+        Sm += m;
+        Svm += vj * m;
+      }
+    }
+    row_sums<L>(Sm, Svm);
+    Sgm = Sm;
+  }
   // Adjoint of the projection P phi = phi - <phi> (see kinetic_cpu.cpp for the derivation).
   const acc_t B = C - e * Sm, Q = e * Svm + B * vbar;
   acc_t de = 0;
   for (int t = 0; t < iters; ++t) {
     const int j = lane + L * t;
     if (row.live && j < V) {  // segments past N store nothing (their de is not stored either)
+      const acc_t vj = v[j], wn = static_cast<acc_t>(w[j]) * invW;
       acc_t a_gg, a_m, a_t, a_x;
       if constexpr (PER > 0) {
         a_gg = rgg[t];
@@ -631,12 +730,16 @@ __global__ void __launch_bounds__(kThreads) transport_backward_kernel(
         a_t = rt[t];
         a_x = rx[t];
       } else {
-        a_gg = gg[o + j];
-        a_m = gm[o + j];
         a_t = Gt[o + j];
         a_x = Gx[o + j];
+        if constexpr (SQ) {
+          a_m = micro_grad(G[o + j], a_t, a_x, vj);
+        } else {
+          a_gg = gg[o + j];
+          a_m = gm[o + j];
+        }
       }
-      const acc_t vj = v[j], wn = static_cast<acc_t>(w[j]) * invW;
+      if constexpr (SQ) a_gg = 0;  // no grad_g (rgg held Graw)
       dG[o + j] = static_cast<scalar_t>(a_gg + a_m - wn * Sgm);
       dGt[o + j] = static_cast<scalar_t>(e * e * (a_m - wn * Sm));
       dGx[o + j] = static_cast<scalar_t>(e * vj * a_m + wn * (B * vj - Q));
@@ -650,55 +753,97 @@ __global__ void __launch_bounds__(kThreads) transport_backward_kernel(
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> transport_mm_residuals_cuda(
-    const Tensor& G_, const Tensor& Gt_, const Tensor& Gx_, const Tensor& rho_t_,
-    const Tensor& rho_x_, const Tensor& v_, const Tensor& w_, const Tensor& eps_) {
-  const int64_t es = check_transport(G_, Gt_, Gx_, rho_t_, rho_x_, v_, w_, eps_);
+// The residual op (SQ = false) and its loss form (SQ = true: micro is [N], the row sums of
+// squares, and g is not computed); the caller allocates the outputs.
+template <bool SQ>
+void transport_forward_cuda(int64_t es, const Tensor& G_, const Tensor& Gt_, const Tensor& Gx_, const Tensor& rho_t_,
+                            const Tensor& rho_x_, const Tensor& v_, const Tensor& w_, const Tensor& eps_, Tensor& g,
+                            Tensor& micro, Tensor& macro) {
+  const int64_t N = G_.size(0), V = G_.size(1);
+  if (N == 0) return;
   const cuda::DeviceGuard guard(G_.get_device_index());
   const Tensor G = make_contiguous(G_), Gt = make_contiguous(Gt_), Gx = make_contiguous(Gx_),
                    rho_t = make_contiguous(rho_t_), rho_x = make_contiguous(rho_x_), v = make_contiguous(v_),
                    w = make_contiguous(w_), eps = make_contiguous(eps_);
-  const int64_t N = G.size(0), V = G.size(1);
-  Tensor g = empty_on(G, {N, V}), micro = empty_on(G, {N, V}),
-             macro = empty_on(G, {N});
-  if (N == 0) return {g, micro, macro};
   HRGRAD_DISPATCH_FLOATING(G.scalar_type(), "transport_mm_residuals_cuda", [&] {
     with_lanes_per(V, [&](auto lanes, auto per) {
       constexpr int L = decltype(lanes)::value;
-      launch<transport_forward_kernel<scalar_t, scalar_t, L, decltype(per)::value>>({row_blocks(N, L), kThreads},
+      launch<transport_forward_kernel<scalar_t, scalar_t, L, decltype(per)::value, SQ>>({row_blocks(N, L), kThreads},
           G.const_data_ptr<scalar_t>(), Gt.const_data_ptr<scalar_t>(), Gx.const_data_ptr<scalar_t>(),
           rho_t.const_data_ptr<scalar_t>(), rho_x.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
           w.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), es, N, static_cast<int>(V),
-          g.mutable_data_ptr<scalar_t>(), micro.mutable_data_ptr<scalar_t>(), macro.mutable_data_ptr<scalar_t>());
+          SQ ? nullptr : g.mutable_data_ptr<scalar_t>(), micro.mutable_data_ptr<scalar_t>(),
+          macro.mutable_data_ptr<scalar_t>());
     });
   });
+}
+
+std::tuple<Tensor, Tensor, Tensor> transport_mm_residuals_cuda(
+    const Tensor& G, const Tensor& Gt, const Tensor& Gx, const Tensor& rho_t,
+    const Tensor& rho_x, const Tensor& v, const Tensor& w, const Tensor& eps) {
+  const int64_t es = check_transport(G, Gt, Gx, rho_t, rho_x, v, w, eps);
+  const int64_t N = G.size(0), V = G.size(1);
+  Tensor g = empty_on(G, {N, V}), micro = empty_on(G, {N, V}), macro = empty_on(G, {N});
+  transport_forward_cuda<false>(es, G, Gt, Gx, rho_t, rho_x, v, w, eps, g, micro, macro);
   return {g, micro, macro};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> transport_mm_residuals_backward_cuda(
-    const Tensor& gg_, const Tensor& gm_, const Tensor& gc_, const Tensor& Gt_,
-    const Tensor& Gx_, const Tensor& v_, const Tensor& w_, const Tensor& eps_) {
-  const int64_t es = check_transport_backward(gg_, gm_, gc_, Gt_, Gx_, v_, w_, eps_);
-  const cuda::DeviceGuard guard(Gt_.get_device_index());
-  const Tensor gg = make_contiguous(gg_), gm = make_contiguous(gm_), gc = make_contiguous(gc_), Gt = make_contiguous(Gt_),
-                   Gx = make_contiguous(Gx_), v = make_contiguous(v_), w = make_contiguous(w_), eps = make_contiguous(eps_);
-  const int64_t N = Gt.size(0), V = Gt.size(1);
-  const Tensor& opt = Gt;  // outputs: Gt's dtype and device
+std::tuple<Tensor, Tensor> transport_mm_residuals_sq_cuda(
+    const Tensor& G, const Tensor& Gt, const Tensor& Gx, const Tensor& rho_t,
+    const Tensor& rho_x, const Tensor& v, const Tensor& w, const Tensor& eps) {
+  const int64_t es = check_transport_sq(G, Gt, Gx, rho_t, rho_x, v, w, eps);
+  const int64_t N = G.size(0);
+  Tensor unused, micro_sq = empty_on(G, {N}), macro = empty_on(G, {N});
+  transport_forward_cuda<true>(es, G, Gt, Gx, rho_t, rho_x, v, w, eps, unused, micro_sq, macro);
+  return {micro_sq, macro};
+}
+
+using TransportGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The residual op's backward (SQ = false: gg, gm [N, V]; G and rho_x unused) and the loss form's
+// (SQ = true: gm = grad_micro_sq [N], gg unused, micro recomputed from G, Gt, Gx, rho_x).
+template <bool SQ>
+TransportGrads transport_backward_cuda(int64_t es, const Tensor& gg_, const Tensor& gm_, const Tensor& gc_,
+                                       const Tensor& G_, const Tensor& Gt_, const Tensor& Gx_, const Tensor& rho_x_,
+                                       const Tensor& v_, const Tensor& w_, const Tensor& eps_) {
+  const int64_t N = Gt_.size(0), V = Gt_.size(1);
+  const Tensor& opt = Gt_;  // outputs: Gt's dtype and device
   Tensor dG = empty_on(opt, {N, V}), dGt = empty_on(opt, {N, V}), dGx = empty_on(opt, {N, V});
   Tensor drho_x = empty_on(opt, {N}), deps = empty_on(opt, {N});
   if (N == 0) return {dG, dGt, dGx, drho_x, deps};
+  const cuda::DeviceGuard guard(Gt_.get_device_index());
+  // the arguments a variant does not read are passed through uncopied (their pointers: nullptr)
+  const Tensor gg = SQ ? gg_ : make_contiguous(gg_), gm = make_contiguous(gm_), gc = make_contiguous(gc_),
+               G = SQ ? make_contiguous(G_) : G_, Gt = make_contiguous(Gt_), Gx = make_contiguous(Gx_),
+               rho_x = SQ ? make_contiguous(rho_x_) : rho_x_, v = make_contiguous(v_), w = make_contiguous(w_),
+               eps = make_contiguous(eps_);
   HRGRAD_DISPATCH_FLOATING(Gt.scalar_type(), "transport_mm_residuals_backward_cuda", [&] {
     with_lanes_per(V, [&](auto lanes, auto per) {
       constexpr int L = decltype(lanes)::value;
-      launch<transport_backward_kernel<scalar_t, scalar_t, L, decltype(per)::value>>({row_blocks(N, L), kThreads},
-          gg.const_data_ptr<scalar_t>(), gm.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
-          Gt.const_data_ptr<scalar_t>(), Gx.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+      launch<transport_backward_kernel<scalar_t, scalar_t, L, decltype(per)::value, SQ>>({row_blocks(N, L), kThreads},
+          SQ ? nullptr : gg.const_data_ptr<scalar_t>(), gm.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
+          SQ ? G.const_data_ptr<scalar_t>() : nullptr, Gt.const_data_ptr<scalar_t>(), Gx.const_data_ptr<scalar_t>(),
+          SQ ? rho_x.const_data_ptr<scalar_t>() : nullptr, v.const_data_ptr<scalar_t>(),
           w.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>(), es, N, static_cast<int>(V),
           dG.mutable_data_ptr<scalar_t>(), dGt.mutable_data_ptr<scalar_t>(), dGx.mutable_data_ptr<scalar_t>(),
           drho_x.mutable_data_ptr<scalar_t>(), deps.mutable_data_ptr<scalar_t>());
     });
   });
   return {dG, dGt, dGx, drho_x, deps};
+}
+
+TransportGrads transport_mm_residuals_backward_cuda(const Tensor& gg, const Tensor& gm, const Tensor& gc,
+                                                    const Tensor& Gt, const Tensor& Gx, const Tensor& v,
+                                                    const Tensor& w, const Tensor& eps) {
+  const int64_t es = check_transport_backward(gg, gm, gc, Gt, Gx, v, w, eps);
+  return transport_backward_cuda<false>(es, gg, gm, gc, /*G, rho_x: unused*/ Gt, Gt, Gx, gc, v, w, eps);
+}
+
+TransportGrads transport_mm_residuals_sq_backward_cuda(const Tensor& gQ, const Tensor& gc, const Tensor& G,
+                                                       const Tensor& Gt, const Tensor& Gx, const Tensor& rho_x,
+                                                       const Tensor& v, const Tensor& w, const Tensor& eps) {
+  const int64_t es = check_transport_sq_backward(gQ, gc, G, Gt, Gx, rho_x, v, w, eps);
+  return transport_backward_cuda<true>(es, /*gg: unused*/ gQ, gQ, gc, G, Gt, Gx, rho_x, v, w, eps);
 }
 
 }  // namespace
@@ -708,10 +853,14 @@ HRGRAD_EXT_CUDA_KERNELS(m) {
   m.impl("velocity_moments_backward", TORCH_BOX(&velocity_moments_backward_cuda));
   m.impl("maxwellian", TORCH_BOX(&maxwellian_cuda));
   m.impl("maxwellian_backward", TORCH_BOX(&maxwellian_backward_cuda));
-  m.impl("bgk_residuals", TORCH_BOX(&bgk_residuals_cuda));
+  m.impl("bgk_residuals", TORCH_BOX(&bgk_residuals_cuda<false>));
   m.impl("bgk_residuals_backward", TORCH_BOX(&bgk_residuals_backward_cuda));
+  m.impl("bgk_residuals_sq", TORCH_BOX(&bgk_residuals_cuda<true>));
+  m.impl("bgk_residuals_sq_backward", TORCH_BOX(&bgk_residuals_sq_backward_cuda));
   m.impl("transport_mm_residuals", TORCH_BOX(&transport_mm_residuals_cuda));
   m.impl("transport_mm_residuals_backward", TORCH_BOX(&transport_mm_residuals_backward_cuda));
+  m.impl("transport_mm_residuals_sq", TORCH_BOX(&transport_mm_residuals_sq_cuda));
+  m.impl("transport_mm_residuals_sq_backward", TORCH_BOX(&transport_mm_residuals_sq_backward_cuda));
 }
 
 }  // namespace kinetic

@@ -156,11 +156,39 @@ def _train(args) -> int:
     distributed = init_from_env(opts.backend, opts.timeout_s)
     try:
         return _train_process(args, cfg, Trainer)
+    except Exception as exc:
+        from .distributed import PeerFailureError
+        from .train.rundir import RunDirectoryInUse
+        from .train.trainer import NonFiniteError, Preempted
+
+        # the errors main() answers with an exit code of their own go on there
+        answered = (ValueError, OSError, RunDirectoryInUse, NonFiniteError, PeerFailureError, Preempted)
+        if distributed and not isinstance(exc, answered):
+            _exit_failed_rank()
+        raise
     finally:
         if distributed:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _exit_failed_rank() -> None:
+    """Ends a distributed rank that failed with an unexpected error: the traceback, then exit
+    code 1 without tearing down. Its peers are blocked in a collective at that point; tearing
+    the process group down (or its destructor at interpreter exit) races with the launcher
+    stopping them, and gloo can then abort this process (seen once under load: the rank was
+    reported killed by SIGABRT instead of exiting with its error). Checkpoints are already
+    durable (written, fsynced and renamed at their step)."""
+    import logging
+    import os
+    import traceback
+
+    traceback.print_exc()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _overridden_defaults(assignments: list[str]):

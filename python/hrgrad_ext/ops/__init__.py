@@ -12,7 +12,8 @@ any other torch: ``hrgrad_ext.build_info()["autograd"]`` says which.
 - Exact cone solves (:mod:`.cone`): ``dual_cone_weights`` (projection onto the dual cone of the
   task gradients: UPGrad) and ``mgda_weights`` (minimum-norm point of their convex hull).
 - Velocity-space quadrature of the APNN residuals (:mod:`.kinetic`): ``velocity_moments``,
-  ``maxwellian``, ``bgk_residuals``, ``transport_mm_residuals``, plus ``gauss_legendre``.
+  ``maxwellian``, ``bgk_residuals``, ``transport_mm_residuals``, their loss forms
+  ``bgk_residuals_sq`` / ``transport_mm_residuals_sq``, plus ``gauss_legendre``.
 """
 
 from .cone import dual_cone_weights, mgda_weights
@@ -32,9 +33,11 @@ from .gram import (
 )
 from .kinetic import (
     bgk_residuals,
+    bgk_residuals_sq,
     gauss_legendre,
     maxwellian,
     transport_mm_residuals,
+    transport_mm_residuals_sq,
     velocity_moments,
 )
 
@@ -51,6 +54,7 @@ __all__ = [
     "Status",
     "WeightsResult",
     "bgk_residuals",
+    "bgk_residuals_sq",
     "combine",
     "combine_into_grads",
     "dual_cone_weights",
@@ -64,5 +68,6 @@ __all__ = [
     "maxwellian",
     "mgda_weights",
     "transport_mm_residuals",
+    "transport_mm_residuals_sq",
     "velocity_moments",
 ]

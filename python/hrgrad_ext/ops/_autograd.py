@@ -331,6 +331,53 @@ class _Maxwellian(_OpFunction):
                                _tangent_or_zeros(dT, T))
 
 
+def _bgk_vjp(gK, gC, gS, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn):
+    """The vector-Jacobian product of bgk_residuals in differentiable torch ops: the gradients of
+    F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn."""
+    vv, ww, knb = _node_row(v), _node_row(w), _per_row(kn)
+    gC0, gC1, gC2 = gC.unbind(1)
+    gS0, gS1, gS2 = gS.unbind(1)
+    dF = gK - ww * (_col(gS0) + _col(gS1) * vv + _col(gS2) * (vv * vv * 0.5))
+    dFt = knb * gK
+    dFx = knb * vv * gK + ww * vv * (_col(gC0) + _col(gC1) * vv + _col(gC2) * (vv * vv * 0.5))
+    dkn = _param_grad((gK * (Ft + vv * Fx)).sum(1), kn)
+    mrho, mu, mT = _maxwellian_vjp(-gK, rho, u, T, v)
+    E2 = u * u + T
+    drho = mrho + gS0 + gS1 * u + gS2 * E2 * 0.5 + gC1 * u_t + gC2 * (2 * u * u_t + T_t) * 0.5
+    du = mu + gS1 * rho + gS2 * rho * u + gC1 * rho_t + gC2 * (rho_t * u + rho * u_t)
+    dT = mT + (gS2 * rho + gC2 * rho_t) * 0.5
+    drho_t = gC0 + gC1 * u + gC2 * E2 * 0.5
+    du_t = gC1 * rho + gC2 * rho * u
+    dT_t = gC2 * rho * 0.5
+    return dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, dkn
+
+
+def _bgk_jvp(tangents, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn):
+    """The tangents of bgk_residuals' outputs (``tangents``: those of its 9 field inputs and kn,
+    ``None`` for none; the other arguments are primal values)."""
+    dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, dkn = tangents
+    dF = _tangent_or_zeros(dF, Ft)
+    dFt, dFx = _tangent_or_zeros(dFt, Ft), _tangent_or_zeros(dFx, Fx)
+    drho, du, dT = _tangent_or_zeros(drho, rho), _tangent_or_zeros(du, u), _tangent_or_zeros(dT, T)
+    drho_t, du_t = _tangent_or_zeros(drho_t, rho_t), _tangent_or_zeros(du_t, u_t)
+    dT_t, dkn = _tangent_or_zeros(dT_t, T_t), _tangent_or_zeros(dkn, kn)
+    vv = _node_row(v)
+    M = _ops.maxwellian.default(rho, u, T, v)
+    dM = _maxwellian_jvp(M, rho, u, T, v, drho, du, dT)
+    t_kin = _per_row(dkn) * (Ft + vv * Fx) + _per_row(kn) * (dFt + vv * dFx) - dM + dF
+    mx = _ops.velocity_moments.default(dFx, v, w, 3)  # <v^k dFx>, k = 0..3
+    mf = _ops.velocity_moments.default(dF, v, w, 2)  # <v^k dF>, k = 0..2
+    E2, dE2 = u * u + T, 2 * u * du + dT
+    dC0 = drho_t + mx[:, 1]
+    dC1 = drho_t * u + rho_t * du + drho * u_t + rho * du_t + mx[:, 2]
+    dEt = (drho_t * E2 + rho_t * dE2 + drho * (2 * u * u_t + T_t) + rho * (2 * du * u_t + 2 * u * du_t + dT_t)) * 0.5
+    t_cons = torch.stack([dC0, dC1, dEt + mx[:, 3] * 0.5], 1)
+    dS0 = drho - mf[:, 0]
+    dS1 = drho * u + rho * du - mf[:, 1]
+    dS2 = (drho * E2 + rho * dE2 - mf[:, 2]) * 0.5
+    return t_kin, t_cons, torch.stack([dS0, dS1, dS2], 1)
+
+
 class _Bgk(_OpFunction):
     op = _ops.bgk_residuals.default
 
@@ -353,46 +400,51 @@ class _Bgk(_OpFunction):
             dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, dkn = _ops.bgk_residuals_backward.default(
                 gK, gC, gS, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn)
             return dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, None, None, _param_grad(dkn, kn), None
-        vv, ww, knb = _node_row(v), _node_row(w), _per_row(kn)
-        gC0, gC1, gC2 = gC.unbind(1)
-        gS0, gS1, gS2 = gS.unbind(1)
-        dF = gK - ww * (_col(gS0) + _col(gS1) * vv + _col(gS2) * (vv * vv * 0.5))
-        dFt = knb * gK
-        dFx = knb * vv * gK + ww * vv * (_col(gC0) + _col(gC1) * vv + _col(gC2) * (vv * vv * 0.5))
-        dkn = _param_grad((gK * (Ft + vv * Fx)).sum(1), kn)
-        mrho, mu, mT = _maxwellian_vjp(-gK, rho, u, T, v)
-        E2 = u * u + T
-        drho = mrho + gS0 + gS1 * u + gS2 * E2 * 0.5 + gC1 * u_t + gC2 * (2 * u * u_t + T_t) * 0.5
-        du = mu + gS1 * rho + gS2 * rho * u + gC1 * rho_t + gC2 * (rho_t * u + rho * u_t)
-        dT = mT + (gS2 * rho + gC2 * rho_t) * 0.5
-        drho_t = gC0 + gC1 * u + gC2 * E2 * 0.5
-        du_t = gC1 * rho + gC2 * rho * u
-        dT_t = gC2 * rho * 0.5
+        dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, dkn = _bgk_vjp(gK, gC, gS, Ft, Fx, rho, u, T, rho_t, u_t,
+                                                                      T_t, v, w, kn)
         return dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, None, None, dkn, None
 
     @staticmethod
     def jvp(ctx, dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, _dv, _dw, dkn, _outputs):
         Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn = ctx.saved_tensors
-        dF = _tangent_or_zeros(dF, Ft)
-        dFt, dFx = _tangent_or_zeros(dFt, Ft), _tangent_or_zeros(dFx, Fx)
-        drho, du, dT = _tangent_or_zeros(drho, rho), _tangent_or_zeros(du, u), _tangent_or_zeros(dT, T)
-        drho_t, du_t = _tangent_or_zeros(drho_t, rho_t), _tangent_or_zeros(du_t, u_t)
-        dT_t, dkn = _tangent_or_zeros(dT_t, T_t), _tangent_or_zeros(dkn, kn)
-        vv = _node_row(v)
-        M = _ops.maxwellian.default(rho, u, T, v)
-        dM = _maxwellian_jvp(M, rho, u, T, v, drho, du, dT)
-        t_kin = _per_row(dkn) * (Ft + vv * Fx) + _per_row(kn) * (dFt + vv * dFx) - dM + dF
-        mx = _ops.velocity_moments.default(dFx, v, w, 3)  # <v^k dFx>, k = 0..3
-        mf = _ops.velocity_moments.default(dF, v, w, 2)  # <v^k dF>, k = 0..2
-        E2, dE2 = u * u + T, 2 * u * du + dT
-        dC0 = drho_t + mx[:, 1]
-        dC1 = drho_t * u + rho_t * du + drho * u_t + rho * du_t + mx[:, 2]
-        dEt = (drho_t * E2 + rho_t * dE2 + drho * (2 * u * u_t + T_t) + rho * (2 * du * u_t + 2 * u * du_t + dT_t)) * 0.5
-        t_cons = torch.stack([dC0, dC1, dEt + mx[:, 3] * 0.5], 1)
-        dS0 = drho - mf[:, 0]
-        dS1 = drho * u + rho * du - mf[:, 1]
-        dS2 = (drho * E2 + rho * dE2 - mf[:, 2]) * 0.5
-        return t_kin, t_cons, torch.stack([dS0, dS1, dS2], 1)
+        return _bgk_jvp((dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, dkn), Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn)
+
+
+class _BgkSq(_OpFunction):
+    """bgk_residuals_sq: the derivatives of bgk_residuals with grad_kinetic = 2 grad_kinetic_sq
+    kinetic (the fused backward recomputes kinetic; the differentiable one recomputes it with the
+    differentiable op)."""
+
+    op = _ops.bgk_residuals_sq.default
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:12])
+        ctx.save_for_forward(*inputs[:12])
+
+    @staticmethod
+    def backward(ctx, gQ, gC, gS):
+        F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn = args = ctx.saved_tensors
+        N = F.shape[0]
+        if gQ is None and gC is None and gS is None:
+            return (None,) * 13
+        gQ = _zeros_if_none(gQ, (N,), F)
+        gC = _zeros_if_none(gC, (N, 3), F)
+        gS = _zeros_if_none(gS, (N, 3), F)
+        if _fused_backward_allowed(gQ, gC, gS, F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn):
+            *d, dkn = _ops.bgk_residuals_sq_backward.default(gQ, gC, gS, *args)
+            return (*d, None, None, _param_grad(dkn, kn), None)
+        kin = _ops.bgk_residuals.default(*args)[0]
+        *d, dkn = _bgk_vjp(2 * _col(gQ) * kin, gC, gS, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn)
+        return (*d, None, None, dkn, None)
+
+    @staticmethod
+    def jvp(ctx, dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, _dv, _dw, dkn, _outputs):
+        F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn = args = ctx.saved_tensors
+        kin = _ops.bgk_residuals.default(*args)[0]
+        t_kin, t_cons, t_consis = _bgk_jvp((dF, dFt, dFx, drho, du, dT, drho_t, du_t, dT_t, dkn), Ft, Fx, rho, u, T,
+                                           rho_t, u_t, T_t, v, w, kn)
+        return 2 * (kin * t_kin).sum(1), t_cons, t_consis
 
 
 def _average_weights(w: Tensor) -> Tensor:  # [1, V] w / sum w
@@ -405,6 +457,33 @@ def _project(x: Tensor, pw: Tensor) -> Tensor:  # P x = x - <x>
 
 def _project_adjoint(y: Tensor, pw: Tensor) -> Tensor:  # P* y = y - (w / sum w) sum_j y_j
     return y - pw * y.sum(1, keepdim=True)
+
+
+def _transport_vjp(g_sum, gm, gc, Gt, Gx, v, w, eps):
+    """The vector-Jacobian product of transport_mm_residuals in differentiable torch ops (g_sum:
+    grad_g + grad_micro): the gradients of Graw, Graw_t, Graw_x, rho_t, rho_x, eps."""
+    pw, vv, e = _average_weights(w), _node_row(v), _per_row(eps)
+    dG = _project_adjoint(g_sum, pw)
+    dGt = _project_adjoint(e * e * gm, pw)
+    dGx = _project_adjoint(vv * (_project_adjoint(e * gm, pw) + _col(gc) * pw), pw)
+    drho_x = (gm * vv).sum(1)
+    deps = _param_grad((gm * (2 * e * _project(Gt, pw) + _project(vv * _project(Gx, pw), pw))).sum(1), eps)
+    return dG, dGt, dGx, gc, drho_x, deps
+
+
+def _transport_jvp(tangents, Gt, Gx, v, w, eps):
+    """The tangents of transport_mm_residuals' outputs (``tangents``: those of Graw, Graw_t,
+    Graw_x, rho_t, rho_x, eps or ``None``; primal Gt, Gx, eps). Linear in every input but eps:
+    the op itself at the tangents, plus the eps term."""
+    dG, dGt, dGx, drho_t, drho_x, deps = tangents
+    N = Gt.shape[0]
+    tg, tmicro, tmacro = _ops.transport_mm_residuals.default(
+        _tangent_or_zeros(dG, Gt), _tangent_or_zeros(dGt, Gt), _tangent_or_zeros(dGx, Gx),
+        Gt.new_zeros(N) if drho_t is None else drho_t, Gt.new_zeros(N) if drho_x is None else drho_x, v, w, eps)
+    if deps is not None:
+        pw, e = _average_weights(w), _per_row(eps)
+        tmicro = tmicro + _per_row(deps) * (2 * e * _project(Gt, pw) + _project(_node_row(v) * _project(Gx, pw), pw))
+    return tg, tmicro, tmacro
 
 
 class _Transport(_OpFunction):
@@ -429,26 +508,50 @@ class _Transport(_OpFunction):
             dG, dGt, dGx, drho_x, deps = _ops.transport_mm_residuals_backward.default(gg, gm, gc, Gt, Gx, v, w, eps)
             # macro = rho_t + ...: its gradient passes through unchanged.
             return dG, dGt, dGx, gc, drho_x, None, None, _param_grad(deps, eps), None
-        pw, vv, e = _average_weights(w), _node_row(v), _per_row(eps)
-        dG = _project_adjoint(gg + gm, pw)
-        dGt = _project_adjoint(e * e * gm, pw)
-        dGx = _project_adjoint(vv * (_project_adjoint(e * gm, pw) + _col(gc) * pw), pw)
-        drho_x = (gm * vv).sum(1)
-        deps = _param_grad((gm * (2 * e * _project(Gt, pw) + _project(vv * _project(Gx, pw), pw))).sum(1), eps)
-        return dG, dGt, dGx, gc, drho_x, None, None, deps, None
+        dG, dGt, dGx, drho_t, drho_x, deps = _transport_vjp(gg + gm, gm, gc, Gt, Gx, v, w, eps)
+        return dG, dGt, dGx, drho_t, drho_x, None, None, deps, None
 
     @staticmethod
     def jvp(ctx, dG, dGt, dGx, drho_t, drho_x, _dv, _dw, deps, _outputs):
         Gt, Gx, v, w, eps = ctx.saved_tensors
-        N = Gt.shape[0]
-        # Linear in every input but eps: the op itself at the tangents, plus the eps term.
-        tg, tmicro, tmacro = _ops.transport_mm_residuals.default(
-            _tangent_or_zeros(dG, Gt), _tangent_or_zeros(dGt, Gt), _tangent_or_zeros(dGx, Gx),
-            Gt.new_zeros(N) if drho_t is None else drho_t, Gt.new_zeros(N) if drho_x is None else drho_x, v, w, eps)
-        if deps is not None:
-            pw, e = _average_weights(w), _per_row(eps)
-            tmicro = tmicro + _per_row(deps) * (2 * e * _project(Gt, pw) + _project(_node_row(v) * _project(Gx, pw), pw))
-        return tg, tmicro, tmacro
+        return _transport_jvp((dG, dGt, dGx, drho_t, drho_x, deps), Gt, Gx, v, w, eps)
+
+
+class _TransportSq(_OpFunction):
+    """transport_mm_residuals_sq: the derivatives of transport_mm_residuals with grad_g = 0 and
+    grad_micro = 2 grad_micro_sq micro (see _BgkSq)."""
+
+    op = _ops.transport_mm_residuals_sq.default
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        G, Gt, Gx, _rho_t, rho_x, v, w, eps, _ = inputs
+        ctx.save_for_backward(G, Gt, Gx, rho_x, v, w, eps)
+        ctx.save_for_forward(G, Gt, Gx, rho_x, v, w, eps)
+
+    @staticmethod
+    def backward(ctx, gQ, gc):
+        G, Gt, Gx, rho_x, v, w, eps = ctx.saved_tensors
+        if gQ is None and gc is None:
+            return (None,) * 9
+        N = G.shape[0]
+        gQ = _zeros_if_none(gQ, (N,), G)
+        gc = _zeros_if_none(gc, (N,), G)
+        if _fused_backward_allowed(gQ, gc, G, Gt, Gx, rho_x, eps):
+            dG, dGt, dGx, drho_x, deps = _ops.transport_mm_residuals_sq_backward.default(gQ, gc, G, Gt, Gx, rho_x, v,
+                                                                                         w, eps)
+            return dG, dGt, dGx, gc, drho_x, None, None, _param_grad(deps, eps), None
+        # micro does not depend on rho_t: any [N] tensor stands in for it.
+        gm = 2 * _col(gQ) * _ops.transport_mm_residuals.default(G, Gt, Gx, rho_x, rho_x, v, w, eps)[1]
+        dG, dGt, dGx, drho_t, drho_x, deps = _transport_vjp(gm, gm, gc, Gt, Gx, v, w, eps)
+        return dG, dGt, dGx, drho_t, drho_x, None, None, deps, None
+
+    @staticmethod
+    def jvp(ctx, dG, dGt, dGx, drho_t, drho_x, _dv, _dw, deps, _outputs):
+        G, Gt, Gx, rho_x, v, w, eps = ctx.saved_tensors
+        micro = _ops.transport_mm_residuals.default(G, Gt, Gx, rho_x, rho_x, v, w, eps)[1]
+        _, tmicro, tmacro = _transport_jvp((dG, dGt, dGx, drho_t, drho_x, deps), Gt, Gx, v, w, eps)
+        return 2 * (micro * tmicro).sum(1), tmacro
 
 
 # --- Autograd-key kernels --------------------------------------------------------------------
@@ -500,16 +603,16 @@ def _maxwellian_kernel(rho, u, T, v):
     return _Maxwellian.call(rho, u, T, v)
 
 
-def _bgk_kernel(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn):
-    _check_not_differentiable("bgk_residuals", "v", v, _NODES_WHY)
-    _check_not_differentiable("bgk_residuals", "w", w, _NODES_WHY)
-    return _Bgk.call(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn)
+def _residual_kernel(name: str, function):
+    """The Autograd kernel of a residual op (bgk_residuals, transport_mm_residuals and their loss
+    forms): its last three arguments are v, w and kn / eps."""
 
+    def kernel(*args):
+        _check_not_differentiable(name, "v", args[-3], _NODES_WHY)
+        _check_not_differentiable(name, "w", args[-2], _NODES_WHY)
+        return function.call(*args)
 
-def _transport_kernel(G, Gt, Gx, rho_t, rho_x, v, w, eps):
-    _check_not_differentiable("transport_mm_residuals", "v", v, _NODES_WHY)
-    _check_not_differentiable("transport_mm_residuals", "w", w, _NODES_WHY)
-    return _Transport.call(G, Gt, Gx, rho_t, rho_x, v, w, eps)
+    return kernel
 
 
 def _fused_backward_kernel(name: str):
@@ -545,11 +648,14 @@ def register() -> None:
         "mgda_weights": _mgda_weights_kernel,
         "velocity_moments": _moments_kernel,
         "maxwellian": _maxwellian_kernel,
-        "bgk_residuals": _bgk_kernel,
-        "transport_mm_residuals": _transport_kernel,
+        "bgk_residuals": _residual_kernel("bgk_residuals", _Bgk),
+        "transport_mm_residuals": _residual_kernel("transport_mm_residuals", _Transport),
+        "bgk_residuals_sq": _residual_kernel("bgk_residuals_sq", _BgkSq),
+        "transport_mm_residuals_sq": _residual_kernel("transport_mm_residuals_sq", _TransportSq),
     }
     for name in ("velocity_moments_backward", "maxwellian_backward", "bgk_residuals_backward",
-                 "transport_mm_residuals_backward"):
+                 "transport_mm_residuals_backward", "bgk_residuals_sq_backward",
+                 "transport_mm_residuals_sq_backward"):
         kernels[name] = _fused_backward_kernel(name)
     for name, kernel in kernels.items():
         lib.impl(name, kernel, "Autograd")

@@ -39,9 +39,11 @@ from .. import _C  # noqa: F401  (loading the compiled core registers torch.ops.
 
 __all__ = [
     "bgk_residuals",
+    "bgk_residuals_sq",
     "gauss_legendre",
     "maxwellian",
     "transport_mm_residuals",
+    "transport_mm_residuals_sq",
     "velocity_moments",
 ]
 
@@ -137,16 +139,14 @@ def _check_bgk_rows(op, ref_name, ref, rho, u, T, rho_t, u_t, T_t, v, w, kn) -> 
     _check_row(op, "kn", kn, N, ref_name, ref, allow_scalar=True)
 
 
-def _check_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn) -> None:
-    op = "bgk_residuals"
+def _check_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn, op="bgk_residuals") -> None:
     _check_field(op, "F", F)
     _check_field(op, "Ft", Ft, "F", F)
     _check_field(op, "Fx", Fx, "F", F)
     _check_bgk_rows(op, "F", F, rho, u, T, rho_t, u_t, T_t, v, w, kn)
 
 
-def _check_transport(G, Gt, Gx, rho_t, rho_x, v, w, eps) -> None:
-    op = "transport_mm_residuals"
+def _check_transport(G, Gt, Gx, rho_t, rho_x, v, w, eps, op="transport_mm_residuals") -> None:
     _check_field(op, "Graw", G)
     _check_field(op, "Graw_t", Gt, "Graw", G)
     _check_field(op, "Graw_x", Gx, "Graw", G)
@@ -287,6 +287,64 @@ def transport_mm_residuals(
         raise
 
 
+def bgk_residuals_sq(
+    F: Tensor,
+    Ft: Tensor,
+    Fx: Tensor,
+    rho: Tensor,
+    u: Tensor,
+    T: Tensor,
+    rho_t: Tensor,
+    u_t: Tensor,
+    T_t: Tensor,
+    v: Tensor,
+    w: Tensor,
+    kn: Tensor | float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss form of :func:`bgk_residuals`: the kinetic residual as its row sums of squares.
+
+    Returns ``(kinetic_sq, conservation, consistency)`` with ``kinetic_sq[i] = sum_j
+    kinetic[i, j]^2`` (``[N]``, accumulated in float64) and the other two as in
+    :func:`bgk_residuals`. What an APNN loss needs (``kinetic_sq.sum() / (N V)`` is the mean
+    squared kinetic residual) without the ``[N, V]`` residual: it is never written, and the
+    backward recomputes it, so a step reads the ``[N, V]`` fields once forward and once
+    backward, where the residual op plus an eager loss reads and writes ``[N, V]`` buffers
+    several times more. Same arguments, differentiability and transforms as
+    :func:`bgk_residuals`.
+    """
+    kn = _as_param(kn, F, "bgk_residuals_sq", "kn") if isinstance(F, Tensor) else kn
+    try:
+        return _ops.bgk_residuals_sq.default(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn)
+    except RuntimeError:
+        _check_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn, "bgk_residuals_sq")
+        raise
+
+
+def transport_mm_residuals_sq(
+    Graw: Tensor,
+    Graw_t: Tensor,
+    Graw_x: Tensor,
+    rho_t: Tensor,
+    rho_x: Tensor,
+    v: Tensor,
+    w: Tensor,
+    eps: Tensor | float,
+) -> tuple[Tensor, Tensor]:
+    """The loss form of :func:`transport_mm_residuals`: ``(micro_sq, macro)``.
+
+    ``micro_sq[i] = sum_j micro[i, j]^2`` (``[N]``, accumulated in float64); ``macro`` as in
+    :func:`transport_mm_residuals`; ``g`` is not returned. The ``[N, V]`` micro residual is
+    never written and the backward recomputes it (see :func:`bgk_residuals_sq`). Same
+    arguments, differentiability and transforms as :func:`transport_mm_residuals`.
+    """
+    eps = _as_param(eps, Graw, "transport_mm_residuals_sq", "eps") if isinstance(Graw, Tensor) else eps
+    try:
+        return _ops.transport_mm_residuals_sq.default(Graw, Graw_t, Graw_x, rho_t, rho_x, v, w, eps)
+    except RuntimeError:
+        _check_transport(Graw, Graw_t, Graw_x, rho_t, rho_x, v, w, eps, "transport_mm_residuals_sq")
+        raise
+
+
 def gauss_legendre(
     n: int, lo: float = -1.0, hi: float = 1.0, *, dtype: torch.dtype = torch.float64, device=None
 ) -> tuple[Tensor, Tensor]:
@@ -379,6 +437,45 @@ def _transport_backward_fake(gg, gm, gc, Graw_t, Graw_x, v, w, eps):
     return Graw_t.new_empty(S), Graw_t.new_empty(S), Graw_t.new_empty(S), Graw_t.new_empty(N), Graw_t.new_empty(N)
 
 
+@torch.library.register_fake("hrgrad_ext::bgk_residuals_sq")
+def _bgk_residuals_sq_fake(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn):
+    _check_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn, "bgk_residuals_sq")
+    N = F.shape[0]
+    return F.new_empty(N), F.new_empty(N, 3), F.new_empty(N, 3)
+
+
+@torch.library.register_fake("hrgrad_ext::bgk_residuals_sq_backward")
+def _bgk_residuals_sq_backward_fake(gQ, gC, gS, F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn):
+    op = "bgk_residuals_sq_backward"
+    _check_bgk(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, v, w, kn, op)
+    N = F.shape[0]
+    _check_row(op, "grad_kinetic_sq", gQ, N, "F", F)
+    for name, t in (("grad_conservation", gC), ("grad_consistency", gS)):
+        _check_like(op, name, t, "F", F)
+        if tuple(t.shape) != (N, 3):
+            raise ValueError(f"{op}: {name} must be [N, 3] = [{N}, 3], got shape {list(t.shape)}")
+    return (F.new_empty(F.shape), F.new_empty(F.shape), F.new_empty(F.shape)) + tuple(F.new_empty(N) for _ in range(7))
+
+
+@torch.library.register_fake("hrgrad_ext::transport_mm_residuals_sq")
+def _transport_sq_fake(Graw, Graw_t, Graw_x, rho_t, rho_x, v, w, eps):
+    _check_transport(Graw, Graw_t, Graw_x, rho_t, rho_x, v, w, eps, "transport_mm_residuals_sq")
+    N = Graw.shape[0]
+    return Graw.new_empty(N), Graw.new_empty(N)
+
+
+@torch.library.register_fake("hrgrad_ext::transport_mm_residuals_sq_backward")
+def _transport_sq_backward_fake(gQ, gc, Graw, Graw_t, Graw_x, rho_x, v, w, eps):
+    op = "transport_mm_residuals_sq_backward"
+    _check_field(op, "Graw", Graw)
+    N = Graw.shape[0]
+    _check_row(op, "grad_micro_sq", gQ, N, "Graw", Graw)
+    _check_row(op, "grad_macro", gc, N, "Graw", Graw)
+    _check_transport(Graw, Graw_t, Graw_x, gc, rho_x, v, w, eps, op)
+    S = Graw.shape
+    return Graw.new_empty(S), Graw.new_empty(S), Graw.new_empty(S), Graw.new_empty(N), Graw.new_empty(N)
+
+
 # --- vmap rules: the vmapped dimension is folded into the rows ----------------------------------
 
 _R, _N, _P, _O = _vmap.ROWS, _vmap.NODES, _vmap.PARAM, _vmap.OTHER
@@ -391,5 +488,9 @@ for _op, _kinds in (
     (_ops.bgk_residuals_backward.default, (_R,) * 11 + (_N, _N, _P)),
     (_ops.transport_mm_residuals.default, (_R,) * 5 + (_N, _N, _P)),
     (_ops.transport_mm_residuals_backward.default, (_R,) * 5 + (_N, _N, _P)),
+    (_ops.bgk_residuals_sq.default, (_R,) * 9 + (_N, _N, _P)),
+    (_ops.bgk_residuals_sq_backward.default, (_R,) * 12 + (_N, _N, _P)),
+    (_ops.transport_mm_residuals_sq.default, (_R,) * 5 + (_N, _N, _P)),
+    (_ops.transport_mm_residuals_sq_backward.default, (_R,) * 6 + (_N, _N, _P)),
 ):
     _vmap.register_row_fold_rule(_op, _kinds)

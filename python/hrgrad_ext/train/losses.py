@@ -101,6 +101,12 @@ def _mean_sq(r: Tensor, K: int) -> Tensor:
     return (r * r).reshape(K, -1).mean(1)
 
 
+def _mean_of_row_sq(row_sq: Tensor, K: int, width: int) -> Tensor:
+    """Per-task mean of squares of a ``[K*n, width]`` residual given as its row sums of squares
+    ``[K*n]`` (the loss-form ops): ``[K]``."""
+    return row_sq.reshape(K, -1).mean(1) / width
+
+
 class Formulation:
     """Base class: quadrature, loss weights, task eps values, model construction."""
 
@@ -276,9 +282,10 @@ class TransportFormulation(Formulation):
         n = out["G"].shape[0] // K
         eps_rows = inp["eps"].reshape(K, 1).expand(K, n).reshape(-1)
         if group == "interior":
-            _, micro, macro = kinetic.transport_mm_residuals(out["G"], out["G_t"], out["G_x"], out["rho_t"],
-                                                             out["rho_x"], v, w, eps_rows)
-            return W["micro"] * _mean_sq(micro, K) + W["macro"] * _mean_sq(macro, K)
+            # The loss form: the [N, V] micro residual is never materialised (issue 10).
+            micro_sq, macro = kinetic.transport_mm_residuals_sq(out["G"], out["G_t"], out["G_x"], out["rho_t"],
+                                                                out["rho_x"], v, w, eps_rows)
+            return W["micro"] * _mean_of_row_sq(micro_sq, K, v.shape[0]) + W["macro"] * _mean_sq(macro, K)
         G = out["G"]
         g = G - (G @ (w / w.sum()))[:, None]
         f = out["rho"][:, None] + eps_rows[:, None] * g
@@ -385,9 +392,10 @@ class BGKFormulation(Formulation):
         n = out["F"].shape[0] // K
         if group == "interior":
             kn_rows = inp["eps"].reshape(K, 1).expand(K, n).reshape(-1)
-            kin, cons, consist = kinetic.bgk_residuals(out["F"], out["Ft"], out["Fx"], out["rho"], out["u"], out["T"],
-                                                       out["rho_t"], out["u_t"], out["T_t"], v, w, kn_rows)
-            L = W["kinetic"] * _mean_sq(kin, K)
+            kin_sq, cons, consist = kinetic.bgk_residuals_sq(out["F"], out["Ft"], out["Fx"], out["rho"], out["u"],
+                                                             out["T"], out["rho_t"], out["u_t"], out["T_t"], v, w,
+                                                             kn_rows)
+            L = W["kinetic"] * _mean_of_row_sq(kin_sq, K, v.shape[0])
             for j, name in enumerate(("rho", "mom", "energy")):
                 L = L + W["cons_" + name] * _mean_sq(cons[:, j], K) + W["consist_" + name] * _mean_sq(consist[:, j], K)
             return L
