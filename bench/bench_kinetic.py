@@ -17,7 +17,8 @@ interleaved rounds:
 
 The targets are ``ext / compiled <= 1.0`` (stretch 0.5) on the CPU (issue 10) and ``<= 0.5`` at
 N = 65536, V = 64 on the GPU (issue 11). Also timed: the fused
-forward and backward ops alone, and the eager loss alone (what ``ext`` adds around them).
+forward and backward ops ``ext`` calls, alone, and the eager loss alone over the outputs of
+the residual op (what ``ext_residuals`` adds around it; for the other ops, what ``ext`` adds).
 Beside the fused ops' times and the ext step: bytes moved, the read-once floor at the device's
 bandwidth, achieved GB/s and % of the floor (``floor``, bench/memory_model.py). CUDA timings use
 CUDA events; CPU timings time.perf_counter. Medians (and minima) over the

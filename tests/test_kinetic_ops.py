@@ -128,17 +128,19 @@ def test_every_isa_matches_reference(isa, N, V):
             assert_close(a.double(), b.double(), rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
 
 
-def test_streamed_backward_outputs_equal_cached_ones(isa):
-    # Backward outputs above 16 MiB in all are written with streaming stores from a block
-    # scratch (kStreamBytes); rows are independent, so the two halves of the batch (each below
-    # the threshold: plain stores) must give the very same numbers. V = 31: rows not aligned to
-    # any vector, so the copies' unaligned heads and tails are exercised.
-    N, V = 47000, 31  # 3 * N * V * 4 bytes = 17.5 MB
-    a = bgk_inputs(N, V, torch.float32, seed=5)
-    t = transport_inputs(N, V, torch.float32, seed=6)
+@pytest.mark.parametrize("dtype,N,V", [(torch.float32, 47000, 31), (torch.float64, 23500, 31),
+                                       (torch.float32, 1_500_000, 1)])
+def test_streamed_backward_outputs_equal_cached_ones(isa, dtype, N, V):
+    # Backward outputs above 16 MiB in all (3 N V elements: 17.5-18 MB here) are written with
+    # streaming stores from a block scratch (kStreamBytes); rows are independent, so the two
+    # halves of the batch (each below the threshold: plain stores) must give the very same
+    # numbers. V = 31: rows not aligned to any vector, so the copies' unaligned heads and tails
+    # are exercised; V = 1: one element per row.
+    a = bgk_inputs(N, V, dtype, seed=5)
+    t = transport_inputs(N, V, dtype, seed=6)
     gen = torch.Generator().manual_seed(7)
-    q, g3, gN = (torch.randn(N, generator=gen), torch.randn(N, 3, generator=gen), torch.randn(N, generator=gen))
-    gNV = torch.randn(N, V, generator=gen)
+    r = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)  # noqa: E731
+    q, g3, gN, gNV = r(N), r(N, 3), r(N), r(N, V)
     calls = [
         (ops.bgk_residuals_sq_backward, lambda s: (q[s], g3[s], g3[s], *[x[s] if x.dim() else x for x in a[:9]],
                                                     a[9], a[10], a[11][s])),

@@ -153,7 +153,14 @@ def _train(args) -> int:
     # under torchrun: join the process group (the options a resumed run's rank 0 alone could
     # read from its config.toml come from --set, or their defaults)
     opts = (cfg if cfg is not None else _overridden_defaults(args.set)).distributed
+    # whether this call creates the process group (the command under torchrun), or joins one
+    # its caller made (main() called from the caller's own distributed job): only a group it
+    # created is torn down here, and only then may a failure end the process
+    import torch.distributed as dist
+
+    owned = not (dist.is_available() and dist.is_initialized())
     distributed = init_from_env(opts.backend, opts.timeout_s)
+    owned = owned and distributed
     try:
         return _train_process(args, cfg, Trainer)
     except Exception as exc:
@@ -163,13 +170,11 @@ def _train(args) -> int:
 
         # the errors main() answers with an exit code of their own go on there
         answered = (ValueError, OSError, RunDirectoryInUse, NonFiniteError, PeerFailureError, Preempted)
-        if distributed and not isinstance(exc, answered):
+        if owned and not isinstance(exc, answered):
             _exit_failed_rank()
         raise
     finally:
-        if distributed:
-            import torch.distributed as dist
-
+        if owned:
             dist.destroy_process_group()
 
 
