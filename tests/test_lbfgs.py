@@ -10,7 +10,9 @@ import torch
 from test_train import run_dir_copy, tiny_config
 
 from hrgrad_ext.cli import main
+from hrgrad_ext.train import lbfgs as lbfgs_module
 from hrgrad_ext.train.config import apply_overrides, default_config, presets
+from hrgrad_ext.train.lbfgs import frozen_weights
 from hrgrad_ext.train.trainer import NonFiniteError, Trainer, read_metrics
 
 
@@ -92,7 +94,39 @@ def test_a_nonfinite_step_of_the_phase_is_undone(tmp_path, monkeypatch):
         tr.run()
 
 
+def test_frozen_weights_have_a_positive_floor():
+    w = torch.tensor([2.0, -0.5, 0.01, 1.0], dtype=torch.float64)
+    floor = 0.1 * (2.0 + 0.01 + 1.0) / 4  # min_weight times the mean of the positive parts
+    assert frozen_weights(w, 0.1).tolist() == pytest.approx([2.0, floor, floor, 1.0])
+    assert torch.equal(frozen_weights(torch.tensor([1.0, 3.0]), 0.1), torch.tensor([1.0, 3.0]))
+    with pytest.raises(ValueError, match="no positive weight"):
+        frozen_weights(torch.tensor([-1.0, 0.0]), 0.1)
+
+
+def test_a_negative_weight_does_not_make_the_objective_unbounded(tmp_path, monkeypatch):
+    # An aggregator whose weights on the phase's batch have a negative entry (HRGrad's often do):
+    # frozen as given, the phase would drive that task's loss up without bound.
+    real = lbfgs_module.aggregate_jacobians
+
+    def with_a_negative_weight(agg, jac):
+        direction, w, extra = real(agg, jac)
+        return direction, torch.tensor([1.0, -0.3], dtype=w.dtype), extra
+
+    monkeypatch.setattr(lbfgs_module, "aggregate_jacobians", with_a_negative_weight)
+    cfg = lbfgs_config(tmp_path, steps=3)
+    tr = Trainer(cfg)
+    assert tr.run(max_steps=cfg.iters) is None
+    tr.run(max_steps=cfg.iters + 1)
+    losses_before = tr.lbfgs.losses.clone()
+    assert tr.lbfgs.weights.tolist() == pytest.approx([1.0, 0.1 * 1.0 / 2])
+    tr.run()
+    assert bool((tr.lbfgs.losses <= 10 * losses_before + 1e-3).all())
+
+
 def test_config_cli_and_presets(tmp_path, capsys):
+    for bad in ("0", "1.5", "true"):
+        with pytest.raises(ValueError, match="lbfgs.min_weight"):
+            apply_overrides(tiny_config(tmp_path), [f"lbfgs.min_weight={bad}"]).validate()
     with pytest.raises(ValueError, match="lbfgs.inner"):
         apply_overrides(tiny_config(tmp_path), ["lbfgs.inner=0"]).validate()
     with pytest.raises(ValueError, match="lbfgs.steps"):

@@ -112,6 +112,14 @@ class LBFGSConfig:
     the weights are taken again and the L-BFGS history restarts. The phase starts from the
     parameter average when ``optim.ema`` is on; during it the evaluation uses the current
     parameters. ``eval_every``: evaluation and checkpoint interval of the phase, in its steps.
+
+    ``min_weight``: every frozen weight is raised to at least ``min_weight`` times the mean of
+    the weights' positive parts. HRGrad's (and PCGrad's, UPGrad's ...) weights can be negative on a
+    batch (the direction still has a positive inner product with every task gradient), but a
+    loss with a negative weight makes ``sum_i w_i L_i`` unbounded below, and L-BFGS then drives
+    that task's loss up without bound (seen: a weight of -0.12 took its task loss from 0.6 to
+    3.6e6 in two steps). A weight near 0 leaves its task unconstrained for a whole batch, hence
+    a positive floor rather than 0.
     Collocation methods usually finish with L-BFGS; whether it pays here is measured in
     ``docs/RESULTS.md``.
     """
@@ -122,6 +130,7 @@ class LBFGSConfig:
     history: int = 50
     resample_every: int = 0
     eval_every: int = 10
+    min_weight: float = 0.1
 
 
 #: ``distributed.mode`` values (:data:`hrgrad_ext.distributed.MODES`).
@@ -324,6 +333,9 @@ class TrainConfig:
             low = 0 if k in ("steps", "resample_every") else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(f"lbfgs.{k}: must be an integer >= {low}, got {v!r}")
+        if isinstance(lb.min_weight, bool) or not isinstance(lb.min_weight, (int, float)) or not 0 < lb.min_weight <= 1:
+            raise ValueError(f"lbfgs.min_weight: the weights' floor, relative to the mean of their positive parts, must be in (0, 1], "
+                             f"got {lb.min_weight!r}")
         if lb.steps and self.distributed.shards > 1:
             raise ValueError("lbfgs: the L-BFGS phase runs in one process; it is not available with distributed.shards > 1")
         return self

@@ -3,7 +3,8 @@
 After the optimizer steps, :class:`LBFGSPhase` minimises the weighted loss ``sum_i w_i L_i`` of
 a fixed, larger batch with :class:`torch.optim.LBFGS` (strong Wolfe line search). ``w`` is what
 the run's aggregator gives on that batch when it is drawn (for HRGrad: the weights of the
-equal-angle direction at that point), then frozen: a line search needs one fixed objective,
+equal-angle direction at that point), raised to a positive floor (:func:`frozen_weights`), then
+frozen: a line search needs one fixed objective,
 which an aggregated direction that changes with every evaluation is not. Every
 ``resample_every`` steps a new batch is drawn, the weights are taken again and the L-BFGS
 history restarts.
@@ -25,7 +26,18 @@ from torch import Tensor
 from ..backward import aggregate_jacobians
 from .segmented import segmented_task_gradients
 
-__all__ = ["LBFGSPhase"]
+__all__ = ["LBFGSPhase", "frozen_weights"]
+
+
+def frozen_weights(w: Tensor, min_weight: float) -> Tensor:
+    """The aggregator's weights ``w`` [T] made fit for a fixed objective ``sum_i w_i L_i``: each
+    raised to at least ``min_weight`` times the mean of their positive parts. A negative weight
+    would make the objective unbounded below (``LBFGSConfig`` says more)."""
+    positive = w.clamp_min(0)
+    if not bool(positive.sum() > 0):
+        raise ValueError(f"L-BFGS phase: the aggregator gave no positive weight ({w.tolist()}); "
+                         f"no weighted loss to minimise")
+    return w.clamp_min(min_weight * float(positive.sum()) / w.numel())
 
 
 class LBFGSPhase:
@@ -74,7 +86,7 @@ class LBFGSPhase:
             agg.observe_losses(losses)
         jac = [torch.nan_to_num(j, 0.0, 0.0, 0.0) for j in jac]
         _, w, _ = aggregate_jacobians(agg, jac)
-        self.weights = w.detach().to(tr.device, tr.dtype)
+        self.weights = frozen_weights(w.detach(), self.cfg.min_weight).to(tr.device, tr.dtype)
         self.batch_step = phase_step
         self.optimizer = self._new_optimizer()
 
