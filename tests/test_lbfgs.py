@@ -4,6 +4,7 @@ exactly from a checkpoint taken inside the phase, undoes a non-finite step, and 
 CLI counts its steps. Tiny float64 transport runs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +46,12 @@ def test_phase_minimises_the_weighted_loss_of_its_batch(tmp_path):
     with torch.no_grad():
         final = float(phase._objective())
     assert final < objectives[0]
+    # the summary holds the evaluation at the end of the optimizer steps: the run without the phase
+    summary = json.loads(Path(cfg.out, "summary.json").read_text())
+    before = [r for r in read_metrics(cfg.out) if r["kind"] == "eval" and r["step"] == cfg.iters]
+    assert summary["lbfgs"]["steps"] == 3 and summary["lbfgs"]["rel_l2_before"] == before[0]["rel_l2"]
+    assert summary["lbfgs"]["rel_l2_before"] != summary["rel_l2"]
+    assert 0 < summary["lbfgs"]["time_s"] < summary["train_time_s"]
     # the evaluation of the phase uses the current parameters (the average follows them)
     assert all(torch.equal(a, p.detach()) for a, p in zip(tr.ema, tr.params))
 

@@ -782,6 +782,16 @@ class Trainer:
         nproc = "" if self.dist is None else f" --nproc {self.dist.world_size}"
         return f"hrgrad-ext train --resume {self.out}{nproc}"
 
+    def _lbfgs_summary(self) -> dict:
+        """What the L-BFGS phase changed: the evaluation and training time at the end of the
+        optimizer steps (the same run without the phase) against the run's end."""
+        it = self.cfg.iters
+        records = read_metrics(self.out)
+        before = next((r["rel_l2"] for r in records if r.get("kind") == "eval" and r["step"] == it), None)
+        time_at = next((r["time"] for r in records if r.get("kind") == "train" and r["step"] == it), None)
+        return {"steps": self.step - it, "rel_l2_before": before,
+                "optimizer_time_s": time_at, "time_s": None if time_at is None else self.train_time - time_at}
+
     def write_summary(self, rank_times: list[list[float]] | None = None) -> dict:
         """Writes and returns ``summary.json`` (``rank_times``: each rank's training time and
         time blocked in collectives, for a distributed run)."""
@@ -807,6 +817,8 @@ class Trainer:
             "final_task_losses": dict(zip(self.layout.names, self.last_losses or [])),
             "rel_l2": self.last_eval,
         }
+        if self.cfg.lbfgs.steps and self.step > self.cfg.iters:
+            summary["lbfgs"] = self._lbfgs_summary()
         if self.dist is not None:
             summary.update(self.dist.summary(self.step, rank_times))
         atomic_write(self.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
