@@ -107,7 +107,15 @@ def bgk_group_losses(model, v, w, W, pts, kn):
     initial = (W["ic_rho"] * ((rho - q0[0]) ** 2).mean() + W["ic_u"] * ((u - q0[1]) ** 2).mean()
                + W["ic_T"] * ((T - q0[2]) ** 2).mean()
                + W["ic_f"] * ((F0 - maxwellian(*(q[:, None] for q in q0), v)) ** 2).mean())
-    return {"interior": L, "initial": initial}
+    out = {"interior": L, "initial": initial}
+    if W.get("bc_f", 0.0) > 0:
+        # inflow: f = M[left state] at x = -0.5 for v > 0, M[right state] at x = 0.5 for v < 0
+        tb, xb = pts["boundary"]["t"], pts["boundary"]["x"]
+        Fb, xb = model.f(tb, xb, v, k), xb[:, None]
+        incoming = ((xb == -0.5) & (v > 0)) | ((xb == 0.5) & (v < 0))
+        wall = [torch.where(xb == -0.5, xb.new_tensor(a), xb.new_tensor(b)) for a, b in zip(LEFT, RIGHT)]
+        out["boundary"] = W["bc_f"] * ((Fb - maxwellian(*wall, v))[incoming] ** 2).mean()
+    return out
 
 
 def reference_task_gradients(model, form, batch, layout):

@@ -498,3 +498,65 @@ def test_bgk_initial_losses_on_hand_built_fields(rule):
         for name, W_, d in (("d_rho", wr, 0.05), ("d_u", wu, -0.2), ("d_T", wT, 0.1)):
             torch.testing.assert_close(jac[names.index(name)], torch.full((3,), 2 * W_ * d, dtype=f64), rtol=1e-12, atol=0)
         torch.testing.assert_close(jac[names.index("kappa")], torch.stack(d_kappa), rtol=1e-12, atol=0)
+
+
+class WallBGKFields(nn.Module):
+    """At the walls: f = M[wall state] (1 + k_in [v incoming] + k_out [v outgoing]); rho, u, T the
+    wall states (the spec's built-in Dirichlet values)."""
+
+    METHODS = ("f", "macro")
+
+    def __init__(self, k_in=0.3, k_out=-0.7):
+        super().__init__()
+        self.k_in, self.k_out = _param(k_in), _param(k_out)
+
+    def forward(self, method, *args):
+        return getattr(self, method)(*args)
+
+    @staticmethod
+    def wall_state(x):
+        left = x < 0
+        return tuple(torch.where(left, torch.tensor(a, dtype=f64), torch.tensor(b, dtype=f64))
+                     for a, b in zip((1.5, 0.0, 1.5), (0.625, 0.0, 0.75)))
+
+    def macro(self, t, x, eps):
+        return tuple(q + _on(t, x) for q in self.wall_state(x))
+
+    def f(self, t, x, v, eps):
+        if t.dim() == 1:
+            t, x = t[:, None], x[:, None]
+        incoming = torch.where(x < 0, v > 0, v < 0).to(f64)
+        M = maxwellian(*self.wall_state(x), v)
+        return M * (1 + self.k_in * incoming + self.k_out * (1 - incoming)) + _on(t, x)
+
+
+@pytest.mark.parametrize("rule", ["symmetric", "asymmetric"])
+def test_bgk_inflow_loss_sees_only_the_incoming_half_at_each_wall(rule):
+    v, w = BGK_RULES[rule]()
+    weights = {**{k: 0.0 for k in BGK_WEIGHTS}, "bc_f": 3.0}
+    assert BGKFormulation.point_groups(weights) == ("interior", "initial", "boundary")
+    assert BGKFormulation.point_groups(BGK_WEIGHTS) == ("interior", "initial")  # off by default: the spec's loss
+    form = BGKFormulation(case="IV", points={"interior": 5, "initial": 6, "boundary": 4}, nv=len(v), weights=weights)
+    form.v, form.w = v, w
+    form.f_form = "free"
+    model = WallBGKFields(k_in=0.0)
+    # the outgoing half far from the reservoir's Maxwellian, the incoming half exact: zero loss
+    batch, seg, _, eager = losses_both_paths(model, form, BGK_KN)
+    assert sorted(batch["boundary"]["x"].unique().tolist()) == [-0.5, 0.5]
+    assert_losses(seg["boundary"], torch.zeros(3), atol=1e-28)
+    assert_losses(eager["boundary"], torch.zeros(3), atol=1e-28)
+    # incoming half off by k_in M: the points alternate between the walls (2 each), so the mean
+    # over incoming (point, node) pairs is k^2 (sum_{v>0} M_L^2 + sum_{v<0} M_R^2) / (n_pos + n_neg)
+    k = 0.3
+    model = WallBGKFields(k_in=k)
+    _, seg, jac, eager = losses_both_paths(model, form, BGK_KN)
+    ML = maxwellian(torch.tensor(1.5, dtype=f64), torch.tensor(0.0, dtype=f64), torch.tensor(1.5, dtype=f64), v)
+    MR = maxwellian(torch.tensor(0.625, dtype=f64), torch.tensor(0.0, dtype=f64), torch.tensor(0.75, dtype=f64), v)
+    s2 = float((ML[v > 0] ** 2).sum() + (MR[v < 0] ** 2).sum())
+    den = int((v > 0).sum() + (v < 0).sum())
+    assert_losses(seg["boundary"], torch.full((3,), 3.0 * k * k * s2 / den, dtype=f64))
+    assert_losses(eager["boundary"], torch.full((3,), 3.0 * k * k * s2 / den, dtype=f64))
+    names = [n for n, _ in model.named_parameters()]
+    torch.testing.assert_close(jac[names.index("k_in")], torch.full((3,), 6.0 * k * s2 / den, dtype=f64),
+                               rtol=1e-11, atol=0)
+    torch.testing.assert_close(jac[names.index("k_out")], torch.zeros(3, dtype=f64), rtol=0, atol=1e-30)

@@ -310,6 +310,28 @@ def test_bgk_runs_with_each_parametrisation(tmp_path, opts):
     assert rec and all(torch.isfinite(torch.tensor(r["loss"])).all() for r in rec)
 
 
+def test_bgk_inflow_term_adds_a_boundary_group(tmp_path):
+    # bc_f > 0: a boundary group with its own point count, per-(eps, group) tasks included, the
+    # task gradients still those of separate backward passes; a missing count is an error
+    cfg = tiny_config(tmp_path, "bgk", eps=[1.0, 1e-1], dtype="float64", tasks="eps_group")
+    cfg.loss_weights = {"bc_f": 10.0}
+    with pytest.raises(ValueError, match="no point count given for group.*boundary"):
+        Trainer(cfg)
+    cfg.points = {**cfg.points, "boundary": 4}
+    tr = Trainer(cfg)
+    assert tr.form.groups == ("interior", "initial", "boundary") and tr.form.points["boundary"] == 4
+    assert tr.layout.names[2] == "eps=1/boundary"
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    refs = task_gradient_references(tr, batch)
+    L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    assert_task_gradients_match_references(L, J, refs)
+    assert bool((groups["boundary"] > 0).all())
+    # off (the default): a boundary count in a shared config is ignored
+    cfg2 = tiny_config(tmp_path / "off", "bgk")
+    cfg2.points = {**cfg2.points, "boundary": 4}
+    assert Trainer(cfg2).form.groups == ("interior", "initial")
+
+
 @pytest.mark.parametrize("problem", ["transport", "bgk"])
 def test_outputs_and_plots(tmp_path, problem):
     cfg = tiny_config(tmp_path, problem, iters=4, tasks="eps_group")

@@ -122,8 +122,10 @@ def make_formulation(cfg: TrainConfig) -> Formulation:
 
 
 def _points(cfg: TrainConfig) -> dict:
-    groups = TransportFormulation.groups if cfg.problem == "transport" else BGKFormulation.groups
-    # a shared config may list a boundary count that BGK (Dirichlet built in) does not use
+    form = TransportFormulation if cfg.problem == "transport" else BGKFormulation
+    groups = form.point_groups(cfg.loss_weights)
+    # a shared config may list a boundary count that BGK (Dirichlet states built in, no inflow
+    # term for f) does not use
     return {g: n for g, n in cfg.points.items() if g in groups or g not in ("interior", "boundary", "initial")}
 
 
