@@ -183,8 +183,10 @@ class TrainConfig:
             Each task's points, time input scaling and scoring time follow its window.
             ``nv``: velocity nodes (0: the problem's default).
         case: BGK initial data case ("I" .. "V").
-        points: points per task and group (``interior``, ``boundary``, ``initial``).
-        loss_weights: overrides of the formulation's loss weights.
+        points: points per task and group (``interior``, ``boundary``, ``initial``; BGK has a
+            boundary group only with its inflow term ``bc_f`` on).
+        loss_weights: overrides of the formulation's loss weights (the names in
+            ``TransportFormulation.WEIGHTS`` / ``BGKFormulation.WEIGHTS``).
         sampling: point placement options; transport: ``front`` (fraction of the interior and
             initial points drawn where the inflow can have reached by time t,
             x < span min(t / eps, sqrt(t));
