@@ -560,3 +560,28 @@ def test_bgk_inflow_loss_sees_only_the_incoming_half_at_each_wall(rule):
     torch.testing.assert_close(jac[names.index("k_in")], torch.full((3,), 6.0 * k * s2 / den, dtype=f64),
                                rtol=1e-11, atol=0)
     torch.testing.assert_close(jac[names.index("k_out")], torch.zeros(3, dtype=f64), rtol=0, atol=1e-30)
+
+
+def test_causal_weighting_of_the_interior_loss_by_hand():
+    # 2 tasks with windows 1 and 0.1, 4 bins; rows placed so that task 0 has bins 0, 1, 3
+    # filled (bin 2 empty) and task 1 every bin
+    form = TransportFormulation(t_final={"1": 1.0, "0.1": 0.1}, eps=[1.0, 0.1],
+                                points={"interior": 4, "boundary": 2, "initial": 2}, causal=(4, 2.0))
+    eps = torch.tensor([1.0, 0.1], dtype=f64)
+    t = torch.tensor([[0.1, 0.3, 0.9, 0.2], [0.01, 0.03, 0.06, 0.09]], dtype=f64)
+    rows = torch.tensor([[1.0, 2.0, 3.0, 5.0], [0.5, 0.25, 4.0, 1.0]], dtype=f64, requires_grad=True)
+    got = form.interior_mean(rows.reshape(-1), {"t": t.reshape(-1), "eps": eps}, 2)
+    # task 0: bin means L = [mean(1, 5), 2, 0 (empty), 3] -> weights exp(-2 * [0, 3, 5, 5])
+    w0 = {0: 1.0, 1: math.exp(-6.0), 3: math.exp(-10.0)}
+    want0 = (w0[0] * 1.0 + w0[1] * 2.0 + w0[3] * 3.0 + w0[0] * 5.0) / 4
+    # task 1: one row per bin, L = [0.5, 0.25, 4, 1] -> weights exp(-2 * [0, 0.5, 0.75, 4.75])
+    w1 = [math.exp(-2.0 * c) for c in (0.0, 0.5, 0.75, 4.75)]
+    want1 = sum(a * b for a, b in zip(w1, (0.5, 0.25, 4.0, 1.0))) / 4
+    torch.testing.assert_close(got, torch.tensor([want0, want1], dtype=f64), rtol=1e-14, atol=0)
+    # the weights are not differentiated: d loss_k / d row = weight / n
+    got.sum().backward()
+    torch.testing.assert_close(rows.grad, torch.tensor([[w0[0] / 4, w0[1] / 4, w0[3] / 4, w0[0] / 4],
+                                                        [w / 4 for w in w1]], dtype=f64), rtol=1e-14, atol=0)
+    # off: the plain mean
+    form.causal = None
+    torch.testing.assert_close(form.interior_mean(rows.reshape(-1), {"t": t, "eps": eps}, 2), rows.mean(1))

@@ -333,6 +333,27 @@ def test_bgk_inflow_term_adds_a_boundary_group(tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["transport", "bgk"])
+def test_causal_weighting_keeps_the_task_gradients_exact(tmp_path, problem):
+    # causal = {bins, tol}: the segmented task gradients equal separate backward passes (the
+    # bins are per task, so one task alone gets the same weights), and they change the losses
+    cfg = tiny_config(tmp_path, problem, dtype="float64")
+    cfg.causal = {"bins": 4, "tol": 5.0}
+    tr = Trainer(cfg.validate())
+    assert tr.form.causal == (4, 5.0)
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    L_sep, J_sep = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
+    assert_same_task_gradients(L, J, L_sep, J_sep)
+    tr.form.causal = None
+    L_off, _, _ = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    assert bool((L < L_off).all())
+    for bad in ({"bins": 1, "tol": 1.0}, {"bins": 4, "tol": 0}, {"bins": 4, "tol": 1.0, "x": 1}):
+        cfg.causal = bad
+        with pytest.raises(ValueError, match="causal"):
+            cfg.validate()
+
+
+@pytest.mark.parametrize("problem", ["transport", "bgk"])
 def test_outputs_and_plots(tmp_path, problem):
     cfg = tiny_config(tmp_path, problem, iters=4, tasks="eps_group")
     cfg.log.plots = True

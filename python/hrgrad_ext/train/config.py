@@ -191,6 +191,11 @@ class TrainConfig:
             initial points drawn where the inflow can have reached by time t,
             x < span min(t / eps, sqrt(t));
             0 = uniform) and ``span`` (the factor on that reach).
+        causal: causal weighting in time of the interior loss (Wang, Sankaran & Perdikaris
+            2022, "Respecting causality"; empty = off): ``bins`` time bins per task window,
+            the points of bin i weighted by ``exp(-tol * sum_{j < i} L_j)`` (L_j: the mean
+            interior loss of bin j, not differentiated), so later times count once earlier
+            ones are fitted.
         model: ``encoding`` (``fourier``, ``embed_dim``, optional ``log10_min/max``) and the
             networks (transport ``rho``, ``g``; BGK ``f``, ``macro``) as ``kind``/``width``/
             ``depth``/``activation``; transport also ``reach`` (x input scaled by
@@ -230,6 +235,7 @@ class TrainConfig:
     points: dict = field(default_factory=lambda: {"interior": 64, "boundary": 16, "initial": 32})
     loss_weights: dict = field(default_factory=dict)
     sampling: dict = field(default_factory=dict)
+    causal: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     aggregator: dict = field(default_factory=dict)
     grad_mode: str = "segmented"
@@ -304,6 +310,15 @@ class TrainConfig:
         unknown = set(self.sampling) - {"front", "span"}
         if unknown:
             raise ValueError(f"sampling: unknown option(s) {sorted(unknown)}; expected 'front' and 'span'")
+        if not isinstance(self.causal, dict) or set(self.causal) - {"bins", "tol"}:
+            raise ValueError(f"causal: expected a table with 'bins' and 'tol', e.g. causal = {{ bins = 16, tol = 1.0 }}; "
+                             f"got {self.causal!r}")
+        if self.causal:
+            bins, tol = self.causal.get("bins"), self.causal.get("tol")
+            if not isinstance(bins, int) or isinstance(bins, bool) or bins < 2:
+                raise ValueError(f"causal.bins: the number of time bins must be an integer >= 2, got {bins!r}")
+            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+                raise ValueError(f"causal.tol: the causality tolerance must be > 0, got {tol!r}")
         lg = self.log
         for k in ("log_every", "eval_every", "checkpoint_every"):
             if getattr(lg, k) < 1:

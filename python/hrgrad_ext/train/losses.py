@@ -117,7 +117,7 @@ class Formulation:
 
     def __init__(self, nv: int, v_range: tuple[float, float], t_final: float | Sequence[float],
                  x_range: tuple[float, float], weights: dict | None = None, points: dict | None = None,
-                 eps: Sequence[float] | None = None):
+                 eps: Sequence[float] | None = None, causal: tuple[int, float] | None = None):
         if nv < 2:
             raise ValueError(f"need at least 2 velocity nodes, got {nv}")
         if isinstance(t_final, (int, float)):
@@ -131,6 +131,7 @@ class Formulation:
         # t_range: the longest window; task k's points lie in [0, t_final_for(eps_k)]
         self.t_range = (0.0, self.windows.longest if self.windows is not None else float(t_final))
         self.x_range = tuple(float(a) for a in x_range)
+        self.causal = causal  # (bins, tol) of the causal weighting in time, or None
         # float64 rule: the trainer casts the formulation to the run's dtype
         self.v, self.w = kinetic.gauss_legendre(nv, *v_range, dtype=torch.float64)
         self.weights = dict(self.WEIGHTS)
@@ -172,6 +173,26 @@ class Formulation:
         if self.windows is None or self.windows.constant is not None:
             return None
         return TimeWindows(self.windows.eps, self.windows.ends)
+
+    def interior_mean(self, rows: Tensor, inp: dict[str, Tensor], K: int) -> Tensor:
+        """Per-task mean ``[K]`` of per-point interior losses ``rows`` ``[K*n]``, causally
+        weighted in time when ``causal = (bins, tol)`` is set: the points of time bin i of their
+        task's window count with ``exp(-tol * sum_{j < i} L_j)``, ``L_j`` the mean loss of bin j
+        (an empty bin counts 0), taken without a gradient, as in Wang, Sankaran & Perdikaris
+        (2022)."""
+        r = rows.reshape(K, -1)
+        if self.causal is None:
+            return r.mean(1)
+        bins, tol = self.causal
+        t = inp["t"].reshape(K, -1)
+        ends = self.window_ends(inp["eps"]).to(device=t.device, dtype=t.dtype)
+        b = (t / ends * bins).long().clamp(0, bins - 1)
+        with torch.no_grad():
+            sums = torch.zeros(K, bins, dtype=r.dtype, device=r.device).scatter_add_(1, b, r.detach())
+            counts = torch.zeros(K, bins, dtype=r.dtype, device=r.device).scatter_add_(1, b, torch.ones_like(r))
+            means = sums / counts.clamp(min=1)
+            weights = torch.exp(-tol * (means.cumsum(1) - means))
+        return (weights.gather(1, b) * r).mean(1)
 
     def to(self, device, dtype) -> "Formulation":
         """Moves the quadrature rule (the only tensors held) to ``device``/``dtype``."""
@@ -216,8 +237,9 @@ class TransportFormulation(Formulation):
     WEIGHTS = {"micro": 1.0, "macro": 1.0, "bc": 10.0, "ic": 10.0, "ic_corner": 0.0}
 
     def __init__(self, t_final: float | Sequence[float] = 0.1, nv: int = 30, weights=None, points=None,
-                 front_fraction: float = 0.0, front_span: float = 2.0, eps: Sequence[float] | None = None):
-        super().__init__(nv, (-1.0, 1.0), t_final, (0.0, 1.0), weights, points, eps)
+                 front_fraction: float = 0.0, front_span: float = 2.0, eps: Sequence[float] | None = None,
+                 causal: tuple[int, float] | None = None):
+        super().__init__(nv, (-1.0, 1.0), t_final, (0.0, 1.0), weights, points, eps, causal)
         if not 0.0 <= front_fraction <= 1.0 or not front_span > 0:
             raise ValueError(f"transport: need 0 <= front_fraction <= 1 and front_span > 0, got {front_fraction}, {front_span}")
         self.front_fraction = float(front_fraction)
@@ -291,6 +313,8 @@ class TransportFormulation(Formulation):
             # The loss form: the [N, V] micro residual is never materialised (issue 10).
             micro_sq, macro = kinetic.transport_mm_residuals_sq(out["G"], out["G_t"], out["G_x"], out["rho_t"],
                                                                 out["rho_x"], v, w, eps_rows)
+            if self.causal is not None:
+                return self.interior_mean(W["micro"] * micro_sq / v.shape[0] + W["macro"] * macro * macro, inp, K)
             return W["micro"] * _mean_of_row_sq(micro_sq, K, v.shape[0]) + W["macro"] * _mean_sq(macro, K)
         G = out["G"]
         g = G - (G @ (w / w.sum()))[:, None]
@@ -343,8 +367,8 @@ class BGKFormulation(Formulation):
     RIGHT = bgk_reference.RIGHT_STATE
 
     def __init__(self, case: str = "IV", t_final: float | Sequence[float] = 0.1, nv: int = 64, weights=None,
-                 points=None, eps: Sequence[float] | None = None):
-        super().__init__(nv, (-10.0, 10.0), t_final, (-0.5, 0.5), weights, points, eps)
+                 points=None, eps: Sequence[float] | None = None, causal: tuple[int, float] | None = None):
+        super().__init__(nv, (-10.0, 10.0), t_final, (-0.5, 0.5), weights, points, eps, causal)
         self.case = case.upper()
         self.profile = bgk_reference.case_profile(self.case)
 
@@ -418,6 +442,11 @@ class BGKFormulation(Formulation):
             kin_sq, cons, consist = kinetic.bgk_residuals_sq(out["F"], out["Ft"], out["Fx"], out["rho"], out["u"],
                                                              out["T"], out["rho_t"], out["u_t"], out["T_t"], v, w,
                                                              kn_rows)
+            if self.causal is not None:
+                rows = W["kinetic"] * kin_sq / v.shape[0]
+                for j, name in enumerate(("rho", "mom", "energy")):
+                    rows = rows + W["cons_" + name] * cons[:, j] ** 2 + W["consist_" + name] * consist[:, j] ** 2
+                return self.interior_mean(rows, inp, K)
             L = W["kinetic"] * _mean_of_row_sq(kin_sq, K, v.shape[0])
             for j, name in enumerate(("rho", "mom", "energy")):
                 L = L + W["cons_" + name] * _mean_sq(cons[:, j], K) + W["consist_" + name] * _mean_sq(consist[:, j], K)

@@ -112,7 +112,8 @@ class _StopRequests:
 
 def make_formulation(cfg: TrainConfig) -> Formulation:
     """The loss formulation of ``cfg.problem``."""
-    kw = dict(t_final=task_windows(cfg), weights=cfg.loss_weights, points=_points(cfg), eps=cfg.eps)
+    kw = dict(t_final=task_windows(cfg), weights=cfg.loss_weights, points=_points(cfg), eps=cfg.eps,
+              causal=(cfg.causal["bins"], float(cfg.causal["tol"])) if cfg.causal else None)
     if cfg.nv:
         kw["nv"] = cfg.nv
     if cfg.problem == "transport":
