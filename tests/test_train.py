@@ -351,6 +351,11 @@ def test_causal_weighting_keeps_the_task_gradients_exact(tmp_path, problem):
         cfg.causal = bad
         with pytest.raises(ValueError, match="causal"):
             cfg.validate()
+    # per-rank bin losses would not be the loss of one process: refused with shares of the points
+    cfg.causal = {"bins": 4, "tol": 5.0}
+    cfg.distributed.shards = 2
+    with pytest.raises(ValueError, match="causal: the causal weighting runs in one process"):
+        cfg.validate()
 
 
 @pytest.mark.parametrize("problem", ["transport", "bgk"])

@@ -353,6 +353,9 @@ class TrainConfig:
         if isinstance(lb.min_weight, bool) or not isinstance(lb.min_weight, (int, float)) or not 0 < lb.min_weight <= 1:
             raise ValueError(f"lbfgs.min_weight: the weights' floor, relative to the mean of their positive parts, must be in (0, 1], "
                              f"got {lb.min_weight!r}")
+        if self.causal and self.distributed.shards > 1:
+            raise ValueError("causal: the causal weighting runs in one process; it is not available with "
+                             "distributed.shards > 1")
         if lb.steps and self.distributed.shards > 1:
             raise ValueError("lbfgs: the L-BFGS phase runs in one process; it is not available with distributed.shards > 1")
         return self

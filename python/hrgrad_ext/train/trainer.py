@@ -232,6 +232,10 @@ class Trainer:
         self.shard = self.dist.shard if self.dist is not None else None
         if self.dist is not None and cfg.lbfgs.steps:
             raise ValueError("lbfgs: the L-BFGS phase runs in one process; set lbfgs.steps = 0 for a distributed run")
+        if self.dist is not None and cfg.causal:
+            # each rank would weigh its time bins by the losses of its own points only: not the
+            # loss of one process over the same points
+            raise ValueError("causal: the causal weighting runs in one process; remove it for a distributed run")
         o = cfg.optim
         # The non-finite guard drops a bad step's update. On CUDA it must not wait for the
         # device: the fused optimizers skip their update on the device when their found_inf
