@@ -454,10 +454,10 @@ class BGKFormulation(Formulation):
         if group == "boundary":
             x = inp["x"].reshape(-1, 1)
             left = x < 0
-            incoming = torch.where(left, v > 0, v < 0).to(out["F"].dtype)
+            inflow_nodes = torch.where(left, v > 0, v < 0).to(out["F"].dtype)
             wall = [torch.where(left, x.new_tensor(a), x.new_tensor(b)).reshape(-1) for a, b in zip(self.LEFT, self.RIGHT)]
-            r = (out["F"] - kinetic.maxwellian(*wall, v)) * incoming
-            return W["bc_f"] * (r * r).reshape(K, -1).sum(1) / incoming.reshape(K, -1).sum(1)
+            r = (out["F"] - kinetic.maxwellian(*wall, v)) * inflow_nodes
+            return W["bc_f"] * (r * r).reshape(K, -1).sum(1) / inflow_nodes.reshape(K, -1).sum(1)
         x = inp["x"].reshape(-1)
         rho0, u0, T0 = self.initial_state(x)
         M0 = kinetic.maxwellian(rho0, u0, T0, v)
