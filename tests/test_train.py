@@ -515,6 +515,19 @@ def test_time_window_tables_in_configs(tmp_path):
             apply_overrides(cfg, [bad]).validate()
 
 
+def test_overrides_replace_whole_values_and_merge_dotted_keys():
+    # `--set causal={}` must turn off the causal weighting the BGK long preset ships with (it used
+    # to merge into the preset's table and leave it on); a dotted key changes one entry only
+    cfg = default_config("bgk", "long")
+    assert cfg.causal == {"bins": 16, "tol": 10.0}
+    assert apply_overrides(cfg, ["causal={}"]).validate().causal == {}
+    assert apply_overrides(cfg, ["causal.tol=5.0"]).causal == {"bins": 16, "tol": 5.0}
+    assert apply_overrides(cfg, ["loss_weights={}"]).loss_weights == {}
+    # the option tables with defaults of their own keep merging: the other optim fields stay
+    over = apply_overrides(cfg, ["optim={lr = 1e-4}"])
+    assert over.optim.lr == 1e-4 and over.optim.schedule == cfg.optim.schedule
+
+
 def test_time_windows_lookup_and_vmap():
     from hrgrad_ext.nn import TimeWindows
 

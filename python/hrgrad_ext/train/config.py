@@ -469,7 +469,13 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
-    """Applies ``key.sub=value`` strings (values parsed as TOML) and returns a new config."""
+    """Applies ``key.sub=value`` strings (values parsed as TOML) and returns a new config.
+
+    A dotted key changes one entry of a table (``causal.tol=5``). A plain key given a whole value
+    replaces it, as the same line in a config file would: ``causal={}`` turns causal weighting
+    off, ``t_final={"1" = 1.0}`` is the whole window table. The option tables with defaults of
+    their own (``optim``, ``log``, ...) are the exception: ``optim={lr=1e-3}`` changes ``lr`` only.
+    """
     data = cfg.to_dict()
     for a in assignments:
         if "=" not in a:
@@ -481,9 +487,9 @@ def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
         for p in parts[:-1]:
             cur = cur.setdefault(p, {})
         cur[parts[-1]] = parse_value(text.strip())
-        if parts == ["t_final"]:
-            # a window table is a value, replaced as a whole (merging could not drop a key)
-            data["t_final"] = node["t_final"]
+        if len(parts) == 1 and parts[0] not in _TABLES:
+            # merging could not drop a key: `causal={}` must clear the preset's table
+            data[parts[0]] = node[parts[0]]
         else:
             data = _merge(data, node)
     return _from_dict(TrainConfig, data)
