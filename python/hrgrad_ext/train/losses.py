@@ -107,6 +107,15 @@ def _mean_of_row_sq(row_sq: Tensor, K: int, width: int) -> Tensor:
     return row_sq.reshape(K, -1).mean(1) / width
 
 
+def _inflow_mean_sq(r: Tensor, left: Tensor, v: Tensor, K: int) -> Tensor:
+    """Per-task mean of squares of a wall residual ``[K*n, Nv]`` over the incoming (point, node)
+    pairs only: ``v > 0`` where ``left`` (the left wall), ``v < 0`` at the right wall. The
+    outgoing half is the solution's, not the wall's: ``[K]``."""
+    incoming = torch.where(left, v > 0, v < 0).to(r.dtype)
+    r = r * incoming
+    return (r * r).reshape(K, -1).sum(1) / incoming.reshape(K, -1).sum(1)
+
+
 class Formulation:
     """Base class: quadrature, loss weights, task eps values, model construction."""
 
@@ -329,10 +338,8 @@ class TransportFormulation(Formulation):
         # boundary: inflow data on the incoming half of the velocities only
         x = inp["x"].reshape(-1, 1)
         left = x < 0.5
-        incoming = torch.where(left, v > 0, v < 0).to(f.dtype)
         target = torch.where(left, torch.ones_like(f), torch.zeros_like(f))
-        r = (f - target) * incoming
-        return W["bc"] * (r * r).reshape(K, -1).sum(1) / incoming.reshape(K, -1).sum(1)
+        return W["bc"] * _inflow_mean_sq(f - target, left, v, K)
 
 
 class BGKFormulation(Formulation):
@@ -454,10 +461,8 @@ class BGKFormulation(Formulation):
         if group == "boundary":
             x = inp["x"].reshape(-1, 1)
             left = x < 0
-            inflow_nodes = torch.where(left, v > 0, v < 0).to(out["F"].dtype)
             wall = [torch.where(left, x.new_tensor(a), x.new_tensor(b)).reshape(-1) for a, b in zip(self.LEFT, self.RIGHT)]
-            r = (out["F"] - kinetic.maxwellian(*wall, v)) * inflow_nodes
-            return W["bc_f"] * (r * r).reshape(K, -1).sum(1) / inflow_nodes.reshape(K, -1).sum(1)
+            return W["bc_f"] * _inflow_mean_sq(out["F"] - kinetic.maxwellian(*wall, v), left, v, K)
         x = inp["x"].reshape(-1)
         rho0, u0, T0 = self.initial_state(x)
         M0 = kinetic.maxwellian(rho0, u0, T0, v)
