@@ -112,6 +112,30 @@ def test_study_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path, monk
         run_compare(_tiny_study(tmp_path, iters=6), "sum", cfg.out, [0, 1])
 
 
+def test_a_study_split_over_commands_is_one_study(tmp_path):
+    # `--seeds 1` here and `--seeds 0,1` later must share seed 1's run: with a single seed the
+    # run used to sit in out/<method>, where the next one-seed command took it for its own seed
+    cfg = _tiny_study(tmp_path)
+    run_compare(cfg, "sum", cfg.out, [1], say=lambda m: None)
+    assert (Path(cfg.out) / "sum" / "seed1" / "summary.json").is_file()
+    said = []
+    run_compare(cfg, "sum", cfg.out, [2], say=said.append)
+    assert said[0] == "compare: 1 of 1 runs to train (0 resumed), 1 at a time"
+    said.clear()
+    run_compare(cfg, "sum", cfg.out, [1, 2], say=said.append)
+    assert said == [f"sum seed {s}: done ({cfg.out}/sum/seed{s}), not run again" for s in (1, 2)]
+    one, two = (json.loads((Path(cfg.out) / "sum" / f"seed{s}" / "summary.json").read_text()) for s in (1, 2))
+    assert (one["seed"], two["seed"]) == (1, 2) and one["rel_l2"] != two["rel_l2"]
+    # a one-seed run of the older layout (out/<method>, config of seed 0) is still found
+    old = _tiny_study(tmp_path)
+    old.method, old.seed, old.out = "sum", 0, str(Path(cfg.out) / "sum")
+    Trainer(old).run()
+    said.clear()
+    run_compare(cfg, "sum", cfg.out, [0, 1], say=said.append)
+    assert said == [f"sum seed 0: done ({cfg.out}/sum), not run again",
+                    f"sum seed 1: done ({cfg.out}/sum/seed1), not run again"]
+
+
 def test_a_diverged_run_is_reported_and_not_rerun(tmp_path, monkeypatch):
     cfg = _tiny_study(tmp_path)
     monkeypatch.setenv(NONFINITE_ENV, "3")
@@ -133,6 +157,6 @@ def test_two_jobs_through_the_cli(tmp_path, capsys):
     assert "started sum seed 0 (fresh)" in printed and "finished softadapt seed 0: exit code 0" in printed
     data = json.loads((out / "compare.json").read_text())
     assert {m: r["status"] for m, r in data.items()} == {"sum": "done", "softadapt": "done"}
-    assert "transport / softadapt: 2 steps on cpu (1 threads)" in (out / "softadapt" / "train.log").read_text()
+    assert "transport / softadapt: 2 steps on cpu (1 threads)" in (out / "softadapt" / "seed0" / "train.log").read_text()
     assert math.isfinite(data["sum"]["rel_l2"]["1e-08"]["rho"])
     assert main(["compare", "--methods", "sum", "--jobs", "0", "--out", str(out)]) == 2

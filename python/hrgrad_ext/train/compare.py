@@ -6,8 +6,10 @@ With several seeds every cell is the median over the seeds with the range in bra
 runs of these collocation trainings differ by 2-5x between seeds on some quantities, so a
 comparison of methods on one seed can mislead.
 
-A study is resumable: each (method, seed) run has its own run directory (``out/<method>`` with
-one seed, ``out/<method>/seed<S>`` with several). Running the same command again skips the
+A study is resumable: each (method, seed) run has its own run directory, ``out/<method>/seed<S>``
+whichever seeds a command names, so a study split over commands (``--seeds 1`` on one machine,
+``--seeds 2`` on another, then ``--seeds 0,1,2`` for the report) is one study; a single-seed run of
+the older layout (``out/<method>``) is still found. Running the same command again skips the
 finished runs (``summary.json``), continues the interrupted ones from their checkpoints (as
 ``hrgrad-ext train --resume``), and reports the ones that diverged (``diverged.json``: a
 non-finite loss or gradient that the run's ``[divergence]`` policy did not recover from)
@@ -205,8 +207,16 @@ def _status_lines(runs: dict[str, list[RunResult]]) -> list[str]:
 # --- running the study ---------------------------------------------------------------------------
 
 
-def _run_dir(out: Path, method: str, seed: int, several: bool) -> Path:
-    return out / method / f"seed{seed}" if several else out / method
+def _run_dir(out: Path, method: str, seed: int) -> Path:
+    flat = out / method
+    # the layout before runs were always per seed put a one-seed study's run here; a second
+    # command with another seed must not take that run for its own
+    try:
+        if load_config(flat / "config.toml").seed == seed:
+            return flat
+    except OSError:
+        pass
+    return flat / f"seed{seed}"
 
 
 def _comparable(cfg_dict: dict) -> dict:
@@ -373,7 +383,7 @@ def run_compare(base: TrainConfig, methods: list[str] | str, out: str | Path, se
         for seed in seeds:
             cfg = copy.deepcopy(base)
             cfg.method, cfg.seed = m, seed
-            cfg.out = str(_run_dir(out, m, seed, several))
+            cfg.out = str(_run_dir(out, m, seed))
             cfg.validate()
             state = _state(Path(cfg.out), cfg)
             plan.append((m, seed, Path(cfg.out)))
