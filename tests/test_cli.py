@@ -73,8 +73,9 @@ def test_compare_writes_markdown_table(tmp_path):
     md = (out / "compare.md").read_text()
     assert "| method | eps=1e-08 | eps=1e-07 |" in md
     assert "\n| hrgrad |" in md and "\n| sum |" in md
-    for m in ("hrgrad", "sum"):
-        assert (out / m / "summary.json").is_file()
+    for m in ("hrgrad", "sum"):  # one directory per seed, also for a single seed
+        assert (out / m / "seed0" / "summary.json").is_file()
+    assert "first evaluation (only at the last step)" in md  # 2 steps: one evaluation
     assert main(["compare", "--methods", "hrgrad,bogus", "--out", str(out)]) == 2
 
 

@@ -182,7 +182,9 @@ def markdown_table(summaries: dict[str, dict | list[dict] | list[RunResult]],
 
 def _accuracy_table(runs: dict[str, list[RunResult]], quantities: list[str], thresholds, seeds) -> list[str]:
     every = sorted({r.evals[1]["step"] - r.evals[0]["step"] for rs in runs.values() for r in rs if len(r.evals) > 1})
-    lines = [f"Steps to accuracy: the step of the first evaluation (every {every[0] if every else '?'} steps) at "
+    cadence = (f"every {every[0]} steps" if len(every) == 1 else "every " + " or ".join(map(str, every)) + " steps"
+               if every else "only at the last step")
+    lines = [f"Steps to accuracy: the step of the first evaluation ({cadence}) at "
              "which the error is below the threshold at every eps, per seed (" + ", ".join(map(str, seeds))
              + "); - = not reached:", ""]
     cols = [(q, t) for q in quantities for t in thresholds]
