@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,37 @@ def test_front_sampling_puts_points_where_the_inflow_has_reached():
         TransportFormulation(points={"interior": 4, "boundary": 2, "initial": 2}, front_fraction=1.5)
     with pytest.raises(ValueError, match="sampling"):
         TrainConfig(sampling={"fron": 0.5}).validate()
+
+
+def test_wall_sampling_puts_points_in_the_inflow_boundary_layer():
+    from hrgrad_ext.train.losses import TransportFormulation
+
+    n = 8000
+    pts = {"interior": n, "boundary": 2, "initial": 4}
+    eps = torch.tensor([1.0, 0.1, 1e-2, 1e-8], dtype=torch.float64)
+    plain = TransportFormulation(points=pts, nv=8, front_fraction=0.25).sample_batch(
+        torch.Generator().manual_seed(0), eps, "cpu", torch.float64)["interior"]["x"]
+    form = TransportFormulation(points=pts, nv=8, front_fraction=0.25, wall_fraction=0.5, wall_span=2.0)
+    x = form.sample_batch(torch.Generator().manual_seed(0), eps, "cpu", torch.float64)["interior"]["x"]
+    # the front quarter is drawn as before; the next half is exponential with mean 2 eps,
+    # truncated to [0, 1] (mean of the truncated law: lam - L / (exp(L / lam) - 1))
+    assert torch.equal(x[:, : n // 4], plain[:, : n // 4])
+    wall = x[:, n // 4: 3 * n // 4]
+    assert (wall >= 0).all() and (wall < 1).all()  # eps = 1: a layer wider than the domain, none at x = 1
+    for k, e in enumerate(eps.tolist()):
+        lam = 2 * e
+        mean = lam - 1.0 / math.expm1(min(1.0 / lam, 700.0))
+        assert abs(wall[k].mean().item() - mean) < 0.06 * mean, (e, wall[k].mean().item(), mean)  # ~4 standard errors
+        if lam <= 0.2:  # the median of an exponential, lam ln 2 (truncation moves it by < 1 %)
+            assert abs(wall[k].median().item() - lam * math.log(2)) < 0.1 * lam
+    # the last quarter stays uniform
+    assert abs(x[1, 3 * n // 4:].mean().item() - 0.5) < 0.05
+    with pytest.raises(ValueError, match="wall_fraction"):
+        TransportFormulation(points=pts, front_fraction=0.6, wall_fraction=0.5)
+    with pytest.raises(ValueError, match="wall_span"):
+        TransportFormulation(points=pts, wall_fraction=0.5, wall_span=0.0)
+    with pytest.raises(ValueError, match="transport's"):
+        TrainConfig(problem="bgk", sampling={"wall": 0.5}).validate()
 
 
 def test_default_transport_config_gives_eps1_its_own_window_half_range_and_front_sampling():

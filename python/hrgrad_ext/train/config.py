@@ -190,7 +190,9 @@ class TrainConfig:
         sampling: point placement options; transport: ``front`` (fraction of the interior and
             initial points drawn where the inflow can have reached by time t,
             x < span min(t / eps, sqrt(t));
-            0 = uniform) and ``span`` (the factor on that reach).
+            0 = uniform) and ``span`` (the factor on that reach); ``wall`` (fraction of the
+            interior points in the inflow wall's boundary layer, x exponential with mean
+            ``wall_span * eps``; 0 = none) and ``wall_span``. BGK takes none.
         causal: causal weighting in time of the interior loss (Wang, Sankaran & Perdikaris
             2022, "Respecting causality"; empty = off): ``bins`` time bins per task window,
             the points of bin i weighted by ``exp(-tol * sum_{j < i} L_j)`` (L_j: the mean
@@ -307,9 +309,13 @@ class TrainConfig:
             raise ValueError(f"aggregator: unknown method(s) {sorted(unknown)}; expected some of {METHODS}")
         if not isinstance(self.sampling, dict):
             raise ValueError("sampling: expected a table, e.g. sampling = { front = 0.5, span = 2.0 }")
-        unknown = set(self.sampling) - {"front", "span"}
+        unknown = set(self.sampling) - {"front", "span", "wall", "wall_span"}
         if unknown:
-            raise ValueError(f"sampling: unknown option(s) {sorted(unknown)}; expected 'front' and 'span'")
+            raise ValueError(f"sampling: unknown option(s) {sorted(unknown)}; expected some of 'front', 'span', "
+                             "'wall', 'wall_span'")
+        if self.sampling and self.problem != "transport":
+            raise ValueError(f"sampling: the point placement options are transport's; {self.problem} samples "
+                             f"uniformly (got {sorted(self.sampling)})")
         if not isinstance(self.causal, dict) or set(self.causal) - {"bins", "tol"}:
             raise ValueError(f"causal: expected a table with 'bins' and 'tol', e.g. causal = {{ bins = 16, tol = 1.0 }}; "
                              f"got {self.causal!r}")

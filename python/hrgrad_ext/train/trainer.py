@@ -118,7 +118,9 @@ def make_formulation(cfg: TrainConfig) -> Formulation:
         kw["nv"] = cfg.nv
     if cfg.problem == "transport":
         sp = cfg.sampling
-        return TransportFormulation(front_fraction=float(sp.get("front", 0.0)), front_span=float(sp.get("span", 2.0)), **kw)
+        return TransportFormulation(front_fraction=float(sp.get("front", 0.0)), front_span=float(sp.get("span", 2.0)),
+                                    wall_fraction=float(sp.get("wall", 0.0)), wall_span=float(sp.get("wall_span", 1.0)),
+                                    **kw)
     return BGKFormulation(case=cfg.case, **kw)
 
 
