@@ -198,6 +198,12 @@ class TrainConfig:
             the points of bin i weighted by ``exp(-tol * sum_{j < i} L_j)`` (L_j: the mean
             interior loss of bin j, not differentiated), so later times count once earlier
             ones are fitted.
+        adaptive: residual-based adaptive sampling of the interior points (RAD, Wu et al.
+            2023; empty = off): every ``every`` steps (default 100) a pool of ``pool`` (8) times
+            the interior points per task is drawn from the problem's own density and scored by
+            the per-point residual loss r; each step draws its points from the pool with
+            probability ~ ``r^k / mean(r^k) + c`` (``k`` = 1, ``c`` = 1), see
+            :mod:`hrgrad_ext.train.adaptive`.
         model: ``encoding`` (``fourier``, ``embed_dim``, optional ``log10_min/max``) and the
             networks (transport ``rho``, ``g``; BGK ``f``, ``macro``) as ``kind``/``width``/
             ``depth``/``activation``; transport also ``reach`` (x input scaled by
@@ -238,6 +244,7 @@ class TrainConfig:
     loss_weights: dict = field(default_factory=dict)
     sampling: dict = field(default_factory=dict)
     causal: dict = field(default_factory=dict)
+    adaptive: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     aggregator: dict = field(default_factory=dict)
     grad_mode: str = "segmented"
@@ -325,6 +332,17 @@ class TrainConfig:
                 raise ValueError(f"causal.bins: the number of time bins must be an integer >= 2, got {bins!r}")
             if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
                 raise ValueError(f"causal.tol: the causality tolerance must be > 0, got {tol!r}")
+        if not isinstance(self.adaptive, dict) or set(self.adaptive) - {"every", "pool", "k", "c"}:
+            raise ValueError("adaptive: expected a table with some of 'every', 'pool', 'k', 'c', e.g. "
+                             f"adaptive = {{ every = 100, pool = 8 }}; got {self.adaptive!r}")
+        for key in ("every", "pool"):
+            v = self.adaptive.get(key, 1)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"adaptive.{key}: must be an integer >= 1, got {v!r}")
+        for key in ("k", "c"):
+            v = self.adaptive.get(key, 1.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"adaptive.{key}: must be a finite number >= 0, got {v!r}")
         lg = self.log
         for k in ("log_every", "eval_every", "checkpoint_every"):
             if getattr(lg, k) < 1:
@@ -361,6 +379,9 @@ class TrainConfig:
                              f"got {lb.min_weight!r}")
         if self.causal and self.distributed.shards > 1:
             raise ValueError("causal: the causal weighting runs in one process; it is not available with "
+                             "distributed.shards > 1")
+        if self.adaptive and self.distributed.shards > 1:
+            raise ValueError("adaptive: the adaptive sampling runs in one process; it is not available with "
                              "distributed.shards > 1")
         if lb.steps and self.distributed.shards > 1:
             raise ValueError("lbfgs: the L-BFGS phase runs in one process; it is not available with distributed.shards > 1")

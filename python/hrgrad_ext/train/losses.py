@@ -203,6 +203,13 @@ class Formulation:
             weights = torch.exp(-tol * (means.cumsum(1) - means))
         return (weights.gather(1, b) * r).mean(1)
 
+    def interior_rows(self, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
+        """The interior loss of every point ``[K*n]`` (the weighted squares of its residuals;
+        their per-task mean is the interior loss without causal weighting), from
+        :meth:`forward`'s ``out`` on the interior group. Causal weighting and the adaptive
+        sampling (:class:`~hrgrad_ext.train.adaptive.ResidualSampler`) weigh these rows."""
+        raise NotImplementedError
+
     def to(self, device, dtype) -> "Formulation":
         """Moves the quadrature rule (the only tensors held) to ``device``/``dtype``."""
         self.v = self.v.to(device=device, dtype=dtype)
@@ -339,16 +346,25 @@ class TransportFormulation(Formulation):
             return {"rho_t": rho_t, "rho_x": rho_x, "G": G, "G_t": G_t, "G_x": G_x}
         return {"rho": call("rho", t, x, eps), "G": call("g_raw", t, x, v, eps)}
 
+    def _interior_residuals(self, out: dict[str, Tensor], eps_rows: Tensor) -> tuple[Tensor, Tensor]:
+        # The loss form: the [N, V] micro residual is never materialised (issue 10).
+        return kinetic.transport_mm_residuals_sq(out["G"], out["G_t"], out["G_x"], out["rho_t"], out["rho_x"],
+                                                 self.v, self.w, eps_rows)
+
+    def interior_rows(self, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
+        n = out["G"].shape[0] // K
+        micro_sq, macro = self._interior_residuals(out, inp["eps"].reshape(K, 1).expand(K, n).reshape(-1))
+        W = self.weights
+        return W["micro"] * micro_sq / self.v.shape[0] + W["macro"] * macro * macro
+
     def loss(self, group: str, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
         v, w, W = self.v, self.w, self.weights
         n = out["G"].shape[0] // K
         eps_rows = inp["eps"].reshape(K, 1).expand(K, n).reshape(-1)
         if group == "interior":
-            # The loss form: the [N, V] micro residual is never materialised (issue 10).
-            micro_sq, macro = kinetic.transport_mm_residuals_sq(out["G"], out["G_t"], out["G_x"], out["rho_t"],
-                                                                out["rho_x"], v, w, eps_rows)
             if self.causal is not None:
-                return self.interior_mean(W["micro"] * micro_sq / v.shape[0] + W["macro"] * macro * macro, inp, K)
+                return self.interior_mean(self.interior_rows(out, inp, K), inp, K)
+            micro_sq, macro = self._interior_residuals(out, eps_rows)
             return W["micro"] * _mean_of_row_sq(micro_sq, K, v.shape[0]) + W["macro"] * _mean_sq(macro, K)
         G = out["G"]
         g = G - (G @ (w / w.sum()))[:, None]
@@ -466,19 +482,26 @@ class BGKFormulation(Formulation):
         rho, u, T = call("macro", t, x, eps)
         return {"F": call("f", t, x, v, eps), "rho": rho, "u": u, "T": T}
 
-    def loss(self, group: str, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
-        v, w, W = self.v, self.w, self.weights
+    def _interior_residuals(self, out: dict[str, Tensor], inp: dict[str, Tensor], K: int):
         n = out["F"].shape[0] // K
+        kn_rows = inp["eps"].reshape(K, 1).expand(K, n).reshape(-1)
+        return kinetic.bgk_residuals_sq(out["F"], out["Ft"], out["Fx"], out["rho"], out["u"], out["T"], out["rho_t"],
+                                        out["u_t"], out["T_t"], self.v, self.w, kn_rows)
+
+    def interior_rows(self, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
+        kin_sq, cons, consist = self._interior_residuals(out, inp, K)
+        W = self.weights
+        rows = W["kinetic"] * kin_sq / self.v.shape[0]
+        for j, name in enumerate(("rho", "mom", "energy")):
+            rows = rows + W["cons_" + name] * cons[:, j] ** 2 + W["consist_" + name] * consist[:, j] ** 2
+        return rows
+
+    def loss(self, group: str, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
+        v, W = self.v, self.weights
         if group == "interior":
-            kn_rows = inp["eps"].reshape(K, 1).expand(K, n).reshape(-1)
-            kin_sq, cons, consist = kinetic.bgk_residuals_sq(out["F"], out["Ft"], out["Fx"], out["rho"], out["u"],
-                                                             out["T"], out["rho_t"], out["u_t"], out["T_t"], v, w,
-                                                             kn_rows)
             if self.causal is not None:
-                rows = W["kinetic"] * kin_sq / v.shape[0]
-                for j, name in enumerate(("rho", "mom", "energy")):
-                    rows = rows + W["cons_" + name] * cons[:, j] ** 2 + W["consist_" + name] * consist[:, j] ** 2
-                return self.interior_mean(rows, inp, K)
+                return self.interior_mean(self.interior_rows(out, inp, K), inp, K)
+            kin_sq, cons, consist = self._interior_residuals(out, inp, K)
             L = W["kinetic"] * _mean_of_row_sq(kin_sq, K, v.shape[0])
             for j, name in enumerate(("rho", "mom", "energy")):
                 L = L + W["cons_" + name] * _mean_sq(cons[:, j], K) + W["consist_" + name] * _mean_sq(consist[:, j], K)

@@ -30,6 +30,7 @@ from ..ops import combine_into_grads
 from .config import TrainConfig, load_config, task_windows, to_toml
 from .evaluation import evaluate
 from .faults import NonfiniteInjection, RankFailure
+from .adaptive import ResidualSampler
 from .lbfgs import LBFGSPhase
 from .losses import BGKFormulation, Formulation, TransportFormulation
 from .rundir import (CHECKPOINT, METRICS, PREVIOUS_CHECKPOINT, MetricsLog, RunLock, atomic_write, load_checkpoint,
@@ -238,6 +239,9 @@ class Trainer:
             # each rank would weigh its time bins by the losses of its own points only: not the
             # loss of one process over the same points
             raise ValueError("causal: the causal weighting runs in one process; remove it for a distributed run")
+        if self.dist is not None and cfg.adaptive:
+            # the pool would be scored and drawn per rank, from each rank's share of the stream
+            raise ValueError("adaptive: the adaptive sampling runs in one process; remove it for a distributed run")
         o = cfg.optim
         # The non-finite guard drops a bad step's update. On CUDA it must not wait for the
         # device: the fused optimizers skip their update on the device when their found_inf
@@ -265,6 +269,7 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_memory()  # the K-fold activations of a segmented step: see keep_freed_memory
         self.lbfgs = LBFGSPhase(self) if cfg.lbfgs.steps else None
+        self.adaptive = ResidualSampler(**cfg.adaptive) if cfg.adaptive else None
         self.eps_tensor = torch.tensor(cfg.eps, dtype=torch.float64)
         self.gen = self.sampler.generators[0]  # the points' random stream (of this rank's first share)
         self.step = 0
@@ -315,6 +320,11 @@ class Trainer:
         update is. A step with any flag false changes neither the parameters, the optimizer
         state nor the parameter average (the LR schedule and the samplers do advance)."""
         batch = self.sampler.sample(self.form, self.eps_tensor, self.device, self.dtype)
+        if self.adaptive is not None:
+            if self.adaptive.due(self.step):
+                self.adaptive.refresh(self.model, self.form, self.gen, self.eps_tensor, self.step, self.device,
+                                      self.dtype)
+            batch["interior"] = self.adaptive.draw(self.gen, batch["interior"])
         if self.shard is not None:
             losses, G, w, status, task_ok, norm = self.dist.sharded_gradients(self, batch, self._stop_signal,
                                                                               self._inject)
@@ -420,6 +430,7 @@ class Trainer:
             "divergence": {"lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
                            "consecutive_skips": self.consecutive_skips, "skipped_steps": self.skipped_steps},
             "lbfgs": None if self.lbfgs is None else self.lbfgs.state_dict(),
+            "adaptive": None if self.adaptive is None else self.adaptive.state_dict(),
             "config": self.cfg.to_dict(),
         }
 
@@ -457,6 +468,8 @@ class Trainer:
         self.consecutive_skips, self.skipped_steps = int(dv["consecutive_skips"]), int(dv["skipped_steps"])
         if self.lbfgs is not None and state.get("lbfgs") is not None:
             self.lbfgs.load_state_dict(state["lbfgs"])
+        if self.adaptive is not None and state.get("adaptive") is not None:
+            self.adaptive.load_state_dict(state["adaptive"])
 
     def save_checkpoint(self) -> Path:
         """Writes ``checkpoint.pt`` durably and keeps the previous one as ``checkpoint.prev.pt``
