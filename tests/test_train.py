@@ -101,14 +101,17 @@ def test_bgk_parametrisations_segmented_gradients_equal_separate_backward_passes
             assert groups["initial"].abs().max() < 1e-24
 
 
-def test_bgk_maxwellian_interior_forward_equals_differentiating_f(tmp_path):
+@pytest.mark.parametrize("characteristic", [False, True], ids=["plain", "characteristic"])
+def test_bgk_maxwellian_interior_forward_equals_differentiating_f(tmp_path, characteristic):
     # the formulation's chain-rule path gives the numbers that differentiating the model's f
-    # on the [n, V] grid (the "free" path, valid for any model) gives
+    # on the [n, V] grid (the "free" path, valid for any model) gives; with the
+    # characteristic input, whose t and x derivatives go through the per-node foot x - v t
     from hrgrad_ext.train.losses import BGKFormulation
 
     cfg = tiny_config(tmp_path, "bgk", dtype="float64")
-    cfg.model = {**cfg.model, "hard_ic": True, "f_form": "maxwellian"}
+    cfg.model = {**cfg.model, "hard_ic": True, "f_form": "maxwellian", "characteristic": characteristic}
     tr = Trainer(cfg)
+    assert tr.model.characteristic is characteristic
     inp = {k: v[0] for k, v in tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)["interior"].items()}
     call = lambda method, *a: tr.model(method, *a)
     fast = tr.form.forward("interior", call, inp, "fast")
@@ -329,6 +332,34 @@ def test_bgk_runs_with_each_method(tmp_path, method):
     s = Trainer(cfg).run()
     assert s["iters"] == 2 and set(s["rel_l2"]["1"]) == {"density", "momentum", "energy"}
     assert all(v == v for d in s["rel_l2"].values() for v in d.values())
+
+
+def test_bgk_characteristic_input_is_constant_along_characteristics(tmp_path):
+    # a network that reads only the characteristic input draws a free-streaming f:
+    # f_dev(t + dt, x + v dt, v) = f_dev(t, x, v) at every node, which the (t, x, v) inputs
+    # alone cannot give a first layer; the segmented task gradients stay exact with it
+    cfg = tiny_config(tmp_path, "bgk", dtype="float64")
+    cfg.model = {**cfg.model, "f_form": "maxwellian", "characteristic": True}
+    tr = Trainer(cfg)
+    first = next(m for m in tr.model.f_net.modules() if isinstance(m, torch.nn.Linear))
+    assert first.in_features == 3 + tr.model.encoding.out_dim + 1
+    v = tr.form.v
+    gen = torch.Generator().manual_seed(3)
+    t = 0.05 * torch.rand(5, generator=gen, dtype=torch.float64)
+    x = torch.rand(5, generator=gen, dtype=torch.float64) - 0.5
+    eps = torch.tensor(0.1, dtype=torch.float64)
+    before = tr.model.f_dev(t, x, v, eps)
+    with torch.no_grad():
+        first.weight[:, :-1] = 0.0
+    dt = 0.03
+    a = tr.model.f_dev(t, x, v, eps)
+    b = tr.model.f_dev((t + dt)[:, None].expand(5, v.shape[0]), x[:, None] + v * dt, v, eps)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert (a - before).abs().max() > 1e-3 and (a[:, 0] - a[:, -1]).abs().max() > 1e-3  # precondition
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    refs = task_gradient_references(tr, batch)
+    L, _, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    assert_task_gradients_match_references(L, J, refs)
 
 
 @pytest.mark.parametrize("opts", [BGK_FORMS[1], BGK_FORMS[3]], ids=lambda o: f"hard_ic={o['hard_ic']}-{o['f_form']}")
