@@ -9,7 +9,7 @@ import pytest
 import torch
 from apnn_reference import reference_task_gradients
 
-from hrgrad_ext.ops import combine_into_grads
+from hrgrad_ext.ops import combine_into_grads, kinetic
 from hrgrad_ext.train.config import (METHODS, TrainConfig, apply_overrides, default_config_path, default_config,
                                      load_config, to_toml)
 from hrgrad_ext.train.segmented import TaskLayout, segmented_task_gradients, separate_task_gradients
@@ -101,17 +101,19 @@ def test_bgk_parametrisations_segmented_gradients_equal_separate_backward_passes
             assert groups["initial"].abs().max() < 1e-24
 
 
-@pytest.mark.parametrize("characteristic", [False, True], ids=["plain", "characteristic"])
-def test_bgk_maxwellian_interior_forward_equals_differentiating_f(tmp_path, characteristic):
+@pytest.mark.parametrize("characteristic,knee", [(False, 0.0), (True, 0.0), (False, 0.1)],
+                         ids=["plain", "characteristic", "deviation_knee"])
+def test_bgk_maxwellian_interior_forward_equals_differentiating_f(tmp_path, characteristic, knee):
     # the formulation's chain-rule path gives the numbers that differentiating the model's f
     # on the [n, V] grid (the "free" path, valid for any model) gives; with the
     # characteristic input, whose t and x derivatives go through the per-node foot x - v t
     from hrgrad_ext.train.losses import BGKFormulation
 
     cfg = tiny_config(tmp_path, "bgk", dtype="float64")
-    cfg.model = {**cfg.model, "hard_ic": True, "f_form": "maxwellian", "characteristic": characteristic}
+    cfg.model = {**cfg.model, "hard_ic": True, "f_form": "maxwellian", "characteristic": characteristic,
+                 "deviation_knee": knee}
     tr = Trainer(cfg)
-    assert tr.model.characteristic is characteristic
+    assert tr.model.characteristic is characteristic and tr.model.deviation_knee == knee
     inp = {k: v[0] for k, v in tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)["interior"].items()}
     call = lambda method, *a: tr.model(method, *a)
     fast = tr.form.forward("interior", call, inp, "fast")
@@ -360,6 +362,45 @@ def test_bgk_characteristic_input_is_constant_along_characteristics(tmp_path):
     refs = task_gradient_references(tr, batch)
     L, _, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
     assert_task_gradients_match_references(L, J, refs)
+
+
+def test_bgk_deviation_knee_scales_the_log_deviation_by_the_chapman_enskog_factor(tmp_path):
+    # D = Kn / (Kn + knee) N_f: the same network without the knee, times the factor; in the
+    # Euler limit f is the Maxwellian of the macro fields whatever the network; the segmented
+    # task gradients stay exact
+    cfg = tiny_config(tmp_path, "bgk", dtype="float64")
+    cfg.model = {**cfg.model, "f_form": "maxwellian", "deviation_knee": 0.1}
+    tr = Trainer(cfg)
+    m, v = tr.model, tr.form.v
+    gen = torch.Generator().manual_seed(4)
+    t = 0.1 * torch.rand(6, generator=gen, dtype=torch.float64)
+    x = torch.rand(6, generator=gen, dtype=torch.float64) - 0.5
+    with torch.no_grad():
+        for layer in m.f_net.modules():  # a deviation of order one, not the initialisation's
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.mul_(3.0)
+    for kn in (1.0, 0.1, 1e-3):
+        e = torch.full((6,), kn, dtype=torch.float64)
+        scaled = m.f_dev(t, x, v, e)
+        m.deviation_knee = 0.0
+        plain = m.f_dev(t, x, v, e)
+        m.deviation_knee = 0.1
+        torch.testing.assert_close(scaled, kn / (kn + 0.1) * plain, rtol=1e-13, atol=0)
+        assert plain.abs().max() > 0.1
+    e = torch.tensor(1e-8, dtype=torch.float64)
+    rho, u, T = m.macro(t, x, e)
+    M = kinetic.maxwellian(rho, u, T, v)
+    assert ((m.f(t, x, v, e) / M - 1).abs().max()) < 1e-6
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    refs = task_gradient_references(tr, batch)
+    L, _, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    assert_task_gradients_match_references(L, J, refs)
+    for bad, match in (({"f_form": "free", "deviation_knee": 0.1}, "f_form = 'maxwellian'"),
+                       ({"f_form": "maxwellian", "deviation_knee": -1.0}, "deviation_knee must be"),
+                       ({"f_form": "maxwellian", "deviation_knee": True}, "deviation_knee must be")):
+        cfg.model = {**cfg.model, **bad}
+        with pytest.raises(ValueError, match=match):
+            Trainer(cfg)
 
 
 @pytest.mark.parametrize("opts", [BGK_FORMS[1], BGK_FORMS[3]], ids=lambda o: f"hard_ic={o['hard_ic']}-{o['f_form']}")

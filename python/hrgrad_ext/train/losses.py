@@ -430,19 +430,23 @@ class BGKFormulation(Formulation):
 
     def build_model(self, encoding: EpsEncoding, nets: dict) -> BGKAPNN:
         """The model from the ``model`` table: networks ``f``, ``macro`` and the options
-        ``hard_ic`` (bool), ``f_form`` (``"free"`` or ``"maxwellian"``) and ``characteristic``
-        (bool: the foot of the characteristic ``x - v t`` as an input of the f network)."""
-        unknown = set(nets) - {"f", "macro", "hard_ic", "f_form", "characteristic"}
+        ``hard_ic`` (bool), ``f_form`` (``"free"`` or ``"maxwellian"``), ``characteristic``
+        (bool: the foot of the characteristic ``x - v t`` as an input of the f network) and
+        ``deviation_knee`` (the log deviation scaled by ``Kn / (Kn + knee)``), see
+        :class:`hrgrad_ext.nn.BGKAPNN`."""
+        options = {"f", "macro", "hard_ic", "f_form", "characteristic", "deviation_knee"}
+        unknown = set(nets) - options
         if unknown:
             raise ValueError(f"bgk: unknown network or model option(s) {sorted(unknown)}; "
-                             "expected 'f', 'macro', 'hard_ic', 'f_form', 'characteristic'")
+                             f"expected some of {sorted(options)}")
         hard_ic = nets.get("hard_ic", False)
         if hard_ic is True and self.case == "V":
             raise ValueError("bgk: hard_ic needs continuous initial data; case V (Riemann step) is not")
         model = BGKAPNN(encoding, self.t_range, self.x_range, 10.0, self.LEFT, self.RIGHT,
                         f_net=nets.get("f"), macro_net=nets.get("macro"), hard_ic=hard_ic,
                         f_form=nets.get("f_form", "free"), initial_profile=self.profile,
-                        time_windows=self.model_windows(), characteristic=nets.get("characteristic", False))
+                        time_windows=self.model_windows(), characteristic=nets.get("characteristic", False),
+                        deviation_knee=nets.get("deviation_knee", 0.0))
         self.f_form = model.f_form
         return model
 
