@@ -86,7 +86,7 @@ class ResidualSampler:
     def draw(self, gen: torch.Generator, interior: dict[str, Tensor]) -> dict[str, Tensor]:
         """``interior`` (a batch's group: ``t``, ``x`` ``[K, n]`` and ``eps``) with its points
         replaced by ``n`` per task drawn from the pool."""
-        K, n = interior["t"].shape
+        n = interior["t"].shape[1]
         idx = torch.multinomial(self.probs, n, replacement=False, generator=gen)
         out = dict(interior)
         for key, val in self.points.items():

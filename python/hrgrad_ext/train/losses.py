@@ -203,6 +203,11 @@ class Formulation:
             weights = torch.exp(-tol * (means.cumsum(1) - means))
         return (weights.gather(1, b) * r).mean(1)
 
+    @staticmethod
+    def _eps_rows(inp: dict[str, Tensor], K: int, n: int) -> Tensor:
+        """The task eps ``[K]`` of a group repeated for its ``n`` points per task: ``[K*n]``."""
+        return inp["eps"].reshape(K, 1).expand(K, n).reshape(-1)
+
     def interior_rows(self, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
         """The interior loss of every point ``[K*n]`` (the weighted squares of its residuals;
         their per-task mean is the interior loss without causal weighting), from
@@ -346,25 +351,23 @@ class TransportFormulation(Formulation):
             return {"rho_t": rho_t, "rho_x": rho_x, "G": G, "G_t": G_t, "G_x": G_x}
         return {"rho": call("rho", t, x, eps), "G": call("g_raw", t, x, v, eps)}
 
-    def _interior_residuals(self, out: dict[str, Tensor], eps_rows: Tensor) -> tuple[Tensor, Tensor]:
+    def _interior_residuals(self, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> tuple[Tensor, Tensor]:
         # The loss form: the [N, V] micro residual is never materialised (issue 10).
         return kinetic.transport_mm_residuals_sq(out["G"], out["G_t"], out["G_x"], out["rho_t"], out["rho_x"],
-                                                 self.v, self.w, eps_rows)
+                                                 self.v, self.w, self._eps_rows(inp, K, out["G"].shape[0] // K))
 
     def interior_rows(self, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
-        n = out["G"].shape[0] // K
-        micro_sq, macro = self._interior_residuals(out, inp["eps"].reshape(K, 1).expand(K, n).reshape(-1))
+        micro_sq, macro = self._interior_residuals(out, inp, K)
         W = self.weights
         return W["micro"] * micro_sq / self.v.shape[0] + W["macro"] * macro * macro
 
     def loss(self, group: str, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
         v, w, W = self.v, self.w, self.weights
-        n = out["G"].shape[0] // K
-        eps_rows = inp["eps"].reshape(K, 1).expand(K, n).reshape(-1)
+        eps_rows = self._eps_rows(inp, K, out["G"].shape[0] // K)
         if group == "interior":
             if self.causal is not None:
                 return self.interior_mean(self.interior_rows(out, inp, K), inp, K)
-            micro_sq, macro = self._interior_residuals(out, eps_rows)
+            micro_sq, macro = self._interior_residuals(out, inp, K)
             return W["micro"] * _mean_of_row_sq(micro_sq, K, v.shape[0]) + W["macro"] * _mean_sq(macro, K)
         G = out["G"]
         g = G - (G @ (w / w.sum()))[:, None]
@@ -488,10 +491,9 @@ class BGKFormulation(Formulation):
         return {"F": call("f", t, x, v, eps), "rho": rho, "u": u, "T": T}
 
     def _interior_residuals(self, out: dict[str, Tensor], inp: dict[str, Tensor], K: int):
-        n = out["F"].shape[0] // K
-        kn_rows = inp["eps"].reshape(K, 1).expand(K, n).reshape(-1)
         return kinetic.bgk_residuals_sq(out["F"], out["Ft"], out["Fx"], out["rho"], out["u"], out["T"], out["rho_t"],
-                                        out["u_t"], out["T_t"], self.v, self.w, kn_rows)
+                                        out["u_t"], out["T_t"], self.v, self.w,
+                                        self._eps_rows(inp, K, out["F"].shape[0] // K))
 
     def interior_rows(self, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
         kin_sq, cons, consist = self._interior_residuals(out, inp, K)
