@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import vmap
 
 __all__ = ["rad_probabilities", "ResidualSampler"]
 
@@ -69,12 +68,7 @@ class ResidualSampler:
         pts = form.sample("interior", gen, K, self.pool_factor * n, eps)
         inp = {k: v.to(device=device, dtype=dtype) for k, v in pts.items()}
         inp["eps"] = eps.to(device=device, dtype=dtype)
-
-        def per_task(task_inp):
-            return form.forward("interior", lambda method, *args: model(method, *args), task_inp, "fast")
-
-        out = vmap(per_task)(inp)
-        flat = {key: val.reshape(-1, *val.shape[2:]) for key, val in out.items()}
+        flat = form.forward_tasks("interior", model, inp, "fast")
         rows = form.interior_rows(flat, inp, K).reshape(K, -1)
         self.points = {key: val.to(torch.float64) for key, val in pts.items()}
         self.probs = rad_probabilities(rows.cpu(), self.k, self.c)

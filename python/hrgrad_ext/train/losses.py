@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vmap
+from torch.func import functional_call, jvp, vmap
 
 from ..nn import BGKAPNN, EpsEncoding, TimeWindows, TransportAPNN, maxwellian_exp_derivatives
 from .. import ops as kinetic
@@ -214,6 +214,23 @@ class Formulation:
         :meth:`forward`'s ``out`` on the interior group. Causal weighting and the adaptive
         sampling (:class:`~hrgrad_ext.train.adaptive.ResidualSampler`) weigh these rows."""
         raise NotImplementedError
+
+    def forward_tasks(self, group: str, model, inputs: dict[str, Tensor], deriv: str,
+                      params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """:meth:`forward` of every task at once. ``inputs`` carry a leading task axis ``K``
+        (vmapped); with ``params`` (per-task parameter copies by name, a leading ``K`` axis
+        each) task k runs with copy k, otherwise every task with ``model``'s own parameters.
+        The outputs come back flattened to ``[K*n, ...]``, the layout :meth:`loss` and the fused
+        residual ops take."""
+
+        def per_task(task_params, task_inputs):
+            if task_params is None:
+                return self.forward(group, lambda method, *args: model(method, *args), task_inputs, deriv)
+            return self.forward(group, lambda method, *args: functional_call(model, task_params, (method, *args)),
+                                task_inputs, deriv)
+
+        out = vmap(per_task, in_dims=(None if params is None else 0, 0))(params, inputs)
+        return {key: val.reshape(-1, *val.shape[2:]) for key, val in out.items()}
 
     def to(self, device, dtype) -> "Formulation":
         """Moves the quadrature rule (the only tensors held) to ``device``/``dtype``."""

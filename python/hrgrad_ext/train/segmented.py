@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 
 from .losses import Formulation
 
@@ -133,17 +132,8 @@ class SegmentedLosses:
         group_losses = {}
         for gi, group in enumerate(layout.groups):
             P = dict(zip(self.names, expanded[0 if self.copies == 1 else gi]))
-            inputs = batch[group]
-
-            def per_task(Pk, inp, group=group):
-                def call(method, *args):
-                    return functional_call(model, Pk, (method, *args))
-
-                return form.forward(group, call, inp, self.deriv)
-
-            out = vmap(per_task)(P, inputs)
-            flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in out.items()}
-            group_losses[group] = form.loss(group, flat, inputs, K)
+            flat = form.forward_tasks(group, model, batch[group], self.deriv, params=P)
+            group_losses[group] = form.loss(group, flat, batch[group], K)
         return layout.combine(group_losses), group_losses
 
     def __call__(self, expanded: list[list[Tensor]], batch: dict):
