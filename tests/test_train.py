@@ -101,19 +101,22 @@ def test_bgk_parametrisations_segmented_gradients_equal_separate_backward_passes
             assert groups["initial"].abs().max() < 1e-24
 
 
-@pytest.mark.parametrize("characteristic,knee", [(False, 0.0), (True, 0.0), (False, 0.1)],
-                         ids=["plain", "characteristic", "deviation_knee"])
-def test_bgk_maxwellian_interior_forward_equals_differentiating_f(tmp_path, characteristic, knee):
+@pytest.mark.parametrize("characteristic,knee,uncollided", [(False, 0.0, False), (True, 0.0, False),
+                                                              (False, 0.1, False), (True, 0.1, True)],
+                         ids=["plain", "characteristic", "deviation_knee", "uncollided"])
+def test_bgk_maxwellian_interior_forward_equals_differentiating_f(tmp_path, characteristic, knee, uncollided):
     # the formulation's chain-rule path gives the numbers that differentiating the model's f
     # on the [n, V] grid (the "free" path, valid for any model) gives; with the
-    # characteristic input, whose t and x derivatives go through the per-node foot x - v t
+    # characteristic input, whose t and x derivatives go through the per-node foot x - v t,
+    # and with the uncollided part, whose weight exp(-t / Kn) has a t derivative of its own
     from hrgrad_ext.train.losses import BGKFormulation
 
-    cfg = tiny_config(tmp_path, "bgk", dtype="float64")
+    cfg = tiny_config(tmp_path, "bgk", dtype="float64", eps=[0.1, 1e-2])
     cfg.model = {**cfg.model, "hard_ic": True, "f_form": "maxwellian", "characteristic": characteristic,
-                 "deviation_knee": knee}
+                 "deviation_knee": knee, "uncollided": uncollided}
     tr = Trainer(cfg)
     assert tr.model.characteristic is characteristic and tr.model.deviation_knee == knee
+    assert tr.model.uncollided_part is uncollided and tr.form.uncollided is uncollided
     inp = {k: v[0] for k, v in tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)["interior"].items()}
     call = lambda method, *a: tr.model(method, *a)
     fast = tr.form.forward("interior", call, inp, "fast")
@@ -401,6 +404,71 @@ def test_bgk_deviation_knee_scales_the_log_deviation_by_the_chapman_enskog_facto
         cfg.model = {**cfg.model, **bad}
         with pytest.raises(ValueError, match=match):
             Trainer(cfg)
+
+
+@pytest.mark.parametrize("f_form", ["maxwellian", "free"])
+def test_bgk_uncollided_part_is_the_free_streamed_initial_data_damped_at_the_collision_rate(tmp_path, f_form):
+    # f = a U + (1 - a) f_c, a = exp(-t / Kn), U = f0(x - v t, v): U streams freely, a U decays
+    # at the collision rate (Kn (d_t + v d_x)(a U) = -a U), f(0) = f0 whatever the networks, a
+    # foot beyond a wall carries the wall state, and as Kn -> 0 f is the f_form's own f
+    cfg = tiny_config(tmp_path, "bgk", dtype="float64")
+    cfg.model = {**cfg.model, "f_form": f_form, "uncollided": True}
+    tr = Trainer(cfg)
+    m, v = tr.model, tr.form.v
+    gen = torch.Generator().manual_seed(5)
+    n, V = 7, v.shape[0]
+    t = 0.01 * torch.rand(n, generator=gen, dtype=torch.float64)  # feet x - v t inside the domain
+    x = 0.6 * torch.rand(n, generator=gen, dtype=torch.float64) - 0.3
+    for kn in (1.0, 0.1, 0.01):
+        e = torch.tensor(kn, dtype=torch.float64)
+        tg = t[:, None].expand(n, V).clone().requires_grad_(True)
+        xg = x[:, None].expand(n, V).clone().requires_grad_(True)
+        aU = m.uncollided(tg, xg, v, e)
+        aU_t, aU_x = torch.autograd.grad(aU.sum(), (tg, xg))
+        torch.testing.assert_close(kn * (aU_t + v * aU_x), -aU, rtol=1e-10, atol=1e-14)
+        assert aU_x.abs().max() > 1.0  # precondition: case IV's tanh(20 x) data are steep
+    U = m.uncollided(t, x, v, torch.tensor(1.0, dtype=torch.float64)) * torch.exp(t)[:, None]
+    later = m.uncollided(t + 0.02, x[:, None] + v * 0.02, v, torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(later * torch.exp(t + 0.02)[:, None], U, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        for layer in m.modules():  # networks far from the initial data
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.mul_(3.0)
+    x0 = torch.linspace(-0.5, 0.5, n, dtype=torch.float64)
+    rho0, u0, T0 = tr.form.initial_state(x0)
+    M0 = kinetic.maxwellian(rho0, u0, T0, v)
+    for kn in (1.0, 1e-3):
+        f0 = m.f(torch.zeros(n, dtype=torch.float64), x0, v, torch.tensor(kn, dtype=torch.float64))
+        torch.testing.assert_close(f0, M0, rtol=1e-12, atol=1e-14)
+    # from beyond a wall: the wall state (reservoir), not the initial profile continued (case
+    # I's (1 + sin(pi x)) / 2 turns back beyond the walls; case IV's tanh(20 x) is flat there)
+    c = copy.deepcopy(cfg)
+    c.case = "I"
+    m1 = Trainer(c).model
+    tw = torch.full((2,), 0.1, dtype=torch.float64)
+    wall = m1.uncollided(tw, torch.tensor([-0.5, 0.5], dtype=torch.float64), v, torch.tensor(1.0, dtype=torch.float64))
+    for row, state, inward in ((0, m1.left, v > 0), (1, m1.right, v < 0)):
+        M = kinetic.maxwellian(*(torch.full((1,), q, dtype=torch.float64) for q in state), v)[0]
+        torch.testing.assert_close(wall[row][inward], math.exp(-0.1) * M[inward], rtol=1e-12, atol=1e-14)
+    e = torch.tensor(1e-3, dtype=torch.float64)
+    ts = 0.05 + 0.05 * torch.rand(n, generator=gen, dtype=torch.float64)
+    with_part = m.f(ts, x, v, e)
+    m.uncollided_part = False
+    torch.testing.assert_close(with_part, m.f(ts, x, v, e), rtol=1e-14, atol=0)
+    m.uncollided_part = True
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    refs = task_gradient_references(tr, batch)
+    L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    assert_task_gradients_match_references(L, J, refs)
+    for bad, match in (({"uncollided": 1}, "uncollided must be"), ({"uncollided": "yes"}, "uncollided must be")):
+        c = copy.deepcopy(cfg)
+        c.model = {**c.model, **bad}
+        with pytest.raises(ValueError, match=match):
+            Trainer(c)
+    c = copy.deepcopy(cfg)
+    c.case = "V"
+    with pytest.raises(ValueError, match="uncollided needs continuous"):
+        Trainer(c)
 
 
 @pytest.mark.parametrize("opts", [BGK_FORMS[1], BGK_FORMS[3]], ids=lambda o: f"hard_ic={o['hard_ic']}-{o['f_form']}")

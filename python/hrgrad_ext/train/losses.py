@@ -445,29 +445,36 @@ class BGKFormulation(Formulation):
         """``("interior", "initial")``, and ``"boundary"`` when the inflow term ``bc_f`` is on."""
         return cls.groups + (("boundary",) if float((weights or {}).get("bc_f", 0.0)) > 0 else ())
 
-    #: the f form of the model built by :meth:`build_model` (selects the interior forward)
+    #: the f form of the model built by :meth:`build_model` (selects the interior forward), and
+    #: whether its f has the uncollided part
     f_form = "free"
+    uncollided = False
 
     def build_model(self, encoding: EpsEncoding, nets: dict) -> BGKAPNN:
         """The model from the ``model`` table: networks ``f``, ``macro`` and the options
         ``hard_ic`` (bool), ``f_form`` (``"free"`` or ``"maxwellian"``), ``characteristic``
         (bool: the foot of the characteristic ``x - v t`` as an input of the f network) and
-        ``deviation_knee`` (the log deviation scaled by ``Kn / (Kn + knee)``), see
+        ``deviation_knee`` (the log deviation scaled by ``Kn / (Kn + knee)``) and
+        ``uncollided`` (bool: f = a U + (1 - a) f_c with the free-streamed initial data U), see
         :class:`hrgrad_ext.nn.BGKAPNN`."""
-        options = {"f", "macro", "hard_ic", "f_form", "characteristic", "deviation_knee"}
+        options = {"f", "macro", "hard_ic", "f_form", "characteristic", "deviation_knee", "uncollided"}
         unknown = set(nets) - options
         if unknown:
             raise ValueError(f"bgk: unknown network or model option(s) {sorted(unknown)}; "
                              f"expected some of {sorted(options)}")
         hard_ic = nets.get("hard_ic", False)
-        if hard_ic is True and self.case == "V":
-            raise ValueError("bgk: hard_ic needs continuous initial data; case V (Riemann step) is not")
+        for option in ("hard_ic", "uncollided"):
+            if nets.get(option, False) is True and self.case == "V":
+                # uncollided: U would carry the step along x = v t, a jump that the pointwise x
+                # derivatives of the conservation residuals do not see
+                raise ValueError(f"bgk: {option} needs continuous initial data; case V (Riemann step) is not")
         model = BGKAPNN(encoding, self.t_range, self.x_range, 10.0, self.LEFT, self.RIGHT,
                         f_net=nets.get("f"), macro_net=nets.get("macro"), hard_ic=hard_ic,
                         f_form=nets.get("f_form", "free"), initial_profile=self.profile,
                         time_windows=self.model_windows(), characteristic=nets.get("characteristic", False),
-                        deviation_knee=nets.get("deviation_knee", 0.0))
+                        deviation_knee=nets.get("deviation_knee", 0.0), uncollided=nets.get("uncollided", False))
         self.f_form = model.f_form
+        self.uncollided = model.uncollided_part
         return model
 
     def initial_state(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -497,6 +504,13 @@ class BGKFormulation(Formulation):
             D, (Dt, Dx) = value_and_derivatives(lambda t, x: call("f_dev", t, x, v, eps), (t, x), (0, 1),
                                                 pick_mode(deriv, 2, 1), grid=v.shape[0])
             F, (Ft, Fx) = maxwellian_exp_derivatives(rho, u, T, (dt, dx), D, (Dt, Dx), v)
+            if self.uncollided:
+                # f = a U + (1 - a) f_c (BGKAPNN.f): d_t (1 - a) f_c = (1 - a) Ft - a_t F
+                aU, (aU_t, aU_x) = value_and_derivatives(lambda t, x: call("uncollided", t, x, v, eps), (t, x), (0, 1),
+                                                         pick_mode(deriv, 2, 1), grid=v.shape[0])
+                a, (a_t,) = value_and_derivatives(lambda t: call("uncollided_fraction", t, eps), (t,), (0,), "jvp")
+                a, a_t = a.unsqueeze(-1), a_t.unsqueeze(-1)
+                F, Ft, Fx = aU + (1.0 - a) * F, aU_t + (1.0 - a) * Ft - a_t * F, aU_x + (1.0 - a) * Fx
             return {"F": F, "Ft": Ft, "Fx": Fx, "rho": rho, "u": u, "T": T, "rho_t": dt[0], "u_t": dt[1], "T_t": dt[2]}
         if group == "interior":
             F, (Ft, Fx) = value_and_derivatives(lambda t, x: call("f", t, x, v, eps), (t, x), (0, 1),
