@@ -186,6 +186,13 @@ def log_maxwellian(log_rho: Tensor, u: Tensor, log_T: Tensor, v: Tensor) -> Tens
     return (log_rho - 0.5 * (log_T + math.log(2.0 * math.pi))).unsqueeze(-1) - 0.5 * c * c * torch.exp(-log_T).unsqueeze(-1)
 
 
+def _log_maxwellian_per_node(log_rho: Tensor, u: Tensor, log_T: Tensor, v: Tensor) -> Tensor:
+    """:func:`log_maxwellian` with one state per (point, node) pair: ``log_rho, u, log_T``
+    ``[n, V]`` (e.g. the macro fields at per-node coordinates), ``v`` ``[V]``."""
+    c = v - u
+    return log_rho - 0.5 * (log_T + math.log(2.0 * math.pi)) - 0.5 * c * c * torch.exp(-log_T)
+
+
 def maxwellian_exp_derivatives(rho: Tensor, u: Tensor, T: Tensor, d_macro: Sequence[tuple[Tensor, Tensor, Tensor]],
                                D: Tensor, d_D: Sequence[Tensor], v: Tensor) -> tuple[Tensor, list[Tensor]]:
     """``f = M[rho, u, T](v) exp(D)`` and its derivatives along input directions, by the chain
@@ -382,8 +389,7 @@ class BGKAPNN(APNN):
         else:
             log_rho, u, log_T = self._macro_log(t, x, eps)
             if log_rho.dim() == 2:  # [n, V] coordinates: one Maxwellian per node
-                c = v - u
-                logM = log_rho - 0.5 * (log_T + math.log(2.0 * math.pi)) - 0.5 * c * c * torch.exp(-log_T)
+                logM = _log_maxwellian_per_node(log_rho, u, log_T, v)
             else:
                 logM = log_maxwellian(log_rho, u, log_T, v)
             f = torch.exp(logM + D)
@@ -411,8 +417,7 @@ class BGKAPNN(APNN):
         vv = v.to(x.dtype)
         foot = (x - vv * (t - self.t_range[0])).clamp(*self.x_range)
         rho0, u0, T0 = self.initial_state(foot)
-        c = vv - u0
-        f0 = rho0 * torch.rsqrt(2.0 * math.pi * T0) * torch.exp(-0.5 * c * c / T0)
+        f0 = torch.exp(_log_maxwellian_per_node(torch.log(rho0), u0, torch.log(T0), vv))
         return self.uncollided_fraction(t, eps) * f0
 
     def _macro_log(self, t: Tensor, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
