@@ -137,16 +137,19 @@ def test_default_bgk_model_is_the_maxwellian_form():
 
 def test_bgk_model_option_validation(tmp_path):
     cfg = tiny_config(tmp_path, "bgk")
-    for bad, match in (({"f_form": "gauss"}, "f_form"), ({"hard_ic": 1}, "hard_ic"), ({"hardic": True}, "hardic")):
+    for bad, match in (({"f_form": "gauss"}, "f_form"), ({"hard_ic": 1}, "hard_ic"), ({"hardic": True}, "hardic"),
+                       ({"uncollided": 1}, "uncollided must be"), ({"uncollided": "yes"}, "uncollided must be")):
         c = copy.deepcopy(cfg)
         c.model = {**c.model, **bad}
         with pytest.raises(ValueError, match=match):
             Trainer(c)
-    c = copy.deepcopy(cfg)
-    c.case = "V"
-    c.model = {**c.model, "hard_ic": True}
-    with pytest.raises(ValueError, match="continuous"):
-        Trainer(c)
+    # case V's Riemann step: neither the built-in initial data nor the free-streamed step
+    for option in ("hard_ic", "uncollided"):
+        c = copy.deepcopy(cfg)
+        c.case = "V"
+        c.model = {**c.model, option: True}
+        with pytest.raises(ValueError, match=f"{option} needs continuous"):
+            Trainer(c)
 
 
 def test_task_layout_names_and_combination():
@@ -460,15 +463,6 @@ def test_bgk_uncollided_part_is_the_free_streamed_initial_data_damped_at_the_col
     refs = task_gradient_references(tr, batch)
     L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
     assert_task_gradients_match_references(L, J, refs)
-    for bad, match in (({"uncollided": 1}, "uncollided must be"), ({"uncollided": "yes"}, "uncollided must be")):
-        c = copy.deepcopy(cfg)
-        c.model = {**c.model, **bad}
-        with pytest.raises(ValueError, match=match):
-            Trainer(c)
-    c = copy.deepcopy(cfg)
-    c.case = "V"
-    with pytest.raises(ValueError, match="uncollided needs continuous"):
-        Trainer(c)
 
 
 @pytest.mark.parametrize("opts", [BGK_FORMS[1], BGK_FORMS[3]], ids=lambda o: f"hard_ic={o['hard_ic']}-{o['f_form']}")
