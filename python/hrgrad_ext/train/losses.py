@@ -224,10 +224,10 @@ class Formulation:
         residual ops take."""
 
         def per_task(task_params, task_inputs):
-            if task_params is None:
-                return self.forward(group, lambda method, *args: model(method, *args), task_inputs, deriv)
-            return self.forward(group, lambda method, *args: functional_call(model, task_params, (method, *args)),
-                                task_inputs, deriv)
+            # model(method, *args) is already the call signature forward expects
+            call = model if task_params is None else \
+                (lambda method, *args: functional_call(model, task_params, (method, *args)))
+            return self.forward(group, call, task_inputs, deriv)
 
         out = vmap(per_task, in_dims=(None if params is None else 0, 0))(params, inputs)
         return {key: val.reshape(-1, *val.shape[2:]) for key, val in out.items()}
