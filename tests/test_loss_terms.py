@@ -585,3 +585,39 @@ def test_causal_weighting_of_the_interior_loss_by_hand():
     # off: the plain mean
     form.causal = None
     torch.testing.assert_close(form.interior_mean(rows.reshape(-1), {"t": t, "eps": eps}, 2), rows.mean(1))
+
+
+@pytest.mark.parametrize("knee", [0.0, 0.1])
+def test_bgk_compression_weights_by_hand(knee):
+    # f the Maxwellian of rho = 1, T = 1 and a velocity u; f_x = d_u M u_x', so that the moments
+    # give u and u_x = u_x' (rho_x = 0): the weight is 1 / (k_Kn (|u_x| - u_x) + 1), 1 where the
+    # flow expands, and the interior loss is the mean of the weighted rows, the weights taken
+    # without a gradient
+    v, w = gauss_rule(48, -10.0, 10.0)
+    k = 2.0
+    form = BGKFormulation(eps=[1.0, 1e-3], points={"interior": 3, "initial": 2}, compression=(k, knee))
+    form.v, form.w = v, w
+    u = torch.tensor([0.3, -0.2, 0.1, 0.4, 0.0, -0.1], dtype=f64)
+    u_x = torch.tensor([-5.0, 2.0, 0.0, -0.5, -12.0, 3.0], dtype=f64)
+    kn = torch.tensor([1.0, 1e-3], dtype=f64)
+    M = maxwellian(torch.ones(6, 1, dtype=f64), u[:, None], torch.ones(6, 1, dtype=f64), v)
+    out = {"F": M.clone().requires_grad_(True), "Fx": (M * (v - u[:, None]) * u_x[:, None]).requires_grad_(True),
+           "Ft": torch.zeros_like(M), "rho": torch.ones(6, dtype=f64), "u": u, "T": torch.ones(6, dtype=f64),
+           "rho_t": torch.zeros(6, dtype=f64), "u_t": torch.zeros(6, dtype=f64), "T_t": torch.zeros(6, dtype=f64)}
+    inp = {"t": torch.full((6,), 0.05, dtype=f64), "x": torch.zeros(6, dtype=f64), "eps": kn}
+    lam = form.compression_weights(out, inp, 2)
+    k_kn = torch.full((2,), k, dtype=f64) if knee == 0 else k * knee / (kn + knee)
+    want = 1.0 / (k_kn.repeat_interleave(3) * (u_x.abs() - u_x) + 1.0)
+    torch.testing.assert_close(lam, want, rtol=1e-10, atol=0)
+    assert not lam.requires_grad and bool((lam[u_x >= 0] == 1).all()) and bool((lam[u_x < 0] < 1).all())
+    # the loss: the weighted rows' mean per task, and its gradient that of the rows alone
+    loss = form.loss("interior", out, inp, 2)
+    form.compression = None
+    rows = form.interior_rows(out, inp, 2)
+    torch.testing.assert_close(loss, (want * rows).reshape(2, 3).mean(1), rtol=1e-12, atol=0)
+    gF, gFx = torch.autograd.grad(loss.sum(), (out["F"], out["Fx"]))
+    hF, hFx = torch.autograd.grad((want * rows).sum() / 3, (out["F"], out["Fx"]))
+    torch.testing.assert_close(gF, hF, rtol=1e-12, atol=1e-30)
+    torch.testing.assert_close(gFx, hFx, rtol=1e-12, atol=1e-30)
+    with pytest.raises(ValueError, match="compression"):
+        BGKFormulation(eps=[1.0], points={"interior": 3, "initial": 2}, compression=(0.0, 0.1))

@@ -524,6 +524,37 @@ def test_causal_weighting_keeps_the_task_gradients_exact(tmp_path, problem):
         cfg.validate()
 
 
+def test_compression_weights_keep_the_task_gradients_exact(tmp_path):
+    # compression = {k, knee} (BGK): the per-point weights depend on the point alone, so the
+    # segmented task gradients equal separate backward passes; with causal weighting on top too
+    cfg = tiny_config(tmp_path, "bgk", dtype="float64")
+    # the long preset's model: at initialisation its free-streamed part compresses the flow
+    cfg.model = {**cfg.model, "f_form": "maxwellian", "uncollided": True, "deviation_knee": 0.1, "characteristic": True}
+    cfg.compression = {"k": 5.0, "knee": 0.1}
+    tr = Trainer(cfg.validate())
+    assert tr.form.compression == (5.0, 0.1)
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    for causal in (None, (4, 5.0)):
+        tr.form.causal = causal
+        L, _, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+        L_sep, J_sep = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
+        assert_same_task_gradients(L, J, L_sep, J_sep)
+    tr.form.causal = None
+    L, _, _ = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    tr.form.compression = None
+    L_off, _, _ = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    assert bool((L <= L_off).all()) and bool((L < L_off).any())
+    for bad in ({"k": 0.0}, {"knee": 0.1}, {"k": 1.0, "knee": -1.0}, {"k": float("nan")}, {"k": True},
+                {"k": 1.0, "x": 1}):
+        cfg.compression = bad
+        with pytest.raises(ValueError, match="compression"):
+            cfg.validate()
+    tcfg = tiny_config(tmp_path, "transport")
+    tcfg.compression = {"k": 1.0}
+    with pytest.raises(ValueError, match="compression: the compression weights are BGK's"):
+        tcfg.validate()
+
+
 @pytest.mark.parametrize("problem", ["transport", "bgk"])
 def test_outputs_and_plots(tmp_path, problem):
     cfg = tiny_config(tmp_path, problem, iters=4, tasks="eps_group")

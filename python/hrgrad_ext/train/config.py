@@ -198,6 +198,11 @@ class TrainConfig:
             the points of bin i weighted by ``exp(-tol * sum_{j < i} L_j)`` (L_j: the mean
             interior loss of bin j, not differentiated), so later times count once earlier
             ones are fitted.
+        compression: BGK only (empty = off): the interior residuals weighted by ``1 / (k_Kn
+            (|u_x| - u_x) + 1)`` where the flow is compressed, ``k_Kn = k knee / (Kn + knee)``
+            (``knee`` 0 or absent: ``k``), so that the networks' smeared shocks are not held
+            back by the residuals inside them (weighted equations, Liu et al. 2024), see
+            :meth:`hrgrad_ext.train.losses.BGKFormulation.compression_weights`.
         adaptive: residual-based adaptive sampling of the interior points (RAD, Wu et al.
             2023; empty = off): every ``every`` steps (default 100) a pool of ``pool`` (8) times
             the interior points per task is drawn from the problem's own density and scored by
@@ -244,6 +249,7 @@ class TrainConfig:
     loss_weights: dict = field(default_factory=dict)
     sampling: dict = field(default_factory=dict)
     causal: dict = field(default_factory=dict)
+    compression: dict = field(default_factory=dict)
     adaptive: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     aggregator: dict = field(default_factory=dict)
@@ -332,6 +338,18 @@ class TrainConfig:
                 raise ValueError(f"causal.bins: the number of time bins must be an integer >= 2, got {bins!r}")
             if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
                 raise ValueError(f"causal.tol: the causality tolerance must be > 0, got {tol!r}")
+        if not isinstance(self.compression, dict) or set(self.compression) - {"k", "knee"}:
+            raise ValueError("compression: expected a table with 'k' and optionally 'knee', e.g. "
+                             f"compression = {{ k = 1.0, knee = 0.1 }}; got {self.compression!r}")
+        if self.compression:
+            if self.problem != "bgk":
+                raise ValueError(f"compression: the compression weights are BGK's (shocks); {self.problem} has none")
+            for key, low in (("k", None), ("knee", 0.0)):
+                v = self.compression.get(key, 0.0)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                        or (v <= 0 if low is None else v < low):
+                    raise ValueError(f"compression.{key}: must be a finite number {'> 0' if low is None else '>= 0'}, "
+                                     f"got {v!r}")
         if not isinstance(self.adaptive, dict) or set(self.adaptive) - {"every", "pool", "k", "c"}:
             raise ValueError("adaptive: expected a table with some of 'every', 'pool', 'k', 'c', e.g. "
                              f"adaptive = {{ every = 100, pool = 8 }}; got {self.adaptive!r}")

@@ -122,7 +122,8 @@ def make_formulation(cfg: TrainConfig) -> Formulation:
         return TransportFormulation(front_fraction=float(sp.get("front", 0.0)), front_span=float(sp.get("span", 2.0)),
                                     wall_fraction=float(sp.get("wall", 0.0)), wall_span=float(sp.get("wall_span", 1.0)),
                                     **kw)
-    return BGKFormulation(case=cfg.case, **kw)
+    cw = cfg.compression
+    return BGKFormulation(case=cfg.case, compression=(float(cw["k"]), float(cw.get("knee", 0.0))) if cw else None, **kw)
 
 
 def _points(cfg: TrainConfig) -> dict:
