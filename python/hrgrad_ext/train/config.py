@@ -344,11 +344,11 @@ class TrainConfig:
         if self.compression:
             if self.problem != "bgk":
                 raise ValueError(f"compression: the compression weights are BGK's (shocks); {self.problem} has none")
-            for key, low in (("k", None), ("knee", 0.0)):
+            for key, positive in (("k", True), ("knee", False)):
                 v = self.compression.get(key, 0.0)
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                        or (v <= 0 if low is None else v < low):
-                    raise ValueError(f"compression.{key}: must be a finite number {'> 0' if low is None else '>= 0'}, "
+                bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                if bad or v < 0 or (positive and v == 0):
+                    raise ValueError(f"compression.{key}: must be a finite number {'> 0' if positive else '>= 0'}, "
                                      f"got {v!r}")
         if not isinstance(self.adaptive, dict) or set(self.adaptive) - {"every", "pool", "k", "c"}:
             raise ValueError("adaptive: expected a table with some of 'every', 'pool', 'k', 'c', e.g. "

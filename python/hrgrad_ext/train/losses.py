@@ -556,8 +556,9 @@ class BGKFormulation(Formulation):
         grows like the jump over the front's width unless its inner profile is exactly right, so
         the residual loss pushes a sharpening front back and training settles on smeared
         shocks; weighted down there, the fit is decided by the smooth flow on either side,
-        whose conservation laws set where the shock is and how strong. The knee keeps it to small Kn, where the shocks are (at Kn = 1 the weight of a
-        compression ``u_x = -3`` stays above 0.6 with ``k = 1, knee = 0.1``)."""
+        whose conservation laws set where the shock is and how strong. The knee keeps it to
+        small Kn, where the shocks are (at Kn = 1 the weight of a compression ``u_x = -3``
+        stays above 0.6 with ``k = 1, knee = 0.1``)."""
         k, knee = self.compression
         with torch.no_grad():
             F, Fx, w, v = out["F"], out["Fx"], self.w, self.v
