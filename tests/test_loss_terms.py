@@ -621,3 +621,82 @@ def test_bgk_compression_weights_by_hand(knee):
     torch.testing.assert_close(gFx, hFx, rtol=1e-12, atol=1e-30)
     with pytest.raises(ValueError, match="compression"):
         BGKFormulation(eps=[1.0], points={"interior": 3, "initial": 2}, compression=(0.0, 0.1))
+
+
+def test_bgk_cell_residuals_are_the_cell_means_of_the_conservation_laws():
+    # polynomial fields, for which the 3-node edge quadrature is exact: the integral residual
+    # of each cell equals the mean over the cell of d_t U + d_x G (U from the macro fields, G
+    # the moments of f), computed here independently as an 8 x 8 Gauss mean of the analytic
+    # derivatives (the divergence theorem checks the signs and the dx dt scaling)
+    v, w = gauss_rule(24, -10.0, 10.0)
+    form = BGKFormulation(eps=[1.0, 1e-3], t_final=[0.1, 0.05], weights={"weak": 2.0},
+                          points={"interior": 3, "initial": 2, "cells": 5}, cell=(0.1, 0.5))
+    form.v, form.w = v, w
+    K, n, q = 2, 5, form.CELL_NODES
+    eps = torch.tensor([1.0, 1e-3], dtype=f64)
+    inp = form.sample("cells", torch.Generator().manual_seed(3), K, n, eps)
+    t, x = inp["t"], inp["x"]
+    assert t.shape == x.shape == (K, 4 * n * q)
+    assert float(x.min()) >= -0.5 and float(x.max()) <= 0.5 and float(t.min()) >= 0
+    assert float(t[0].max()) <= 0.1 and float(t[1].max()) <= 0.05  # each task's own window
+
+    def macro(t, x):
+        rho = 1 + 0.3 * x + 0.2 * t + 0.5 * x * t
+        u = 0.1 + 0.2 * x - t
+        T = 1 + 0.1 * t + 0.2 * x
+        return rho, u, T
+
+    def conserved(t, x):
+        rho, u, T = macro(t, x)
+        return torch.stack([rho, rho * u, 0.5 * rho * (u * u + T)], -1)
+
+    base = maxwellian(torch.ones(1, 1, dtype=f64), torch.zeros(1, 1, dtype=f64), torch.ones(1, 1, dtype=f64), v)[0]
+    base = base * (1 + 0.1 * v)
+    amp = lambda t, x: 1 + x + 2 * t * t + t * x  # noqa: E731
+    moments = torch.stack([(base * v * w).sum(), (base * v * v * w).sum(), 0.5 * (base * v ** 3 * w).sum()])
+    flux = lambda t, x: amp(t, x).unsqueeze(-1) * moments  # noqa: E731
+
+    tm, xm = t.reshape(K, n, 2, 2, q)[:, :, 0].reshape(-1), x.reshape(K, n, 2, 2, q)[:, :, 0].reshape(-1)
+    tf, xf = t.reshape(K, n, 2, 2, q)[:, :, 1].reshape(-1), x.reshape(K, n, 2, 2, q)[:, :, 1].reshape(-1)
+    rho, u, T = macro(tm, xm)
+    F = (amp(tf, xf).unsqueeze(-1) * base).requires_grad_(True)
+    rho = rho.clone().requires_grad_(True)
+    out = {"rho": rho, "u": u, "T": T, "F": F}
+    R = form.cell_residuals(out, {"t": t, "x": x, "eps": eps}, K)
+    assert R.shape == (K, n, 3)
+
+    s, gw = np.polynomial.legendre.leggauss(8)
+    s, gw = torch.tensor((s + 1) / 2, dtype=f64), torch.tensor(gw / 2, dtype=f64)
+    cells = t.reshape(K, n, 2, 2, q), x.reshape(K, n, 2, 2, q)
+    want = torch.empty(K, n, 3, dtype=f64)
+    for k in range(K):
+        for c in range(n):
+            ta, tb = cells[0][k, c, 0, 0, 0], cells[0][k, c, 0, 1, 0]
+            xa, xb = cells[1][k, c, 1, 0, 0], cells[1][k, c, 1, 1, 0]
+            tt = (ta + (tb - ta) * s).reshape(-1, 1).expand(8, 8).reshape(-1)
+            xx = (xa + (xb - xa) * s).reshape(1, -1).expand(8, 8).reshape(-1)
+            ww = (gw.reshape(-1, 1) * gw.reshape(1, -1)).reshape(-1)
+            dU = torch.func.vmap(torch.func.jacfwd(conserved, argnums=0))(tt, xx)
+            dG = torch.func.vmap(torch.func.jacfwd(flux, argnums=1))(tt, xx)
+            want[k, c] = ((dU + dG) * ww.unsqueeze(-1)).sum(0)
+    torch.testing.assert_close(R, want, rtol=1e-10, atol=1e-12)
+    # each cell's points are contiguous, so the first three cells alone (a share of the points
+    # that distributed.shards concatenates with others) are three cells of their own
+    first = {k: val.reshape(K, n, 2 * q, *val.shape[1:])[:, :3].reshape(K * 3 * 2 * q, *val.shape[1:])
+             for k, val in out.items()}
+    share = {k: val[:, :3 * 4 * q] for k, val in (("t", t), ("x", x))}
+    torch.testing.assert_close(form.cell_residuals(first, {**share, "eps": eps}, K), R[:, :3], rtol=1e-12, atol=0)
+    assert float(want.abs().max()) > 0.1  # these fields are no solution: the residual is not small
+    # the loss: the weight times the per-task mean of R^2, differentiable in both fields
+    loss = form.loss("cells", out, {"t": t, "x": x, "eps": eps}, K)
+    torch.testing.assert_close(loss, 2.0 * want.pow(2).reshape(K, -1).mean(1), rtol=1e-10, atol=0)
+    gF, grho = torch.autograd.grad(loss.sum(), (F, rho))
+    assert float(gF.abs().max()) > 0 and float(grho.abs().max()) > 0
+    # a uniform state (any constant U and f) is a solution: zero residual in every cell
+    const = {"rho": torch.full_like(tm, 1.3), "u": torch.full_like(tm, 0.2), "T": torch.full_like(tm, 0.8),
+             "F": base.expand(tf.shape[0], -1)}
+    assert float(form.cell_residuals(const, {"t": t, "x": x, "eps": eps}, K).abs().max()) < 1e-12
+    assert "cells" in BGKFormulation.point_groups({"weak": 1.0}) and "cells" not in BGKFormulation.point_groups()
+    for bad in ((0.0, 0.25), (1.0, 0.25), (0.05, 0.0), (0.05, 1.5)):
+        with pytest.raises(ValueError, match="integral conservation residual"):
+            BGKFormulation(eps=[1.0], points={"interior": 3, "initial": 2}, cell=bad)

@@ -239,7 +239,7 @@ def test_wall_sampling_puts_points_in_the_inflow_boundary_layer():
         TransportFormulation(points=pts, front_fraction=0.6, wall_fraction=0.5)
     with pytest.raises(ValueError, match="wall_span"):
         TransportFormulation(points=pts, wall_fraction=0.5, wall_span=0.0)
-    with pytest.raises(ValueError, match="transport's"):
+    with pytest.raises(ValueError, match="unknown option.*for bgk"):
         TrainConfig(problem="bgk", sampling={"wall": 0.5}).validate()
 
 
@@ -552,6 +552,48 @@ def test_compression_weights_keep_the_task_gradients_exact(tmp_path):
     tcfg = tiny_config(tmp_path, "transport")
     tcfg.compression = {"k": 1.0}
     with pytest.raises(ValueError, match="compression: the compression weights are BGK's"):
+        tcfg.validate()
+
+
+def test_integral_conservation_cells_keep_the_task_gradients_exact(tmp_path):
+    # loss weight weak > 0 (BGK): a "cells" point group whose loss is the integral form of the
+    # conservation laws; its task gradients segmented equal separate backward passes, and the
+    # group adds to the task loss
+    cfg = tiny_config(tmp_path, "bgk", dtype="float64")
+    cfg.model = {**cfg.model, "f_form": "maxwellian", "uncollided": True, "characteristic": True}
+    cfg.loss_weights = {"weak": 1.0}
+    cfg.points = {**cfg.points, "cells": 3}
+    cfg.sampling = {"cell_dx": 0.1, "cell_dt": 0.5}
+    tr = Trainer(cfg.validate())
+    assert tr.form.groups == ("interior", "initial", "cells") and tr.form.cell == (0.1, 0.5)
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    assert batch["cells"]["t"].shape == (len(cfg.eps), 4 * 3 * tr.form.CELL_NODES)
+    L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    L_sep, J_sep = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
+    assert_same_task_gradients(L, J, L_sep, J_sep)
+    assert bool((groups["cells"] > 0).all())
+    torch.testing.assert_close(L, sum(groups.values()), rtol=1e-12, atol=0)
+    # the macro networks on the bottom and top edges of each cell, f on its sides
+    cells = {k: v[0] for k, v in batch["cells"].items()}
+    out = tr.form.forward("cells", tr.model, cells, "fast")
+    t, x = (cells[k].reshape(3, 2, -1) for k in ("t", "x"))  # [cell, macro / f, edge points]
+    torch.testing.assert_close(out["rho"], tr.model("macro", t[:, 0].reshape(-1), x[:, 0].reshape(-1), cells["eps"])[0],
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(out["F"], tr.model("f", t[:, 1].reshape(-1), x[:, 1].reshape(-1), tr.form.v, cells["eps"]),
+                               rtol=1e-12, atol=0)
+    # a cell count without the weight is ignored (a shared config), the weight without one is an error
+    cfg.loss_weights = {}
+    assert Trainer(cfg.validate()).form.groups == ("interior", "initial")
+    cfg.loss_weights = {"weak": 1.0}
+    cfg.points = {"interior": 6, "initial": 4}
+    with pytest.raises(ValueError, match="cells"):
+        Trainer(cfg.validate())
+    cfg.sampling = {"front": 0.5}
+    with pytest.raises(ValueError, match="sampling: unknown option"):
+        cfg.validate()
+    tcfg = tiny_config(tmp_path, "transport")
+    tcfg.sampling = {"cell_dx": 0.1}
+    with pytest.raises(ValueError, match="sampling: unknown option"):
         tcfg.validate()
 
 

@@ -184,7 +184,8 @@ class TrainConfig:
             ``nv``: velocity nodes (0: the problem's default).
         case: BGK initial data case ("I" .. "V").
         points: points per task and group (``interior``, ``boundary``, ``initial``; BGK has a
-            boundary group only with its inflow term ``bc_f`` on).
+            boundary group only with its inflow term ``bc_f`` on, and ``cells``, the number of
+            space-time cells of its integral conservation residual, only with ``weak`` on).
         loss_weights: overrides of the formulation's loss weights (the names in
             ``TransportFormulation.WEIGHTS`` / ``BGKFormulation.WEIGHTS``).
         sampling: point placement options; transport: ``front`` (fraction of the interior and
@@ -192,7 +193,9 @@ class TrainConfig:
             x < span min(t / eps, sqrt(t));
             0 = uniform) and ``span`` (the factor on that reach); ``wall`` (fraction of the
             interior points in the inflow wall's boundary layer, x exponential with mean
-            ``wall_span * eps``; 0 = none) and ``wall_span``. BGK takes none.
+            ``wall_span * eps``; 0 = none) and ``wall_span``. BGK: the cells of the integral
+            conservation residual (loss weight ``weak``), ``cell_dx`` (x width, default 0.05)
+            and ``cell_dt`` (height as a fraction of the task window, default 0.25).
         causal: causal weighting in time of the interior loss (Wang, Sankaran & Perdikaris
             2022, "Respecting causality"; empty = off): ``bins`` time bins per task window,
             the points of bin i weighted by ``exp(-tol * sum_{j < i} L_j)`` (L_j: the mean
@@ -322,13 +325,11 @@ class TrainConfig:
             raise ValueError(f"aggregator: unknown method(s) {sorted(unknown)}; expected some of {METHODS}")
         if not isinstance(self.sampling, dict):
             raise ValueError("sampling: expected a table, e.g. sampling = { front = 0.5, span = 2.0 }")
-        unknown = set(self.sampling) - {"front", "span", "wall", "wall_span"}
+        own = {"transport": ("front", "span", "wall", "wall_span"), "bgk": ("cell_dx", "cell_dt")}[self.problem]
+        unknown = set(self.sampling) - set(own)
         if unknown:
-            raise ValueError(f"sampling: unknown option(s) {sorted(unknown)}; expected some of 'front', 'span', "
-                             "'wall', 'wall_span'")
-        if self.sampling and self.problem != "transport":
-            raise ValueError(f"sampling: the point placement options are transport's; {self.problem} samples "
-                             f"uniformly (got {sorted(self.sampling)})")
+            raise ValueError(f"sampling: unknown option(s) {sorted(unknown)} for {self.problem}; expected some of "
+                             + ", ".join(repr(k) for k in own))
         if not isinstance(self.causal, dict) or set(self.causal) - {"bins", "tol"}:
             raise ValueError(f"causal: expected a table with 'bins' and 'tol', e.g. causal = {{ bins = 16, tol = 1.0 }}; "
                              f"got {self.causal!r}")

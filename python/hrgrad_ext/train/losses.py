@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.func import functional_call, jvp, vmap
@@ -431,13 +432,15 @@ class BGKFormulation(Formulation):
     quantities = ("rho", "u", "T")
     WEIGHTS = {"kinetic": 1.0, "cons_rho": 1.0, "cons_mom": 1.0, "cons_energy": 1.0, "consist_rho": 1.0,
                "consist_mom": 1.0, "consist_energy": 1.0, "ic_rho": 10.0, "ic_u": 1.0, "ic_T": 10.0, "ic_f": 10.0,
-               "bc_f": 0.0}
+               "bc_f": 0.0, "weak": 0.0}
     LEFT = bgk_reference.LEFT_STATE
+    #: Gauss-Legendre nodes per cell edge of the integral conservation residual (``weak``)
+    CELL_NODES = 3
     RIGHT = bgk_reference.RIGHT_STATE
 
     def __init__(self, case: str = "IV", t_final: float | Sequence[float] = 0.1, nv: int = 64, weights=None,
                  points=None, eps: Sequence[float] | None = None, causal: tuple[int, float] | None = None,
-                 compression: tuple[float, float] | None = None):
+                 compression: tuple[float, float] | None = None, cell: tuple[float, float] = (0.05, 0.25)):
         super().__init__(nv, (-10.0, 10.0), t_final, (-0.5, 0.5), weights, points, eps, causal)
         self.case = case.upper()
         self.profile = bgk_reference.case_profile(self.case)
@@ -447,11 +450,23 @@ class BGKFormulation(Formulation):
                 raise ValueError(f"bgk: compression = (k, knee) needs k > 0 and knee >= 0, got {compression!r}")
             compression = (k, knee)
         self.compression = compression  # (k, knee) of the compression weights, or None
+        cell_dx, cell_dt = (float(a) for a in cell)
+        if not (0 < cell_dx < self.x_range[1] - self.x_range[0] and 0 < cell_dt <= 1):
+            raise ValueError(f"bgk: the cells of the integral conservation residual need 0 < dx < "
+                             f"{self.x_range[1] - self.x_range[0]:g} and 0 < dt <= 1 (a fraction of the task's "
+                             f"window), got dx = {cell_dx!r}, dt = {cell_dt!r}")
+        self.cell = (cell_dx, cell_dt)  # (x width, time height as a fraction of the task window)
+        s, w = np.polynomial.legendre.leggauss(self.CELL_NODES)
+        self._cell_s = torch.tensor((s + 1) / 2, dtype=torch.float64)  # edge nodes on [0, 1]
+        self._cell_w = torch.tensor(w / 2, dtype=torch.float64)  # their weights (sum 1)
 
     @classmethod
     def point_groups(cls, weights: dict | None = None) -> tuple[str, ...]:
-        """``("interior", "initial")``, and ``"boundary"`` when the inflow term ``bc_f`` is on."""
-        return cls.groups + (("boundary",) if float((weights or {}).get("bc_f", 0.0)) > 0 else ())
+        """``("interior", "initial")``, ``"boundary"`` when the inflow term ``bc_f`` is on and
+        ``"cells"`` when the integral conservation residual ``weak`` is."""
+        weights = weights or {}
+        return cls.groups + (("boundary",) if float(weights.get("bc_f", 0.0)) > 0 else ()) \
+            + (("cells",) if float(weights.get("weak", 0.0)) > 0 else ())
 
     #: the f form of the model built by :meth:`build_model` (selects the interior forward), and
     #: whether its f has the uncollided part
@@ -500,7 +515,32 @@ class BGKFormulation(Formulation):
         if group == "boundary":  # the points alternate between the two walls
             wall = torch.tensor(self.x_range, dtype=torch.float64)[torch.arange(n) % 2]
             return {"t": self._uniform(gen, (K, n), t0, t1), "x": wall.expand(K, n).clone()}
+        if group == "cells":
+            return self._cell_points(gen, K, n, t1)
         raise ValueError(group)
+
+    def _cell_points(self, gen, K: int, n: int, t1) -> dict[str, Tensor]:
+        """``n`` space-time cells per task for the integral conservation residual, each
+        ``[xa, xa + dx] x [ta, ta + dt]`` (``dt`` the fraction ``cell[1]`` of the task window)
+        inside the domain: the quadrature nodes of its four edges, laid out ``[K, n, 2, 2, q]``
+        and flattened to ``[K, 4 n q]``: per cell first the bottom and top edges (where the
+        macro networks give the conserved densities), then the left and right edges (where f
+        gives the fluxes). Each cell's points are contiguous, so shares of cells drawn apart
+        (``distributed.shards``) concatenate along the point axis into more cells."""
+        dx, frac = self.cell
+        x0, x1 = self.x_range
+        t1 = torch.as_tensor(t1, dtype=torch.float64).reshape(-1, 1).expand(K, 1)
+        dt = (frac * t1).reshape(K, 1, 1)
+        xa = self._uniform(gen, (K, n), x0, x1 - dx).reshape(K, n, 1)
+        ta = self._uniform(gen, (K, n), 0.0, 1.0).reshape(K, n, 1) * (t1.reshape(K, 1, 1) - dt)
+        s = self._cell_s
+        along_x = (xa + dx * s).expand(K, n, s.shape[0])
+        along_t = ta + dt * s
+        t = torch.stack([torch.stack([ta.expand_as(along_x), (ta + dt).expand_as(along_x)], 2),
+                         torch.stack([along_t, along_t], 2)], 2)
+        x = torch.stack([torch.stack([along_x, along_x], 2),
+                         torch.stack([xa.expand_as(along_t), (xa + dx).expand_as(along_t)], 2)], 2)
+        return {"t": t.reshape(K, -1), "x": x.reshape(K, -1)}
 
     def forward(self, group: str, call: Callable, inp: dict[str, Tensor], deriv: str) -> dict[str, Tensor]:
         t, x, eps, v = inp["t"], inp["x"], inp["eps"], self.v
@@ -526,6 +566,10 @@ class BGKFormulation(Formulation):
             (rho, u, T), (dt,) = value_and_derivatives(lambda t: call("macro", t, x, eps), (t,), (0,),
                                                        pick_mode(deriv, 1, 3))
             return {"F": F, "Ft": Ft, "Fx": Fx, "rho": rho, "u": u, "T": T, "rho_t": dt[0], "u_t": dt[1], "T_t": dt[2]}
+        if group == "cells":  # densities on the bottom and top edges, f (fluxes) on the sides
+            t, x = (a.reshape(-1, 2, 2 * self.CELL_NODES) for a in (t, x))
+            rho, u, T = call("macro", t[:, 0].reshape(-1), x[:, 0].reshape(-1), eps)
+            return {"F": call("f", t[:, 1].reshape(-1), x[:, 1].reshape(-1), v, eps), "rho": rho, "u": u, "T": T}
         rho, u, T = call("macro", t, x, eps)
         return {"F": call("f", t, x, v, eps), "rho": rho, "u": u, "T": T}
 
@@ -569,6 +613,32 @@ class BGKFormulation(Formulation):
                 k = k * knee / (self._eps_rows(inp, K, F.shape[0] // K).to(F.dtype) + knee)
             return 1.0 / (k * (u_x.abs() - u_x) + 1.0)
 
+    def cell_residuals(self, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
+        """The conservation laws in integral form over each cell of the ``"cells"`` group,
+        ``[K, n, 3]`` (mass, momentum, energy):
+
+            R = (int_x (U(ta + dt) - U(ta)) dx + int_t (G(xa + dx) - G(xa)) dt) / (dx dt),
+
+        ``U = (rho, rho u, rho (u^2 + T) / 2)`` from the macro networks, the fluxes ``G = (<v
+        f>, <v^2 f>, <v^3 f> / 2)`` from f, the edge integrals by Gauss-Legendre. R is the cell
+        mean of the strong conservation residual when the fields are smooth; unlike that, it
+        stays bounded where a drawn shock is sharp, and it is zero only when the jump across the
+        shock and its speed are the conservative ones (Rankine-Hugoniot), which is what the
+        strong form at points loses once the front is steeper than the points can resolve."""
+        q = self._cell_s.shape[0]
+        cw = self._cell_w.to(device=out["rho"].device, dtype=out["rho"].dtype)
+        rho, u, T = (out[k].reshape(K, -1, 2, q) for k in ("rho", "u", "T"))  # [K, n, bottom/top, q]
+        U = torch.stack([rho, rho * u, 0.5 * rho * (u * u + T)], -1)
+        v, w = self.v, self.w
+        F = out["F"].reshape(K, -1, 2, q, v.shape[0])  # [K, n, left/right, q, V]
+        G = F @ torch.stack([v * w, v * v * w, 0.5 * v ** 3 * w], 1)
+        t, x = inp["t"].reshape(K, -1, 2, 2, q), inp["x"].reshape(K, -1, 2, 2, q)
+        dt = (t[:, :, 0, 1, 0] - t[:, :, 0, 0, 0]).unsqueeze(-1)  # [K, n, 1]
+        dx = (x[:, :, 1, 1, 0] - x[:, :, 1, 0, 0]).unsqueeze(-1)
+        dU = torch.einsum("knq,knqj->knj", cw.expand(K, dt.shape[1], q), U[:, :, 1] - U[:, :, 0])
+        dG = torch.einsum("knq,knqj->knj", cw.expand(K, dt.shape[1], q), G[:, :, 1] - G[:, :, 0])
+        return dU / dt + dG / dx
+
     def loss(self, group: str, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
         v, W = self.v, self.weights
         if group == "interior":
@@ -584,6 +654,8 @@ class BGKFormulation(Formulation):
             left = x < 0
             wall = [torch.where(left, x.new_tensor(a), x.new_tensor(b)).reshape(-1) for a, b in zip(self.LEFT, self.RIGHT)]
             return W["bc_f"] * _inflow_mean_sq(out["F"] - kinetic.maxwellian(*wall, v), left, v, K)
+        if group == "cells":
+            return W["weak"] * self.cell_residuals(out, inp, K).pow(2).flatten(1).mean(1)
         x = inp["x"].reshape(-1)
         rho0, u0, T0 = self.initial_state(x)
         M0 = kinetic.maxwellian(rho0, u0, T0, v)

@@ -123,15 +123,17 @@ def make_formulation(cfg: TrainConfig) -> Formulation:
                                     wall_fraction=float(sp.get("wall", 0.0)), wall_span=float(sp.get("wall_span", 1.0)),
                                     **kw)
     cw = cfg.compression
-    return BGKFormulation(case=cfg.case, compression=(float(cw["k"]), float(cw.get("knee", 0.0))) if cw else None, **kw)
+    cell = (float(cfg.sampling.get("cell_dx", 0.05)), float(cfg.sampling.get("cell_dt", 0.25)))
+    return BGKFormulation(case=cfg.case, compression=(float(cw["k"]), float(cw.get("knee", 0.0))) if cw else None,
+                          cell=cell, **kw)
 
 
 def _points(cfg: TrainConfig) -> dict:
     form = TransportFormulation if cfg.problem == "transport" else BGKFormulation
     groups = form.point_groups(cfg.loss_weights)
     # a shared config may list a boundary count that BGK (Dirichlet states built in, no inflow
-    # term for f) does not use
-    return {g: n for g, n in cfg.points.items() if g in groups or g not in ("interior", "boundary", "initial")}
+    # term for f) does not use, or a cell count with the integral residual off
+    return {g: n for g, n in cfg.points.items() if g in groups or g not in ("interior", "boundary", "initial", "cells")}
 
 
 def make_encoding(cfg: TrainConfig) -> EpsEncoding:
