@@ -434,13 +434,15 @@ class BGKFormulation(Formulation):
                "consist_mom": 1.0, "consist_energy": 1.0, "ic_rho": 10.0, "ic_u": 1.0, "ic_T": 10.0, "ic_f": 10.0,
                "bc_f": 0.0, "weak": 0.0}
     LEFT = bgk_reference.LEFT_STATE
-    #: Gauss-Legendre nodes per cell edge of the integral conservation residual (``weak``)
-    CELL_NODES = 3
     RIGHT = bgk_reference.RIGHT_STATE
+    #: Gauss-Legendre nodes per cell edge of the integral conservation residual (``weak``), and
+    #: the default cell: x width, time height as a fraction of the task window
+    CELL_NODES = 3
+    CELL = (0.05, 0.25)
 
     def __init__(self, case: str = "IV", t_final: float | Sequence[float] = 0.1, nv: int = 64, weights=None,
                  points=None, eps: Sequence[float] | None = None, causal: tuple[int, float] | None = None,
-                 compression: tuple[float, float] | None = None, cell: tuple[float, float] = (0.05, 0.25)):
+                 compression: tuple[float, float] | None = None, cell: tuple[float, float] = CELL):
         super().__init__(nv, (-10.0, 10.0), t_final, (-0.5, 0.5), weights, points, eps, causal)
         self.case = case.upper()
         self.profile = bgk_reference.case_profile(self.case)
@@ -529,10 +531,10 @@ class BGKFormulation(Formulation):
         (``distributed.shards``) concatenate along the point axis into more cells."""
         dx, frac = self.cell
         x0, x1 = self.x_range
-        t1 = torch.as_tensor(t1, dtype=torch.float64).reshape(-1, 1).expand(K, 1)
-        dt = (frac * t1).reshape(K, 1, 1)
+        t1 = torch.as_tensor(t1, dtype=torch.float64).reshape(-1, 1, 1).expand(K, 1, 1)
+        dt = frac * t1
         xa = self._uniform(gen, (K, n), x0, x1 - dx).reshape(K, n, 1)
-        ta = self._uniform(gen, (K, n), 0.0, 1.0).reshape(K, n, 1) * (t1.reshape(K, 1, 1) - dt)
+        ta = self._uniform(gen, (K, n), 0.0, 1.0).reshape(K, n, 1) * (t1 - dt)
         s = self._cell_s
         along_x = (xa + dx * s).expand(K, n, s.shape[0])
         along_t = ta + dt * s
@@ -625,7 +627,7 @@ class BGKFormulation(Formulation):
         stays bounded where a drawn shock is sharp, and it is zero only when the jump across the
         shock and its speed are the conservative ones (Rankine-Hugoniot), which is what the
         strong form at points loses once the front is steeper than the points can resolve."""
-        q = self._cell_s.shape[0]
+        q = self.CELL_NODES
         cw = self._cell_w.to(device=out["rho"].device, dtype=out["rho"].dtype)
         rho, u, T = (out[k].reshape(K, -1, 2, q) for k in ("rho", "u", "T"))  # [K, n, bottom/top, q]
         U = torch.stack([rho, rho * u, 0.5 * rho * (u * u + T)], -1)
@@ -635,8 +637,8 @@ class BGKFormulation(Formulation):
         t, x = inp["t"].reshape(K, -1, 2, 2, q), inp["x"].reshape(K, -1, 2, 2, q)
         dt = (t[:, :, 0, 1, 0] - t[:, :, 0, 0, 0]).unsqueeze(-1)  # [K, n, 1]
         dx = (x[:, :, 1, 1, 0] - x[:, :, 1, 0, 0]).unsqueeze(-1)
-        dU = torch.einsum("knq,knqj->knj", cw.expand(K, dt.shape[1], q), U[:, :, 1] - U[:, :, 0])
-        dG = torch.einsum("knq,knqj->knj", cw.expand(K, dt.shape[1], q), G[:, :, 1] - G[:, :, 0])
+        dU = torch.einsum("q,knqj->knj", cw, U[:, :, 1] - U[:, :, 0])
+        dG = torch.einsum("q,knqj->knj", cw, G[:, :, 1] - G[:, :, 0])
         return dU / dt + dG / dx
 
     def loss(self, group: str, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:

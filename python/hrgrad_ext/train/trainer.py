@@ -123,7 +123,7 @@ def make_formulation(cfg: TrainConfig) -> Formulation:
                                     wall_fraction=float(sp.get("wall", 0.0)), wall_span=float(sp.get("wall_span", 1.0)),
                                     **kw)
     cw = cfg.compression
-    cell = (float(cfg.sampling.get("cell_dx", 0.05)), float(cfg.sampling.get("cell_dt", 0.25)))
+    cell = tuple(float(cfg.sampling.get(k, d)) for k, d in zip(("cell_dx", "cell_dt"), BGKFormulation.CELL))
     return BGKFormulation(case=cfg.case, compression=(float(cw["k"]), float(cw.get("knee", 0.0))) if cw else None,
                           cell=cell, **kw)
 
