@@ -277,8 +277,8 @@ def test_backward_needs_a_process_group():
 ITERS = 20
 
 
-def _train_config(tmp_path: Path, name: str, mode: str = "data_parallel"):
-    cfg = tiny_config(tmp_path, "transport", "hrgrad", iters=ITERS, dtype="float64", threads=1)
+def _train_config(tmp_path: Path, name: str, mode: str = "data_parallel", problem: str = "transport"):
+    cfg = tiny_config(tmp_path, problem, "hrgrad", iters=ITERS, dtype="float64", threads=1)
     cfg.out = str(tmp_path / name)
     cfg.log.log_every = 5
     cfg.log.checkpoint_every = 5
@@ -328,6 +328,39 @@ def test_two_rank_training_equals_one_rank_on_the_same_points(tmp_path, one_rank
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and len(summary["rank_step_time_ms"]) == 2
     assert "shards = 2" in (out / "config.toml").read_text()
+
+
+def _bgk_weak_config(tmp_path: Path, name: str):
+    # BGK with the two per-point / per-cell options whose layout has to survive the shares:
+    # the integral conservation cells (12 contiguous points per cell) and the compression weights
+    cfg = _train_config(tmp_path, name, problem="bgk")
+    cfg.iters = 10
+    cfg.loss_weights = {"weak": 1.0}
+    cfg.points = {**cfg.points, "cells": 3}
+    cfg.compression = {"k": 1.0, "knee": 0.1}
+    return cfg
+
+
+def test_two_rank_bgk_with_integral_cells_and_compression_equals_one_rank(tmp_path):
+    """The BGK options that add a point group (``loss_weights.weak``: cells) or weight the
+    points (``compression``) on 2 data-parallel ranks equal one process drawing both shares
+    (float64, 1e-8): each rank's cells are whole cells, so the shares concatenate."""
+    one = _bgk_weak_config(tmp_path, "one")
+    one.distributed.shards = 2
+    Trainer(one).run()
+    ref = read_checkpoint(Path(one.out) / "checkpoint.pt")
+    two = _bgk_weak_config(tmp_path, "two")
+    run_ranks(_train_rank, 2, two)
+    state = read_checkpoint(Path(two.out) / "checkpoint.pt")
+    assert state["step"] == 10 and state["world_size"] == 2
+    _assert_same_parameters(state, ref)
+    # not vacuous: the cells change the run
+    off = _bgk_weak_config(tmp_path, "off")
+    off.loss_weights = {"weak": 0.0}
+    off.distributed.shards = 2
+    Trainer(off).run()
+    moved = read_checkpoint(Path(off.out) / "checkpoint.pt")["model"]
+    assert any((moved[k] - v).abs().max() > 1e-6 for k, v in ref["model"].items())
 
 
 def _resume_rank(rank, world, out):
