@@ -51,7 +51,7 @@ def test_interior_rows_average_to_the_interior_loss(tmp_path, problem):
     tr.form.interior_rows = spy
     gen = torch.Generator().manual_seed(5)
     sampler.refresh(tr.model, tr.form, gen, tr.eps_tensor, 0, "cpu", torch.float64)
-    pool = {k: v.clone() for k, v in sampler.points.items()}
+    pool = {k: v.clone() for k, v in sampler.points["interior"].items()}
     # score the batch's own interior points through the pool path: same points, same rows
     batch_gen = torch.Generator().manual_seed(5)
     again = tr.form.sample("interior", batch_gen, len(tr.cfg.eps), tr.form.points["interior"], tr.eps_tensor)
@@ -71,31 +71,102 @@ def test_adaptive_points_come_from_the_pool_where_the_residual_is(tmp_path, monk
     monkeypatch.setattr(tr.form, "interior_rows", lambda out, inp, K: (inp["x"].reshape(-1) < 0.3).double())
     sampler = ResidualSampler(every=10, pool=16, k=1.0, c=0.0)
     sampler.refresh(tr.model, tr.form, tr.gen, tr.eps_tensor, 0, "cpu", torch.float64)
-    assert sampler.points["x"].shape == (K, 16 * n)
-    assert int(((sampler.points["x"] < 0.3).sum(1) >= n).all())  # precondition: enough such points
-    interior = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)["interior"]
+    pool = sampler.points["interior"]
+    assert pool["x"].shape == (K, 16 * n)
+    assert int(((pool["x"] < 0.3).sum(1) >= n).all())  # precondition: enough such points
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    interior = batch["interior"]
     for _ in range(20):
-        drawn = sampler.draw(tr.gen, interior)
+        out = sampler.draw(tr.gen, batch)
+        drawn = out["interior"]
+        assert all(out[g] is batch[g] for g in batch if g != "interior")  # the other groups as drawn
         assert drawn["x"].shape == (K, n) and bool((drawn["x"] < 0.3).all())
         assert torch.equal(drawn["eps"], interior["eps"])
         for i in range(K):  # drawn from the pool, without replacement, (t, x) pairs kept together
-            pairs = set(zip(sampler.points["t"][i].tolist(), sampler.points["x"][i].tolist()))
+            pairs = set(zip(pool["t"][i].tolist(), pool["x"][i].tolist()))
             got = list(zip(drawn["t"][i].tolist(), drawn["x"][i].tolist()))
             assert set(got) <= pairs and len(set(got)) == n
     # c = 1: the same residual draws about half of the mass there, the rest from the whole pool
     sampler.c = 1.0
     sampler.refresh(tr.model, tr.form, tr.gen, tr.eps_tensor, 0, "cpu", torch.float64)
-    share = (sampler.points["x"] < 0.3).double().mean(1, keepdim=True)
+    inside = sampler.points["interior"]["x"] < 0.3
+    share = inside.double().mean(1, keepdim=True)
     expect = (1 + share) / 2  # 1/2 (residual part) + 1/2 share (the base part)
-    torch.testing.assert_close((sampler.probs * (sampler.points["x"] < 0.3)).sum(1, keepdim=True), expect,
+    torch.testing.assert_close((sampler.probs["interior"] * inside).sum(1, keepdim=True), expect,
                                rtol=1e-12, atol=0)
     assert not sampler.due(9) and sampler.due(10)
 
 
-def test_adaptive_run_resumes_exactly(tmp_path):
-    # the pool is checkpointed: an interrupted and resumed run draws the same points
-    base = tiny_config(tmp_path, "bgk", iters=6)
-    base.adaptive = {"every": 4, "pool": 3}
+def _bgk_cells_config(tmp_path, **kw):
+    """A tiny BGK run with the integral conservation residual on (4 cells per task)."""
+    cfg = tiny_config(tmp_path, "bgk", **kw)
+    cfg.loss_weights = {"weak": 1.0}
+    cfg.points = {**cfg.points, "cells": 4}
+    return cfg
+
+
+def test_bgk_cell_scores_are_the_squared_cell_residuals(tmp_path):
+    # what RAD scores a cell by: its squared residual summed over the three conservation laws;
+    # the per-task mean over 3 is the cells' loss (weight 1)
+    tr = Trainer(_bgk_cells_config(tmp_path, dtype="float64"))
+    K, n = len(tr.cfg.eps), tr.form.points["cells"]
+    inp = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)["cells"]
+    out = tr.form.forward_tasks("cells", tr.model, inp, "fast")
+    scores = tr.form.residual_scores("cells", out, inp, K)
+    assert scores.shape == (K, n) and scores.std() > 0
+    torch.testing.assert_close(scores, tr.form.cell_residuals(out, inp, K).pow(2).sum(-1), rtol=1e-14, atol=0)
+    torch.testing.assert_close(scores.mean(1) / 3, tr.form.loss("cells", out, inp, K), rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="no residual scores for its 'initial' points"):
+        tr.form.residual_scores("initial", out, inp, K)
+
+
+def test_adaptive_cells_are_drawn_whole_where_their_residual_is(tmp_path, monkeypatch):
+    tr = Trainer(_bgk_cells_config(tmp_path, dtype="float64"))
+    K, n, unit = len(tr.cfg.eps), tr.form.points["cells"], 4 * tr.form.CELL_NODES
+    real = tr.form.residual_scores
+
+    def scores(group, out, inp, K):  # a cell residual that lives in the cells left of x = 0
+        if group != "cells":
+            return real(group, out, inp, K)
+        return (inp["x"].reshape(K, -1, unit).amin(-1) < 0.0).double()
+
+    monkeypatch.setattr(tr.form, "residual_scores", scores)
+    sampler = ResidualSampler(every=10, pool=8, c=0.0, groups=("interior", "cells"))
+    sampler.refresh(tr.model, tr.form, tr.gen, tr.eps_tensor, 0, "cpu", torch.float64)
+    pool = sampler.points["cells"]
+    assert pool["x"].shape == (K, 8 * n * unit) and sampler.probs["cells"].shape == (K, 8 * n)
+    assert int(((pool["x"].reshape(K, -1, unit).amin(-1) < 0).sum(1) >= n).all())  # precondition
+    blocks = [{tuple(b) for b in torch.cat([pool["t"][i].reshape(-1, unit), pool["x"][i].reshape(-1, unit)], 1).tolist()}
+              for i in range(K)]
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    for _ in range(10):
+        out = sampler.draw(tr.gen, batch)
+        drawn = out["cells"]
+        assert drawn["x"].shape == (K, n * unit) and torch.equal(drawn["eps"], batch["cells"]["eps"])
+        assert bool((drawn["x"].reshape(K, n, unit).amin(-1) < 0).all())
+        for i in range(K):  # whole cells of the pool (edges kept together), each at most once
+            got = [tuple(b) for b in torch.cat([drawn["t"][i].reshape(n, unit), drawn["x"][i].reshape(n, unit)],
+                                               1).tolist()]
+            assert set(got) <= blocks[i] and len(set(got)) == n
+        assert not torch.equal(out["interior"]["x"], batch["interior"]["x"])  # both groups drawn
+        assert out["initial"] is batch["initial"]
+
+
+def test_adaptive_state_of_an_interior_only_checkpoint_loads():
+    # checkpoints written before the per-group pools held the interior pool's tensors directly
+    pts = {"t": torch.rand(2, 6, dtype=torch.float64), "x": torch.rand(2, 6, dtype=torch.float64)}
+    probs = torch.full((2, 6), 1 / 6, dtype=torch.float64)
+    sampler = ResidualSampler()
+    sampler.load_state_dict({"points": pts, "probs": probs, "built_at": 7})
+    assert sampler.points["interior"] is pts and sampler.probs["interior"] is probs and sampler.built_at == 7
+    assert not sampler.due(106) and sampler.due(107)
+
+
+@pytest.mark.parametrize("groups", [("interior",), ("interior", "cells")])
+def test_adaptive_run_resumes_exactly(tmp_path, groups):
+    # the pools are checkpointed: an interrupted and resumed run draws the same points
+    base = _bgk_cells_config(tmp_path, iters=6) if "cells" in groups else tiny_config(tmp_path, "bgk", iters=6)
+    base.adaptive = {"every": 4, "pool": 3, "groups": list(groups)}
     base.log.checkpoint_every = 100
     full, cut = copy.deepcopy(base), copy.deepcopy(base)
     full.out, cut.out = str(tmp_path / "full"), str(tmp_path / "cut")
@@ -109,7 +180,8 @@ def test_adaptive_run_resumes_exactly(tmp_path):
     resumed.run()
     for a, b in zip(t_full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
-    assert torch.equal(t_full.adaptive.probs, resumed.adaptive.probs)
+    for g in groups:
+        assert torch.equal(t_full.adaptive.probs[g], resumed.adaptive.probs[g])
 
 
 def test_adaptive_changes_the_training_points(tmp_path):
@@ -123,13 +195,36 @@ def test_adaptive_changes_the_training_points(tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
 
 
+def test_adaptive_cells_change_the_training_points(tmp_path):
+    # precondition of the resume test with cells: placing the cells by their residual is not
+    # the run that places only the interior points so
+    runs = []
+    for groups in (["interior"], ["interior", "cells"]):
+        cfg = _bgk_cells_config(tmp_path / "-".join(groups), iters=2)
+        cfg.adaptive = {"every": 1, "groups": groups}
+        runs.append(Trainer(cfg))
+        runs[-1].run()
+    assert any(not torch.equal(p, q) for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()))
+
+
 @pytest.mark.parametrize("bad", [{"every": 0}, {"pool": 0}, {"every": 1.5}, {"k": -1.0}, {"c": float("nan")},
-                                 {"c": True}, {"period": 10}, [1, 2]])
+                                 {"c": True}, {"period": 10}, [1, 2], {"groups": []}, {"groups": "interior"},
+                                 {"groups": ["interior", "interior"]}, {"groups": ["cells"]},
+                                 {"groups": ["boundary"]}])
 def test_adaptive_config_is_checked(tmp_path, bad):
     cfg = tiny_config(tmp_path, "transport")
     cfg.adaptive = bad
     with pytest.raises(ValueError, match="adaptive"):
         cfg.validate()
+
+
+def test_adaptive_cells_need_the_integral_conservation_residual(tmp_path):
+    cfg = tiny_config(tmp_path, "bgk")
+    cfg.adaptive = {"groups": ["interior", "cells"]}
+    with pytest.raises(ValueError, match="adaptive.groups: 'cells' .* set loss_weights.weak > 0"):
+        cfg.validate()
+    cfg.loss_weights = {"weak": 1.0}
+    cfg.validate()
 
 
 def test_adaptive_sampling_is_refused_with_shares_of_the_points(tmp_path):

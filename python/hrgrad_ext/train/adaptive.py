@@ -1,4 +1,4 @@
-"""Residual-based adaptive sampling of the interior points (config ``adaptive``).
+"""Residual-based adaptive sampling of the interior points and BGK's cells (config ``adaptive``).
 
 RAD, the residual-based adaptive distribution of Wu, Zhu, Tan, Kartha & Lu ("A comprehensive
 study of non-adaptive and residual-based adaptive sampling for physics-informed neural
@@ -17,6 +17,12 @@ wall-layer placement), their per-point interior loss evaluated once without a gr
 the next refresh each step takes its ``n`` points per task from that pool, without replacement,
 with the probabilities above. Each step thus still sees a fresh subset of points at the cost of
 one forward pass over the pool every ``every`` steps.
+
+The same law places BGK's space-time cells of the integral conservation residual (``groups``
+with ``"cells"``): a cell is one unit of ``4 q`` points (the quadrature nodes of its edges,
+:meth:`~hrgrad_ext.train.losses.BGKFormulation.residual_scores`), scored by its squared cell
+residual and drawn whole, so that the cells gather at the shock, where the conservative jump
+is what the networks miss.
 """
 
 from __future__ import annotations
@@ -42,53 +48,72 @@ def rad_probabilities(rows: Tensor, k: float, c: float) -> Tensor:
 
 
 class ResidualSampler:
-    """RAD on a pool of interior points (see the module docstring).
+    """RAD on a pool of points per point group (see the module docstring).
 
     Args:
         every: steps between two pool refreshes (>= 1).
-        pool: pool size as a multiple of the interior points per task (>= 1).
+        pool: pool size as a multiple of the units (points, or BGK's cells) per task (>= 1).
         k, c: the density's exponent and constant (>= 0).
+        groups: the point groups placed this way (``"interior"``; ``"cells"`` for BGK with
+            its integral conservation residual on).
 
-    The pool (points and probabilities) is part of the trainer's checkpoint, so a resumed run
+    The pools (points and probabilities) are part of the trainer's checkpoint, so a resumed run
     draws the same points as an uninterrupted one.
     """
 
-    def __init__(self, every: int = 100, pool: int = 8, k: float = 1.0, c: float = 1.0):
+    def __init__(self, every: int = 100, pool: int = 8, k: float = 1.0, c: float = 1.0,
+                 groups: tuple[str, ...] | list[str] = ("interior",)):
         if every < 1 or pool < 1 or not (k >= 0 and c >= 0):
             raise ValueError(f"adaptive: need every >= 1, pool >= 1, k >= 0, c >= 0; got {every}, {pool}, {k}, {c}")
+        if not groups or len(set(groups)) != len(groups):
+            raise ValueError(f"adaptive.groups: need distinct point groups, got {groups!r}")
         self.every, self.pool_factor, self.k, self.c = int(every), int(pool), float(k), float(c)
-        self.points: dict[str, Tensor] | None = None  # {"t", "x"}: [K, M] float64, CPU
-        self.probs: Tensor | None = None  # [K, M]
+        self.groups = tuple(groups)
+        # per group: {"t", "x"} [K, M units x unit points] float64 on the CPU, and the units'
+        # probabilities [K, M]
+        self.points: dict[str, dict[str, Tensor]] = {}
+        self.probs: dict[str, Tensor] = {}
         self.built_at = -1
 
     @torch.no_grad()
     def refresh(self, model, form, gen: torch.Generator, eps: Tensor, step: int, device, dtype) -> None:
-        """Draws a new pool from ``form``'s interior density and scores it with ``model``."""
-        K, n = eps.shape[0], form.points["interior"]
-        pts = form.sample("interior", gen, K, self.pool_factor * n, eps)
-        inp = {k: v.to(device=device, dtype=dtype) for k, v in pts.items()}
-        inp["eps"] = eps.to(device=device, dtype=dtype)
-        flat = form.forward_tasks("interior", model, inp, "fast")
-        rows = form.interior_rows(flat, inp, K).reshape(K, -1)
-        self.points = {key: val.to(torch.float64) for key, val in pts.items()}
-        self.probs = rad_probabilities(rows.cpu(), self.k, self.c)
+        """Draws new pools from ``form``'s densities, group by group, and scores them with ``model``."""
+        K = eps.shape[0]
+        for group in self.groups:
+            pts = form.sample(group, gen, K, self.pool_factor * form.points[group], eps)
+            inp = {key: val.to(device=device, dtype=dtype) for key, val in pts.items()}
+            inp["eps"] = eps.to(device=device, dtype=dtype)
+            flat = form.forward_tasks(group, model, inp, "fast")
+            scores = form.residual_scores(group, flat, inp, K)
+            self.points[group] = {key: val.to(torch.float64) for key, val in pts.items()}
+            self.probs[group] = rad_probabilities(scores.cpu(), self.k, self.c)
         self.built_at = int(step)
 
     def due(self, step: int) -> bool:
-        return self.points is None or step - self.built_at >= self.every
+        return not self.points or step - self.built_at >= self.every
 
-    def draw(self, gen: torch.Generator, interior: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``interior`` (a batch's group: ``t``, ``x`` ``[K, n]`` and ``eps``) with its points
-        replaced by ``n`` per task drawn from the pool."""
-        n = interior["t"].shape[1]
-        idx = torch.multinomial(self.probs, n, replacement=False, generator=gen)
-        out = dict(interior)
-        for key, val in self.points.items():
-            out[key] = val.gather(1, idx).to(device=interior[key].device, dtype=interior[key].dtype)
+    def draw(self, gen: torch.Generator, batch: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+        """``batch`` (per group: ``t``, ``x`` ``[K, n]`` and ``eps``) with the points of each of
+        this sampler's groups replaced by as many drawn from its pool, whole units at a time."""
+        out = dict(batch)
+        for group in self.groups:
+            probs, pool = self.probs[group], self.points[group]
+            have = batch[group]
+            unit = pool["t"].shape[1] // probs.shape[1]  # points per unit (1, or a cell's 4 q)
+            idx = torch.multinomial(probs, have["t"].shape[1] // unit, replacement=False, generator=gen)
+            if unit > 1:
+                idx = (idx.unsqueeze(-1) * unit + torch.arange(unit)).flatten(1)
+            drawn = dict(have)
+            for key, val in pool.items():
+                drawn[key] = val.gather(1, idx).to(device=have[key].device, dtype=have[key].dtype)
+            out[group] = drawn
         return out
 
     def state_dict(self) -> dict:
         return {"points": self.points, "probs": self.probs, "built_at": self.built_at}
 
     def load_state_dict(self, state: dict) -> None:
-        self.points, self.probs, self.built_at = state["points"], state["probs"], int(state["built_at"])
+        points, probs = state["points"] or {}, state["probs"] if state["probs"] is not None else {}
+        if isinstance(probs, Tensor):  # a checkpoint from before the per-group pools: the interior's
+            points, probs = {"interior": points}, {"interior": probs}
+        self.points, self.probs, self.built_at = dict(points), dict(probs), int(state["built_at"])

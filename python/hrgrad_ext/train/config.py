@@ -211,7 +211,9 @@ class TrainConfig:
             the interior points per task is drawn from the problem's own density and scored by
             the per-point residual loss r; each step draws its points from the pool with
             probability ~ ``r^k / mean(r^k) + c`` (``k`` = 1, ``c`` = 1), see
-            :mod:`hrgrad_ext.train.adaptive`.
+            :mod:`hrgrad_ext.train.adaptive`. ``groups`` (default ``["interior"]``): BGK with
+            ``weak`` on also places its cells this way with ``"cells"`` (each scored by its
+            squared integral conservation residual).
         model: ``encoding`` (``fourier``, ``embed_dim``, optional ``log10_min/max``) and the
             networks (transport ``rho``, ``g``; BGK ``f``, ``macro``) as ``kind``/``width``/
             ``depth``/``activation``; transport also ``reach`` (x input scaled by
@@ -351,9 +353,18 @@ class TrainConfig:
                 if bad or v < 0 or (positive and v == 0):
                     raise ValueError(f"compression.{key}: must be a finite number {'> 0' if positive else '>= 0'}, "
                                      f"got {v!r}")
-        if not isinstance(self.adaptive, dict) or set(self.adaptive) - {"every", "pool", "k", "c"}:
-            raise ValueError("adaptive: expected a table with some of 'every', 'pool', 'k', 'c', e.g. "
+        if not isinstance(self.adaptive, dict) or set(self.adaptive) - {"every", "pool", "k", "c", "groups"}:
+            raise ValueError("adaptive: expected a table with some of 'every', 'pool', 'k', 'c', 'groups', e.g. "
                              f"adaptive = {{ every = 100, pool = 8 }}; got {self.adaptive!r}")
+        groups = self.adaptive.get("groups", ["interior"])
+        own = ("interior", "cells") if self.problem == "bgk" else ("interior",)
+        if (not isinstance(groups, (list, tuple)) or not groups or len(set(map(str, groups))) != len(groups)
+                or any(g not in own for g in groups)):
+            raise ValueError(f"adaptive.groups: expected distinct point groups out of {list(own)} for {self.problem}, "
+                             f"got {groups!r}")
+        if "cells" in groups and not float(self.loss_weights.get("weak", 0.0)) > 0:
+            raise ValueError("adaptive.groups: 'cells' places the cells of BGK's integral conservation residual, "
+                             "which is off: set loss_weights.weak > 0")
         for key in ("every", "pool"):
             v = self.adaptive.get(key, 1)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

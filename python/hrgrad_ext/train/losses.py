@@ -217,6 +217,13 @@ class Formulation:
         sampling (:class:`~hrgrad_ext.train.adaptive.ResidualSampler`) weigh these rows."""
         raise NotImplementedError
 
+    def residual_scores(self, group: str, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
+        """What the adaptive sampling scores a group's units by, ``[K, units]`` (>= 0): the
+        interior's per-point loss rows (:meth:`interior_rows`)."""
+        if group == "interior":
+            return self.interior_rows(out, inp, K).reshape(K, -1)
+        raise ValueError(f"adaptive: {type(self).__name__} has no residual scores for its {group!r} points")
+
     def forward_tasks(self, group: str, model, inputs: dict[str, Tensor], deriv: str,
                       params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """:meth:`forward` of every task at once. ``inputs`` carry a leading task axis ``K``
@@ -640,6 +647,13 @@ class BGKFormulation(Formulation):
         dU = torch.einsum("q,knqj->knj", cw, U[:, :, 1] - U[:, :, 0])
         dG = torch.einsum("q,knqj->knj", cw, G[:, :, 1] - G[:, :, 0])
         return dU / dt + dG / dx
+
+    def residual_scores(self, group: str, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
+        """The interior's per-point rows, or per cell of the ``"cells"`` group its squared
+        integral conservation residual summed over mass, momentum and energy ``[K, n]``."""
+        if group == "cells":
+            return self.cell_residuals(out, inp, K).pow(2).sum(-1)
+        return super().residual_scores(group, out, inp, K)
 
     def loss(self, group: str, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
         v, W = self.v, self.weights

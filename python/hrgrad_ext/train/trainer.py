@@ -327,7 +327,7 @@ class Trainer:
             if self.adaptive.due(self.step):
                 self.adaptive.refresh(self.model, self.form, self.gen, self.eps_tensor, self.step, self.device,
                                       self.dtype)
-            batch["interior"] = self.adaptive.draw(self.gen, batch["interior"])
+            batch = self.adaptive.draw(self.gen, batch)
         if self.shard is not None:
             losses, G, w, status, task_ok, norm = self.dist.sharded_gradients(self, batch, self._stop_signal,
                                                                               self._inject)
