@@ -101,8 +101,7 @@ class ResidualSampler:
             have = batch[group]
             unit = pool["t"].shape[1] // probs.shape[1]  # points per unit (1, or a cell's 4 q)
             idx = torch.multinomial(probs, have["t"].shape[1] // unit, replacement=False, generator=gen)
-            if unit > 1:
-                idx = (idx.unsqueeze(-1) * unit + torch.arange(unit)).flatten(1)
+            idx = (idx.unsqueeze(-1) * unit + torch.arange(unit)).flatten(1)
             drawn = dict(have)
             for key, val in pool.items():
                 drawn[key] = val.gather(1, idx).to(device=have[key].device, dtype=have[key].dtype)
@@ -113,7 +112,9 @@ class ResidualSampler:
         return {"points": self.points, "probs": self.probs, "built_at": self.built_at}
 
     def load_state_dict(self, state: dict) -> None:
-        points, probs = state["points"] or {}, state["probs"] if state["probs"] is not None else {}
-        if isinstance(probs, Tensor):  # a checkpoint from before the per-group pools: the interior's
+        points, probs = state["points"], state["probs"]
+        if probs is None:  # saved before the first refresh
+            points, probs = {}, {}
+        elif isinstance(probs, Tensor):  # a checkpoint from before the per-group pools: the interior's
             points, probs = {"interior": points}, {"interior": probs}
         self.points, self.probs, self.built_at = dict(points), dict(probs), int(state["built_at"])
