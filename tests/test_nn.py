@@ -141,7 +141,7 @@ def test_bgk_model_dirichlet_states_and_positive_f():
 
 
 @pytest.mark.parametrize("deriv", ["jvp", "vjp", "autograd"])
-@pytest.mark.parametrize("options", [{}, {"reach": 0.2, "half_range": True}])
+@pytest.mark.parametrize("options", [{}, {"reach": 0.2, "half_range": True}, {"wall_layer": 0.1}])
 def test_input_derivatives_match_finite_differences(deriv, options):
     m = TransportAPNN(EpsEncoding(-8, 0), rho_net=dict(width=8, depth=2), g_net=dict(width=8, depth=2), **options)
     t, x = _pts(5, 0, 1)
@@ -187,6 +187,41 @@ def test_transport_reach_scales_x_to_the_distance_the_inflow_travels():
     torch.testing.assert_close(h[:, 0, 1], torch.tensor([-1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="reach"):
         TransportAPNN(EpsEncoding(), reach=-1.0)
+
+
+def test_transport_wall_layer_inputs_are_the_layer_shapes_above_the_threshold():
+    m = TransportAPNN(EpsEncoding(-8, 0), rho_net=dict(width=4, depth=1), g_net=dict(width=4, depth=1), wall_layer=0.05)
+    e = m.encoding.out_dim
+    assert m.rho_net.net[0].in_features == 2 + e + 2 and m.g_net.net[0].in_features == 3 + e + 2
+    x = torch.tensor([0.0, 0.05, 0.5, 1.0], dtype=torch.float64)
+    for eps in (1.0, 0.1, 0.05):
+        feats = m.wall_layer_features(x, torch.tensor(eps, dtype=torch.float64))
+        torch.testing.assert_close(feats, torch.stack([torch.exp(-x / eps), torch.exp(-(1 - x) / eps)], -1))
+    # below the threshold the layer is not resolved: zeros, not a spike at the wall
+    for eps in (0.049, 1e-8):
+        assert (m.wall_layer_features(x, torch.tensor(eps, dtype=torch.float64)) == 0).all()
+    # per-point eps on the [n, V] grid layout; the networks see exactly these inputs
+    xg = x.unsqueeze(-1).expand(4, 3)
+    eps_pts = torch.tensor([1.0, 1e-3, 0.1, 1e-8], dtype=torch.float64)
+    feats = m.wall_layer_features(xg, eps_pts)
+    assert feats.shape == (4, 3, 2)
+    torch.testing.assert_close(feats[0, :, 0], torch.ones(3, dtype=torch.float64))
+    assert (feats[1] == 0).all() and (feats[3] == 0).all()
+    torch.testing.assert_close(feats[2, :, 0], torch.full((3,), math.exp(-5.0), dtype=torch.float64))
+    t = torch.full((4,), 0.05)
+    captured = {}
+    m.rho_net.register_forward_hook(lambda mod, inp, out: captured.update(rho=inp[0]))
+    m.g_net.register_forward_hook(lambda mod, inp, out: captured.update(g=inp[0]))
+    m.rho(t, x, torch.tensor(0.1))
+    m.g_raw(t, x, torch.linspace(-1, 1, 3), torch.tensor(0.1))
+    torch.testing.assert_close(captured["rho"][:, -2:], m.wall_layer_features(x, torch.tensor(0.1)))
+    torch.testing.assert_close(captured["g"][:, 1, -2:], m.wall_layer_features(x, torch.tensor(0.1)))
+    # the option changes the function (off: the inputs of before)
+    assert TransportAPNN(EpsEncoding(-8, 0), rho_net=dict(width=4, depth=1)).rho_net.net[0].in_features == 2 + e
+    with pytest.raises(ValueError, match="wall_layer"):
+        TransportAPNN(EpsEncoding(), wall_layer=-0.1)
+    with pytest.raises(ValueError, match="wall_layer"):
+        TransportAPNN(EpsEncoding(), wall_layer=float("nan"))
 
 
 def test_transport_half_range_lets_g_jump_at_v_zero():

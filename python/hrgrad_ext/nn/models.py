@@ -122,6 +122,17 @@ class TransportAPNN(APNN):
       1, which adds spurious inflow. The velocities are quadrature nodes (never 0) and are not
       differentiated, so the input is exact.
 
+    * ``wall_layer`` > 0: the networks also receive the shapes of the kinetic boundary layers
+      at the two walls, ``exp(-(x - x0) / eps)`` and ``exp(-(x1 - x) / eps)`` (their depth is
+      the mean free path eps), for the tasks with ``eps >= wall_layer``, and zeros for the
+      others. At eps = 0.1 the density drops from 0.82 at the wall to 0.65 at x = 0.05 while
+      at eps = 1e-2 it is 0.975 at the wall: with (x, log10 eps) alone, a smooth network has to
+      draw a layer whose depth changes tenfold between two neighbouring tasks. Below the
+      threshold the layer is thinner than the collocation resolves, and a feature that is 1 at
+      the wall and ~0 at every interior point would let the boundary loss be met at the wall
+      alone, cut off from the interior solution; so it is 0 there (eps is a task constant and
+      is never differentiated, so the switch is exact).
+
     (An input that is discontinuous in (t, x), such as the exact uncollided flux
     1[eps x < v t] exp(-x / (eps v)), must not be used: autograd misses the delta of its jump,
     so the residuals do not see the mass it carries, and training finds spurious solutions
@@ -133,6 +144,7 @@ class TransportAPNN(APNN):
         rho_net, g_net: dicts with ``kind`` ("mlp"/"resnet"), ``width``, ``depth``, ``activation``.
         reach: eps-dependent x scaling (0: the slab length for every eps).
         half_range: add sign(v) to the g network's input.
+        wall_layer: smallest eps that gets the two wall-layer inputs (0: no such inputs).
         time_windows: per-task time windows (:class:`TimeWindows`; None: ``t_range`` for all).
     """
 
@@ -140,14 +152,17 @@ class TransportAPNN(APNN):
 
     def __init__(self, encoding: EpsEncoding, t_range=(0.0, 0.1), x_range=(0.0, 1.0),
                  rho_net: dict | None = None, g_net: dict | None = None, reach: float = 0.0,
-                 half_range: bool = False, time_windows: TimeWindows | None = None):
+                 half_range: bool = False, wall_layer: float = 0.0, time_windows: TimeWindows | None = None):
         super().__init__(encoding, t_range, x_range, 1.0, time_windows)
         if not (math.isfinite(reach) and reach >= 0):
             raise ValueError(f"TransportAPNN: reach must be a finite number >= 0, got {reach}")
+        if not (math.isfinite(wall_layer) and wall_layer >= 0):
+            raise ValueError(f"TransportAPNN: wall_layer must be a finite number >= 0, got {wall_layer}")
         self.reach = float(reach)
         self.half_range = bool(half_range)
+        self.wall_layer = float(wall_layer)
         default = dict(kind="mlp", width=64, depth=4, activation="tanh")
-        e = encoding.out_dim
+        e = encoding.out_dim + (2 if self.wall_layer > 0 else 0)
         self.rho_net = make_body(in_dim=2 + e, out_dim=1, **_body_args(rho_net, default))
         self.g_net = make_body(in_dim=3 + e + int(self.half_range), out_dim=1, **_body_args(g_net, default))
 
@@ -158,13 +173,36 @@ class TransportAPNN(APNN):
             return full
         return (self.reach / eps).clamp(max=full)
 
+    def wall_layer_features(self, x: Tensor, eps: Tensor) -> Tensor:
+        """``[..., 2]``: ``exp(-(x - x0) / eps)`` and ``exp(-(x1 - x) / eps)`` where
+        ``eps >= wall_layer``, zeros elsewhere. ``x`` is ``[n]`` or ``[n, V]``; ``eps`` is 0-d
+        or ``[n]`` (one value per point)."""
+        x0, x1 = self.x_range
+        e = eps.to(x.dtype)
+        if e.dim() == 1 and x.dim() == 2:
+            e = e.unsqueeze(-1)
+        on = e >= self.wall_layer
+        # the distances are >= 0 in the domain; clamping keeps exp finite for the tasks that are
+        # off (a tiny eps) and for points a caller places outside the slab
+        e_on = torch.where(on, e, torch.ones_like(e))
+        left = torch.exp(-((x - x0) / e_on).clamp(min=0.0))
+        right = torch.exp(-((x1 - x) / e_on).clamp(min=0.0))
+        return torch.where(on.unsqueeze(-1), torch.stack([left, right], -1), torch.zeros((), dtype=x.dtype, device=x.device))
+
     def rho(self, t: Tensor, x: Tensor, eps: Tensor) -> Tensor:
         """Density ``[n]``."""
-        return self.rho_net(self.point_features(t, x, eps)).squeeze(-1)
+        h = self.point_features(t, x, eps)
+        if self.wall_layer > 0:
+            h = torch.cat([h, self.wall_layer_features(x, eps.expand_as(t))], -1)
+        return self.rho_net(h).squeeze(-1)
 
     def g_raw(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor) -> Tensor:
         """Un-normalised microscopic part ``[n, V]`` at velocity nodes ``v``."""
         h = self.grid_features(t, x, v, eps)
+        if self.wall_layer > 0:
+            n, V = t.shape[0], v.shape[0]
+            xs = x if x.dim() == 2 else x.unsqueeze(-1).expand(n, V)
+            h = torch.cat([h, self.wall_layer_features(xs, eps.expand(n))], -1)
         if self.half_range:
             sv = torch.sign(v).to(h.dtype).expand(*h.shape[:-1])
             h = torch.cat([h, sv.unsqueeze(-1)], -1)

@@ -217,7 +217,8 @@ class TrainConfig:
         model: ``encoding`` (``fourier``, ``embed_dim``, optional ``log10_min/max``) and the
             networks (transport ``rho``, ``g``; BGK ``f``, ``macro``) as ``kind``/``width``/
             ``depth``/``activation``; transport also ``reach`` (x input scaled by
-            min(1, reach / eps)) and ``half_range`` (sign(v) as a g input), see
+            min(1, reach / eps)), ``half_range`` (sign(v) as a g input) and ``wall_layer``
+            (the wall boundary-layer shapes exp(-distance / eps) as inputs for eps >= it), see
             :class:`hrgrad_ext.nn.TransportAPNN`.
         aggregator: options per method, e.g. ``{hrgrad = {length_model = "min"}}`` (the
             aggregator's constructor arguments: HRGrad ``length_model``, ``rcond``; UPGrad and

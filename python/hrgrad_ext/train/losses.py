@@ -298,11 +298,12 @@ class TransportFormulation(Formulation):
         self.wall_span = float(wall_span)
 
     def build_model(self, encoding: EpsEncoding, nets: dict) -> TransportAPNN:
-        unknown = set(nets) - {"rho", "g", "reach", "half_range"}
+        unknown = set(nets) - {"rho", "g", "reach", "half_range", "wall_layer"}
         if unknown:
-            raise ValueError(f"transport: unknown network or model option(s) {sorted(unknown)}; expected 'rho', 'g', 'reach', 'half_range'")
+            raise ValueError(f"transport: unknown network or model option(s) {sorted(unknown)}; expected 'rho', 'g', 'reach', 'half_range', 'wall_layer'")
         return TransportAPNN(encoding, self.t_range, self.x_range, rho_net=nets.get("rho"), g_net=nets.get("g"),
                              reach=float(nets.get("reach", 0.0)), half_range=bool(nets.get("half_range", False)),
+                             wall_layer=float(nets.get("wall_layer", 0.0)),
                              time_windows=self.model_windows())
 
     def sample(self, group: str, gen, K: int, n: int, eps: Tensor | None = None) -> dict[str, Tensor]:
