@@ -216,7 +216,7 @@ def test_transport_wall_layer_inputs_are_the_layer_shapes_above_the_threshold():
     m.g_raw(t, x, torch.linspace(-1, 1, 3), torch.tensor(0.1))
     torch.testing.assert_close(captured["rho"][:, -2:], m.wall_layer_features(x, torch.tensor(0.1)))
     torch.testing.assert_close(captured["g"][:, 1, -2:], m.wall_layer_features(x, torch.tensor(0.1)))
-    # the option changes the function (off: the inputs of before)
+    # off (the default), the networks' inputs are those of before
     assert TransportAPNN(EpsEncoding(-8, 0), rho_net=dict(width=4, depth=1)).rho_net.net[0].in_features == 2 + e
     with pytest.raises(ValueError, match="wall_layer"):
         TransportAPNN(EpsEncoding(), wall_layer=-0.1)

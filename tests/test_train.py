@@ -243,6 +243,13 @@ def test_wall_sampling_puts_points_in_the_inflow_boundary_layer():
         TrainConfig(problem="bgk", sampling={"wall": 0.5}).validate()
 
 
+def test_wall_layer_option_reaches_the_transport_model():
+    cfg = apply_overrides(default_config("transport"), ["model.wall_layer=0.01", "log.progress=false", "log.plots=false"])
+    m = Trainer(cfg).model
+    assert m.wall_layer == 0.01 and m.rho_net.net[0].in_features == 2 + m.encoding.out_dim + 2
+    assert Trainer(apply_overrides(default_config("transport"), ["log.progress=false", "log.plots=false"])).model.wall_layer == 0.0
+
+
 def test_default_transport_config_gives_eps1_its_own_window_half_range_and_front_sampling():
     # Root cause of the eps = 1 failure (rel L2 0.78-0.89 at t = 0.1 for any width or step
     # count): at t = 0.1 its solution is a wedge in x < 0.1, behind the incompatible corner of
