@@ -201,8 +201,9 @@ class TransportAPNN(APNN):
         h = self.grid_features(t, x, v, eps)
         if self.wall_layer > 0:
             n, V = t.shape[0], v.shape[0]
-            xs = x if x.dim() == 2 else x.unsqueeze(-1).expand(n, V)
-            h = torch.cat([h, self.wall_layer_features(xs, eps.expand(n))], -1)
+            # per point, then broadcast over the nodes (per node only when x is per node)
+            layer = self.wall_layer_features(x, eps.expand(n))
+            h = torch.cat([h, layer if x.dim() == 2 else layer.unsqueeze(1).expand(n, V, 2)], -1)
         if self.half_range:
             sv = torch.sign(v).to(h.dtype).expand(*h.shape[:-1])
             h = torch.cat([h, sv.unsqueeze(-1)], -1)
