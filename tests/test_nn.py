@@ -224,6 +224,54 @@ def test_transport_wall_layer_inputs_are_the_layer_shapes_above_the_threshold():
         TransportAPNN(EpsEncoding(), wall_layer=float("nan"))
 
 
+def test_transport_uncollided_density_is_the_exact_velocity_average_of_the_uncollided_flux():
+    # against the exponential-integral form of the reference solver (an independent formula:
+    # closed-form primitives, scipy's E1), float64, absolute 1e-11; including x = 0, the front
+    # x = t / eps from either side, the far side of the front (0) and t = 0 (0)
+    import numpy as np
+
+    from hrgrad_ext.reference.transport import uncollided_rho_points
+
+    m = TransportAPNN(EpsEncoding(-8, 0), t_range=(0.0, 1.0), rho_net=dict(width=4, depth=1),
+                      g_net=dict(width=4, depth=1), first_collision=0.5)
+    for eps in (1.0, 0.7, 0.5):
+        for t in (1e-3, 0.05, 0.3, 1.0):
+            front = t / eps
+            x = np.unique(np.concatenate([[0.0, 1e-9, 1e-5, 1e-3], np.linspace(0.0, 1.0, 201),
+                                          [front * (1 - 1e-9), front, front * (1 + 1e-6)]]))
+            x = x[x <= 1.0]
+            want = uncollided_rho_points(t, eps, x)
+            got = m.uncollided_density(torch.full((len(x),), t, dtype=torch.float64), torch.tensor(x),
+                                       torch.tensor(eps, dtype=torch.float64))
+            assert got.dtype == torch.float64
+            np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-11)
+            assert (got[torch.tensor(x) > front * (1 + 1e-6)] == 0).all()
+    x = torch.linspace(0.0, 1.0, 5, dtype=torch.float64)
+    # at x = 0 half of the velocities carry the inflow: 1/2 for every t > 0; at t = 0, nothing
+    assert float(m.uncollided_density(torch.tensor([0.2]), torch.tensor([0.0]), torch.tensor(1.0))) == pytest.approx(0.5)
+    assert (m.uncollided_density(torch.zeros(5, dtype=torch.float64), x, torch.tensor(1.0)) == 0).all()
+    # below the threshold (and with the split off) there is no uncollided part
+    assert (m.uncollided_density(torch.full((5,), 0.5), x, torch.tensor(0.49)) == 0).all()
+    off = TransportAPNN(EpsEncoding(-8, 0), t_range=(0.0, 1.0), rho_net=dict(width=4, depth=1), g_net=dict(width=4, depth=1))
+    assert (off.uncollided_density(torch.full((5,), 0.5), x, torch.tensor(1.0)) == 0).all()
+    # per-point eps (the layout of a batch of several tasks), float32 in and out
+    t32, x32 = torch.full((4,), 0.5, dtype=torch.float32), torch.tensor([0.1, 0.1, 0.3, 0.3], dtype=torch.float32)
+    got = m.uncollided_density(t32, x32, torch.tensor([1.0, 1e-3, 0.7, 1e-8], dtype=torch.float32))
+    assert got.dtype == torch.float32
+    assert got[1] == 0 and got[3] == 0 and got[0] > 0.2 and got[2] > 0.1
+    torch.testing.assert_close(got[0], m.uncollided_density(t32[:1], x32[:1], torch.tensor(1.0, dtype=torch.float32))[0])
+    # the density scored against the references is the collided density plus this
+    t = torch.full((5,), 0.4, dtype=torch.float64)
+    m.double()
+    for eps in (1.0, 1e-3):
+        e = torch.tensor(eps, dtype=torch.float64)
+        torch.testing.assert_close(m.macroscopic(t, x, e)["rho"], m.rho(t, x, e) + m.uncollided_density(t, x, e))
+    assert m.uncollided_density(t, x, torch.tensor(1.0, dtype=torch.float64)).abs().sum() > 0
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="first_collision"):
+            TransportAPNN(EpsEncoding(), first_collision=bad)
+
+
 def test_transport_half_range_lets_g_jump_at_v_zero():
     # f(t, 0, v) jumps from ~0 (v < 0, outgoing) to 1 (v > 0, inflow) at eps = 1: with sign(v)
     # as an input, g can jump across v = 0 with no steep slope in v.

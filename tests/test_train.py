@@ -250,6 +250,24 @@ def test_wall_layer_option_reaches_the_transport_model():
     assert Trainer(apply_overrides(default_config("transport"), ["log.progress=false", "log.plots=false"])).model.wall_layer == 0.0
 
 
+def test_first_collision_option_reaches_the_model_the_loss_and_the_scores(tmp_path):
+    from hrgrad_ext.train.evaluation import evaluate
+
+    cfg = tiny_config(tmp_path, "transport", eps=[1.0, 1e-3], t_final={"1": 1.0, "0.1": 0.1})
+    cfg = apply_overrides(cfg, ["model.first_collision=0.5"])
+    tr = Trainer(cfg)
+    assert tr.model.first_collision == 0.5 and tr.form.first_collision == 0.5
+    s = tr.run()
+    assert all(0 < v < float("inf") for d in s["rel_l2"].values() for v in d.values())
+    # the scores see the collided density plus the uncollided one at eps = 1 only
+    with_split = evaluate(tr.model, tr.form, [1.0, 1e-3])
+    tr.model.first_collision = 0.0
+    without = evaluate(tr.model, tr.form, [1.0, 1e-3])
+    assert with_split["0.001"] == without["0.001"]
+    assert abs(with_split["1"]["rho"] - without["1"]["rho"]) > 1e-3
+    assert Trainer(tiny_config(tmp_path / "off", "transport")).form.first_collision == 0.0
+
+
 def test_default_transport_config_gives_eps1_its_own_window_half_range_and_front_sampling():
     # Root cause of the eps = 1 failure (rel L2 0.78-0.89 at t = 0.1 for any width or step
     # count): at t = 0.1 its solution is a wedge in x < 0.1, behind the incompatible corner of

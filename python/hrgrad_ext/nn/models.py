@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -133,10 +134,23 @@ class TransportAPNN(APNN):
       alone, cut off from the interior solution; so it is 0 there (eps is a task constant and
       is never differentiated, so the switch is exact).
 
+    * ``first_collision`` > 0: for the tasks with ``eps >= first_collision``, f is the exact
+      uncollided flux ``f_u = 1[eps x < v t] exp(-x / (eps v))`` plus a collided part
+      ``rho + eps g`` drawn by the networks (the first-collision split of the reference
+      solver). At eps = 1 f_u is a fan of fronts, discontinuous in v at v = x / t; the collided
+      part is continuous, so the networks and the velocity quadrature no longer have to draw
+      the fronts. f_u never enters the networks or the quadrature: it solves the streaming
+      and absorption part of the equation exactly, and what it leaves is its velocity average
+      ``<f_u>`` (:meth:`uncollided_density`, continuous in (t, x) for t > 0), a source in
+      the collided part's macro equation; the loss adds it (``TransportFormulation``), and
+      :meth:`macroscopic` adds it to the density. The inflow data move to f_u, so the
+      collided part's inflow is 0. For small eps f_u is a layer of depth eps at the wall and
+      the source ``<f_u> / eps^2`` is stiff, hence the threshold.
+
     (An input that is discontinuous in (t, x), such as the exact uncollided flux
     1[eps x < v t] exp(-x / (eps v)), must not be used: autograd misses the delta of its jump,
     so the residuals do not see the mass it carries, and training finds spurious solutions
-    with rho ~ 0.)
+    with rho ~ 0. ``first_collision`` keeps f_u out of the networks for that reason.)
 
     Args:
         encoding: the eps encoding.
@@ -145,14 +159,19 @@ class TransportAPNN(APNN):
         reach: eps-dependent x scaling (0: the slab length for every eps).
         half_range: add sign(v) to the g network's input.
         wall_layer: smallest eps that gets the two wall-layer inputs (0: no such inputs).
+        first_collision: smallest eps whose f is split into the exact uncollided flux and the
+            collided part the networks draw (0: no split).
         time_windows: per-task time windows (:class:`TimeWindows`; None: ``t_range`` for all).
     """
 
-    METHODS = ("rho", "g_raw", "macroscopic")
+    METHODS = ("rho", "g_raw", "macroscopic", "uncollided_density")
+    #: Gauss-Legendre nodes of the velocity integral of the uncollided flux (in log v)
+    UNCOLLIDED_NODES = 64
 
     def __init__(self, encoding: EpsEncoding, t_range=(0.0, 0.1), x_range=(0.0, 1.0),
                  rho_net: dict | None = None, g_net: dict | None = None, reach: float = 0.0,
-                 half_range: bool = False, wall_layer: float = 0.0, time_windows: TimeWindows | None = None):
+                 half_range: bool = False, wall_layer: float = 0.0, first_collision: float = 0.0,
+                 time_windows: TimeWindows | None = None):
         super().__init__(encoding, t_range, x_range, 1.0, time_windows)
         if not (math.isfinite(reach) and reach >= 0):
             raise ValueError(f"TransportAPNN: reach must be a finite number >= 0, got {reach}")
@@ -161,6 +180,12 @@ class TransportAPNN(APNN):
         self.reach = float(reach)
         self.half_range = bool(half_range)
         self.wall_layer = float(wall_layer)
+        if not (math.isfinite(first_collision) and first_collision >= 0):
+            raise ValueError(f"TransportAPNN: first_collision must be a finite number >= 0, got {first_collision}")
+        self.first_collision = float(first_collision)
+        z, w = np.polynomial.legendre.leggauss(self.UNCOLLIDED_NODES)
+        # a plain attribute, not a buffer: a constant of the method, not model state
+        self._log_v_rule = (torch.tensor((z + 1.0) / 2.0), torch.tensor(w / 2.0))
         default = dict(kind="mlp", width=64, depth=4, activation="tanh")
         e = encoding.out_dim + (2 if self.wall_layer > 0 else 0)
         self.rho_net = make_body(in_dim=2 + e, out_dim=1, **_body_args(rho_net, default))
@@ -209,9 +234,40 @@ class TransportAPNN(APNN):
             h = torch.cat([h, sv.unsqueeze(-1)], -1)
         return self.g_net(h).squeeze(-1)
 
+    def split(self, eps: Tensor) -> Tensor:
+        """Whether the tasks ``eps`` (any shape) have the first-collision split (``first_collision``)."""
+        return (eps >= self.first_collision) if self.first_collision > 0 else torch.zeros_like(eps, dtype=torch.bool)
+
+    def uncollided_density(self, t: Tensor, x: Tensor, eps: Tensor) -> Tensor:
+        """``<f_u> = 1/2 int_a^1 exp(-(x - x0) / (eps v)) dv`` with ``a = eps (x - x0) / (t - t0)``,
+        ``[n]`` (``t, x``: ``[n]``, ``eps``: 0-d or ``[n]``), for the tasks with the split and 0
+        for the others. No parameters, no derivatives: a source of the loss and a part of the
+        density. Exact to ~1e-12 (tests/test_nn.py, against the exponential-integral form of
+        :func:`hrgrad_ext.reference.transport.uncollided_rho_points`): Gauss-Legendre in log v
+        from ``max(a, c / 40, 1e-12)`` (``c = (x - x0) / eps``; below ``c / 40`` the integrand is
+        under e^-40) to 1, where the integrand ``v exp(-c / v)`` is smooth."""
+        e = eps.expand_as(t).double()
+        on = self.split(e)
+        e = torch.where(on, e, torch.ones_like(e))
+        tt = (t.double() - self.t_range[0]).clamp(min=0.0)
+        xx = (x.double() - self.x_range[0]).clamp(min=0.0)
+        c = xx / e
+        # where t = 0 the fronts have not left the wall: a = inf, nothing to integrate
+        a = torch.where(tt > 0, e * xx / tt.clamp(min=1e-300), torch.full_like(tt, math.inf))
+        lo = torch.maximum(torch.maximum(a, c / 40.0), torch.full_like(a, 1e-12))
+        log_lo = torch.log(lo.clamp(max=1.0)).unsqueeze(-1)
+        z, w = (r.to(device=t.device) for r in self._log_v_rule)
+        v = torch.exp(log_lo * (1.0 - z))  # from lo (z = 0) to 1 (z = 1)
+        integral = (-log_lo.squeeze(-1)) * (w * v * torch.exp(-c.unsqueeze(-1) / v)).sum(-1)
+        return torch.where(on & (lo < 1.0), 0.5 * integral, torch.zeros_like(integral)).to(t.dtype)
+
     def macroscopic(self, t: Tensor, x: Tensor, eps: Tensor) -> dict[str, Tensor]:
-        """The macroscopic quantities scored against references: ``{"rho": [n]}``."""
-        return {"rho": self.rho(t, x, eps)}
+        """The macroscopic quantities scored against references: ``{"rho": [n]}`` (with the
+        first-collision split, the collided density plus :meth:`uncollided_density`)."""
+        rho = self.rho(t, x, eps)
+        if self.first_collision > 0:
+            rho = rho + self.uncollided_density(t, x, eps)
+        return {"rho": rho}
 
 
 def log_maxwellian(log_rho: Tensor, u: Tensor, log_T: Tensor, v: Tensor) -> Tensor:

@@ -218,8 +218,9 @@ class TrainConfig:
             networks (transport ``rho``, ``g``; BGK ``f``, ``macro``) as ``kind``/``width``/
             ``depth``/``activation``; transport also ``reach`` (x input scaled by
             min(1, reach / eps)), ``half_range`` (sign(v) as a g input) and ``wall_layer``
-            (the wall boundary-layer shapes exp(-distance / eps) as inputs for eps >= it), see
-            :class:`hrgrad_ext.nn.TransportAPNN`.
+            (the wall boundary-layer shapes exp(-distance / eps) as inputs for eps >= it) and
+            ``first_collision`` (for eps >= it, f = the exact uncollided flux + the collided
+            part the networks draw), see :class:`hrgrad_ext.nn.TransportAPNN`.
         aggregator: options per method, e.g. ``{hrgrad = {length_model = "min"}}`` (the
             aggregator's constructor arguments: HRGrad ``length_model``, ``rcond``; UPGrad and
             MGDA ``rcond``; ReLoBRaLo ``alpha``, ``expected_rho``, ``temperature``; lra

@@ -282,6 +282,11 @@ class TransportFormulation(Formulation):
     groups = ("interior", "boundary", "initial")
     quantities = ("rho",)
     WEIGHTS = {"micro": 1.0, "macro": 1.0, "bc": 10.0, "ic": 10.0, "ic_corner": 0.0}
+    #: the model's ``first_collision`` threshold, recorded by :meth:`build_model` (0: no split).
+    #: With the split, the tasks at or above it have the source ``<f_u> / eps^2`` in the macro
+    #: residual and inflow 0 for the collided part (see :class:`hrgrad_ext.nn.TransportAPNN`)
+    first_collision = 0.0
+    MODEL_OPTIONS = ("rho", "g", "reach", "half_range", "wall_layer", "first_collision")
 
     def __init__(self, t_final: float | Sequence[float] = 0.1, nv: int = 30, weights=None, points=None,
                  front_fraction: float = 0.0, front_span: float = 2.0, eps: Sequence[float] | None = None,
@@ -298,13 +303,17 @@ class TransportFormulation(Formulation):
         self.wall_span = float(wall_span)
 
     def build_model(self, encoding: EpsEncoding, nets: dict) -> TransportAPNN:
-        unknown = set(nets) - {"rho", "g", "reach", "half_range", "wall_layer"}
+        unknown = set(nets) - set(self.MODEL_OPTIONS)
         if unknown:
-            raise ValueError(f"transport: unknown network or model option(s) {sorted(unknown)}; expected 'rho', 'g', 'reach', 'half_range', 'wall_layer'")
-        return TransportAPNN(encoding, self.t_range, self.x_range, rho_net=nets.get("rho"), g_net=nets.get("g"),
-                             reach=float(nets.get("reach", 0.0)), half_range=bool(nets.get("half_range", False)),
-                             wall_layer=float(nets.get("wall_layer", 0.0)),
-                             time_windows=self.model_windows())
+            raise ValueError(f"transport: unknown network or model option(s) {sorted(unknown)}; expected one of "
+                             f"{', '.join(repr(o) for o in self.MODEL_OPTIONS)}")
+        model = TransportAPNN(encoding, self.t_range, self.x_range, rho_net=nets.get("rho"), g_net=nets.get("g"),
+                              reach=float(nets.get("reach", 0.0)), half_range=bool(nets.get("half_range", False)),
+                              wall_layer=float(nets.get("wall_layer", 0.0)),
+                              first_collision=float(nets.get("first_collision", 0.0)),
+                              time_windows=self.model_windows())
+        self.first_collision = model.first_collision
+        return model
 
     def sample(self, group: str, gen, K: int, n: int, eps: Tensor | None = None) -> dict[str, Tensor]:
         """Uniform points, except that with ``front_fraction > 0`` that fraction of the interior
@@ -375,13 +384,22 @@ class TransportFormulation(Formulation):
             _, (rho_t, rho_x) = value_and_derivatives(lambda t, x: call("rho", t, x, eps), (t, x), (0, 1), mode)
             G, (G_t, G_x) = value_and_derivatives(lambda t, x: call("g_raw", t, x, v, eps), (t, x), (0, 1), mode,
                                                   grid=v.shape[0])
-            return {"rho_t": rho_t, "rho_x": rho_x, "G": G, "G_t": G_t, "G_x": G_x}
+            out = {"rho_t": rho_t, "rho_x": rho_x, "G": G, "G_t": G_t, "G_x": G_x}
+            if self.first_collision > 0:
+                out["uncollided"] = call("uncollided_density", t, x, eps)
+            return out
         return {"rho": call("rho", t, x, eps), "G": call("g_raw", t, x, v, eps)}
 
     def _interior_residuals(self, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> tuple[Tensor, Tensor]:
         # The loss form: the [N, V] micro residual is never materialised (issue 10).
-        return kinetic.transport_mm_residuals_sq(out["G"], out["G_t"], out["G_x"], out["rho_t"], out["rho_x"],
-                                                 self.v, self.w, self._eps_rows(inp, K, out["G"].shape[0] // K))
+        eps_rows = self._eps_rows(inp, K, out["G"].shape[0] // K)
+        micro_sq, macro = kinetic.transport_mm_residuals_sq(out["G"], out["G_t"], out["G_x"], out["rho_t"],
+                                                            out["rho_x"], self.v, self.w, eps_rows)
+        if "uncollided" in out:
+            # the first-collision source: rho_t + <v g_x> = <f_u> / eps^2 for the collided part
+            # (the micro residual has none: f_u solves the streaming and absorption exactly)
+            macro = macro - out["uncollided"] / (eps_rows * eps_rows)
+        return micro_sq, macro
 
     def interior_rows(self, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
         micro_sq, macro = self._interior_residuals(out, inp, K)
@@ -409,7 +427,9 @@ class TransportFormulation(Formulation):
         # boundary: inflow data on the incoming half of the velocities only
         x = inp["x"].reshape(-1, 1)
         left = x < 0.5
-        target = torch.where(left, torch.ones_like(f), torch.zeros_like(f))
+        # with the first-collision split the inflow is f_u's (1 for t > 0), the collided part's 0
+        inflow = left if self.first_collision <= 0 else left & (eps_rows < self.first_collision)[:, None]
+        target = torch.where(inflow, torch.ones_like(f), torch.zeros_like(f))
         return W["bc"] * _inflow_mean_sq(f - target, left, v, K)
 
 
