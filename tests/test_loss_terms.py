@@ -764,3 +764,47 @@ def test_bgk_cell_residuals_are_the_cell_means_of_the_conservation_laws():
     for bad in ((0.0, 0.25), (1.0, 0.25), (0.05, 0.0), (0.05, 1.5)):
         with pytest.raises(ValueError, match="integral conservation residual"):
             BGKFormulation(eps=[1.0], points={"interior": 3, "initial": 2}, cell=bad)
+
+
+def test_group_weights_scale_each_tasks_group_loss_and_its_gradients():
+    # per-task factors on whole group losses: on the same batch, every path (segmented per
+    # task and per task-group, eager per task) gives the unweighted group loss of task k times
+    # its factor, and the task gradients follow: a factor 0 removes that group from that task
+    v, w = gauss_rule(8, -1.0, 1.0)
+    model = TransportFields(a=0.3, b=-0.8)
+    factors = {"interior": [2.0, 0.5, 0.0], "initial": 3.0}
+    forms = []
+    for gw in (None, factors):
+        form = TransportFormulation(points={"interior": 6, "boundary": 4, "initial": 5}, nv=8,
+                                    weights=TRANSPORT_WEIGHTS, eps=TRANSPORT_EPS, group_weights=gw)
+        form.v, form.w = v, w
+        forms.append(form)
+    plain, weighted = forms
+    assert weighted.group_weights == {"interior": [2.0, 0.5, 0.0], "initial": [3.0, 3.0, 3.0]}
+    F = {"interior": torch.tensor([2.0, 0.5, 0.0], dtype=f64), "boundary": torch.ones(3, dtype=f64),
+         "initial": torch.full((3,), 3.0, dtype=f64)}
+    _, seg0, jac0, eager0 = losses_both_paths(model, plain, TRANSPORT_EPS, mode="eps_group")
+    _, seg1, jac1, eager1 = losses_both_paths(model, weighted, TRANSPORT_EPS, mode="eps_group")
+    _, seg2, jac2, _ = losses_both_paths(model, weighted, TRANSPORT_EPS, mode="eps")
+    for g in plain.groups:
+        assert float(seg0[g].min()) > 1e-4  # every unweighted group loss is there to be scaled
+        assert_losses(seg1[g], F[g] * seg0[g])
+        assert_losses(eager1[g], F[g] * eager0[g])
+        assert_losses(seg2[g], F[g] * seg0[g])
+    scale = torch.stack([F[g] for g in plain.groups], 1).reshape(-1)  # task k*G + g
+    for J0, J1, J2 in zip(jac0, jac1, jac2):
+        assert float(J0.abs().max()) > 0
+        torch.testing.assert_close(J1, scale * J0, rtol=1e-11, atol=1e-14)
+        torch.testing.assert_close(J2, (scale * J0).reshape(3, len(plain.groups)).sum(1), rtol=1e-11, atol=1e-14)
+    with pytest.raises(ValueError, match="unknown point group 'cells'"):
+        TransportFormulation(points={"interior": 6, "boundary": 4, "initial": 5}, eps=TRANSPORT_EPS,
+                             group_weights={"cells": 2.0})
+    with pytest.raises(ValueError, match="one per task eps"):
+        TransportFormulation(points={"interior": 6, "boundary": 4, "initial": 5}, eps=TRANSPORT_EPS,
+                             group_weights={"interior": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        TransportFormulation(points={"interior": 6, "boundary": 4, "initial": 5}, eps=TRANSPORT_EPS,
+                             group_weights={"interior": [1.0, -2.0, 1.0]})
+    with pytest.raises(ValueError, match="eps = 0.2 has weight 0"):
+        TransportFormulation(points={"interior": 6, "boundary": 4, "initial": 5}, eps=TRANSPORT_EPS,
+                             group_weights={g: [1.0, 1.0, 0.0] for g in ("interior", "boundary", "initial")})

@@ -483,7 +483,13 @@ def test_bgk_uncollided_part_is_the_free_streamed_initial_data_damped_at_the_col
     with_part = m.f(ts, x, v, e)
     m.uncollided_part = False
     torch.testing.assert_close(with_part, m.f(ts, x, v, e), rtol=1e-14, atol=0)
+    # in between (Kn = 0.1 over t in [0.05, 0.1]: a from 0.37 to 0.61), both parts by hand
+    e = torch.tensor(0.1, dtype=torch.float64)
+    a = torch.exp(-ts / 0.1)[:, None]
+    f_c = m.f(ts, x, v, e)
     m.uncollided_part = True
+    torch.testing.assert_close(m.f(ts, x, v, e), m.uncollided(ts, x, v, e) + (1 - a) * f_c, rtol=1e-13, atol=0)
+    torch.testing.assert_close(m.uncollided(ts, x, v, e), a * m.streamed_initial(ts, x, v), rtol=1e-14, atol=0)
     batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
     refs = task_gradient_references(tr, batch)
     L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
@@ -777,6 +783,29 @@ def test_time_window_tables_in_configs(tmp_path):
     for bad in ('t_final={"x" = 1.0}', 't_final={"1" = -1.0}', "t_final={}", 't_final="long"'):
         with pytest.raises(ValueError, match="t_final"):
             apply_overrides(cfg, [bad]).validate()
+
+
+def test_group_weight_tables_in_configs(tmp_path):
+    # a per-task factor on a whole group loss, as a number or a table eps -> weight resolved by
+    # the nearest key in log10 eps (as t_final's), round-tripped through TOML and handed to the
+    # formulation per task
+    from hrgrad_ext.train.config import task_group_weights
+    from hrgrad_ext.train.trainer import make_formulation
+
+    cfg = apply_overrides(default_config("bgk", "long"), ['group_weights.cells={"1" = 3.0, "0.1" = 3.0, "0.01" = 1.0}',
+                                                         "group_weights.initial=0.5"]).validate()
+    assert cfg.eps == [1.0, 0.1, 0.01, 0.001]
+    want = {"cells": [3.0, 3.0, 1.0, 1.0], "initial": 0.5}
+    assert task_group_weights(cfg) == want
+    assert make_formulation(cfg).group_weights == {"cells": [3.0, 3.0, 1.0, 1.0], "initial": [0.5] * 4}
+    p = tmp_path / "g.toml"
+    p.write_text(to_toml(cfg))
+    assert task_group_weights(load_config(p).validate()) == want
+    for bad, match in (("group_weights.boundary=2.0", "unknown point group 'boundary'"),
+                       ('group_weights.cells={"x" = 1.0}', "table keys"), ("group_weights.cells=-1.0", ">= 0"),
+                       ("group_weights.cells={}", "empty table"), ("group_weights=3", "expected a table")):
+        with pytest.raises(ValueError, match=match):
+            apply_overrides(default_config("bgk", "long"), [bad]).validate()
 
 
 def test_overrides_replace_whole_values_and_merge_dotted_keys():

@@ -491,7 +491,8 @@ class BGKAPNN(APNN):
         if not self.uncollided_part:
             return f
         a = self.uncollided_fraction(t, eps)
-        return self.uncollided(t, x, v, eps) + (1.0 - (a.unsqueeze(-1) if a.dim() == 1 else a)) * f
+        a = a.unsqueeze(-1) if a.dim() == 1 else a
+        return a * self.streamed_initial(t, x, v) + (1.0 - a) * f
 
     def uncollided_fraction(self, t: Tensor, eps: Tensor) -> Tensor:
         """``a = exp(-(t - t0) / Kn)``, like ``t``: the fraction of f that has not collided since
@@ -503,8 +504,15 @@ class BGKAPNN(APNN):
     def uncollided(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor) -> Tensor:
         """``a U = exp(-(t - t0) / Kn) f0(x - v (t - t0), v)``, ``[n, V]`` (``t, x``: ``[n]`` or
         ``[n, V]``): the initial data carried along the characteristics and damped by the
-        collisions, the foot clamped to the domain. No parameters; ``Kn (d_t + v d_x)(a U) =
-        -a U`` wherever the foot is inside the domain."""
+        collisions. No parameters; ``Kn (d_t + v d_x)(a U) = -a U`` wherever the foot is inside
+        the domain."""
+        a = self.uncollided_fraction(t, eps)
+        return (a.unsqueeze(-1) if a.dim() == 1 else a) * self.streamed_initial(t, x, v)
+
+    def streamed_initial(self, t: Tensor, x: Tensor, v: Tensor) -> Tensor:
+        """``U = f0(x - v (t - t0), v)``, ``[n, V]``: the initial Maxwellian carried along the
+        characteristics, the foot clamped to the domain (:meth:`f` weighs it with the
+        uncollided fraction it has already computed)."""
         if not callable(self.initial_profile):
             raise ValueError("BGKAPNN.uncollided needs the initial profile s(x) (initial_profile)")
         t = t.unsqueeze(-1) if t.dim() == 1 else t
@@ -512,8 +520,7 @@ class BGKAPNN(APNN):
         vv = v.to(x.dtype)
         foot = (x - vv * (t - self.t_range[0])).clamp(*self.x_range)
         rho0, u0, T0 = self.initial_state(foot)
-        f0 = torch.exp(_log_maxwellian_per_node(torch.log(rho0), u0, torch.log(T0), vv))
-        return self.uncollided_fraction(t, eps) * f0
+        return torch.exp(_log_maxwellian_per_node(torch.log(rho0), u0, torch.log(T0), vv))
 
     def _macro_log(self, t: Tensor, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(log rho, u, log T)`` with the built-in boundary (and, ``hard_ic``, initial) data."""

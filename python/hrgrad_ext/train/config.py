@@ -188,6 +188,12 @@ class TrainConfig:
             space-time cells of its integral conservation residual, only with ``weak`` on).
         loss_weights: overrides of the formulation's loss weights (the names in
             ``TransportFormulation.WEIGHTS`` / ``BGKFormulation.WEIGHTS``).
+        group_weights: per-task factors on whole point-group losses, ``{group: weight}`` with
+            the weight a number (every task) or a table eps -> number (each task takes the
+            value of the nearest key in log10 eps, as in ``t_final``), e.g. BGK's integral
+            conservation residual at 3x for Kn >= 0.1 only: ``{cells = {"1" = 3.0, "0.1" =
+            3.0, "0.01" = 1.0}}``. Task k's loss is then ``sum_g w_g(eps_k) L_g(eps_k)``;
+            ``loss_weights`` weigh terms within a group, the same for every task.
         sampling: point placement options; transport: ``front`` (fraction of the interior and
             initial points drawn where the inflow can have reached by time t,
             x < span min(t / eps, sqrt(t));
@@ -254,6 +260,7 @@ class TrainConfig:
     case: str = "IV"
     points: dict = field(default_factory=lambda: {"interior": 64, "boundary": 16, "initial": 32})
     loss_weights: dict = field(default_factory=dict)
+    group_weights: dict = field(default_factory=dict)
     sampling: dict = field(default_factory=dict)
     causal: dict = field(default_factory=dict)
     compression: dict = field(default_factory=dict)
@@ -307,6 +314,7 @@ class TrainConfig:
         if self.compile != "off" and self.grad_mode != "segmented":
             raise ValueError("compile: only the segmented gradient path is compiled; set grad_mode = 'segmented'")
         self.t_final = _check_windows(self.t_final, eps)
+        self.group_weights = _check_group_weights(self.group_weights, self.problem, self.loss_weights)
         if self.nv < 0 or self.threads < 0:
             raise ValueError("nv and threads must be >= 0")
         o = self.optim
@@ -454,6 +462,51 @@ def task_windows(cfg: "TrainConfig") -> float | list[float]:
         table = TimeWindows([float(k) for k in cfg.t_final], list(cfg.t_final.values()))
         return [table.end(e) for e in cfg.eps]
     return cfg.t_final
+
+
+def _check_group_weights(group_weights, problem: str, loss_weights: dict) -> dict:
+    """Validates ``group_weights`` ({group: number or table eps -> number}) against the point
+    groups of ``problem`` with ``loss_weights`` and returns it normalised (floats; table keys as
+    written)."""
+    from .losses import BGKFormulation, TransportFormulation
+
+    if not isinstance(group_weights, dict):
+        raise ValueError(f"group_weights: expected a table group -> weight, e.g. group_weights = {{ cells = 3.0 }}; "
+                         f"got {group_weights!r}")
+    groups = (TransportFormulation if problem == "transport" else BGKFormulation).point_groups(loss_weights)
+    out = {}
+    for g, val in group_weights.items():
+        if g not in groups:
+            raise ValueError(f"group_weights: unknown point group {g!r} for {problem}; expected some of {list(groups)}")
+        table = val if isinstance(val, dict) else {"1": val}
+        if not table:
+            raise ValueError(f"group_weights.{g}: an empty table; give a number or a table eps -> weight")
+        for k, w in table.items():
+            try:
+                e = float(k)
+            except ValueError:
+                e = float("nan")
+            if not (math.isfinite(e) and e > 0):
+                raise ValueError(f"group_weights.{g}: table keys are task eps values > 0, got {k!r}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
+                raise ValueError(f"group_weights.{g}: weights must be finite numbers >= 0, got {w!r}")
+        out[g] = {str(k): float(w) for k, w in val.items()} if isinstance(val, dict) else float(val)
+    return out
+
+
+def task_group_weights(cfg: "TrainConfig") -> dict:
+    """``cfg.group_weights`` resolved for the task set: per group, a number or one weight per
+    eps (a table gives each eps the weight of its nearest key in log10 eps)."""
+    out = {}
+    for g, val in cfg.group_weights.items():
+        if isinstance(val, dict):
+            keys = [float(k) for k in val]
+            weights = list(val.values())
+            out[g] = [weights[min(range(len(keys)), key=lambda i: abs(math.log10(keys[i]) - math.log10(e)))]
+                      for e in cfg.eps]
+        else:
+            out[g] = val
+    return out
 
 
 _TABLES = {"optim": OptimConfig, "log": LogConfig, "divergence": DivergenceConfig, "distributed": DistributedConfig,

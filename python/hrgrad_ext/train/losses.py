@@ -128,7 +128,8 @@ class Formulation:
 
     def __init__(self, nv: int, v_range: tuple[float, float], t_final: float | Sequence[float],
                  x_range: tuple[float, float], weights: dict | None = None, points: dict | None = None,
-                 eps: Sequence[float] | None = None, causal: tuple[int, float] | None = None):
+                 eps: Sequence[float] | None = None, causal: tuple[int, float] | None = None,
+                 group_weights: dict | None = None):
         if nv < 2:
             raise ValueError(f"need at least 2 velocity nodes, got {nv}")
         if isinstance(t_final, (int, float)):
@@ -161,6 +162,50 @@ class Formulation:
         missing = [g for g, n in self.points.items() if n < 1]
         if missing:
             raise ValueError(f"{self.name}: no point count given for group(s) {missing}")
+        self.group_weights = self._task_factors(group_weights or {}, [float(e) for e in eps] if eps else None)
+
+    def _task_factors(self, group_weights: dict, eps: list[float] | None) -> dict[str, list[float]]:
+        """``group_weights`` ({group: one number, or one per task eps}) checked and spelled out
+        per task; groups whose factors are all 1 are left out (nothing to multiply)."""
+        out = {}
+        for g, val in group_weights.items():
+            if g not in self.groups:
+                raise ValueError(f"{self.name}: group_weights: unknown point group {g!r}; expected one of "
+                                 f"{list(self.groups)}")
+            if isinstance(val, bool) or not isinstance(val, (int, float, list, tuple)):
+                raise ValueError(f"{self.name}: group_weights[{g!r}]: expected a number or one number per task, "
+                                 f"got {val!r}")
+            if isinstance(val, (int, float)):
+                if eps is None:
+                    raise ValueError(f"{self.name}: group_weights needs the task eps values")
+                val = [val] * len(eps)
+            if eps is None or len(val) != len(eps):
+                raise ValueError(f"{self.name}: group_weights[{g!r}]: give one number or one per task eps "
+                                 f"({len(eps) if eps else 0}), got {len(val)}")
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0)
+                   for v in val):
+                raise ValueError(f"{self.name}: group_weights[{g!r}]: every weight must be a finite number >= 0, "
+                                 f"got {list(val)}")
+            if any(v != 1 for v in val):
+                out[g] = [float(v) for v in val]
+        for k, e in enumerate(eps or ()):
+            if all(out[g][k] == 0.0 if g in out else False for g in self.groups):
+                raise ValueError(f"{self.name}: group_weights: every point group of the task eps = {e:g} has "
+                                 f"weight 0, so that task would have no loss")
+        return out
+
+    def task_loss(self, group: str, out: dict[str, Tensor], inp: dict[str, Tensor], K: int,
+                  task: int | None = None) -> Tensor:
+        """:meth:`loss` times the group's per-task weight (``group_weights``): ``[K]`` over all
+        tasks, or with ``task`` set the ``[1]`` loss of that task alone (``K = 1``). A per-task
+        weight scales the whole group loss of one task, so it can favour a group (e.g. BGK's
+        integral conservation residual) in some regimes only, which the scalar loss weights,
+        shared by every task, cannot."""
+        L = self.loss(group, out, inp, K)
+        factors = self.group_weights.get(group)
+        if factors is None:
+            return L
+        return L * L.new_tensor(factors if task is None else factors[task:task + 1])
 
     @classmethod
     def point_groups(cls, weights: dict | None = None) -> tuple[str, ...]:
@@ -290,8 +335,9 @@ class TransportFormulation(Formulation):
 
     def __init__(self, t_final: float | Sequence[float] = 0.1, nv: int = 30, weights=None, points=None,
                  front_fraction: float = 0.0, front_span: float = 2.0, eps: Sequence[float] | None = None,
-                 causal: tuple[int, float] | None = None, wall_fraction: float = 0.0, wall_span: float = 1.0):
-        super().__init__(nv, (-1.0, 1.0), t_final, (0.0, 1.0), weights, points, eps, causal)
+                 causal: tuple[int, float] | None = None, wall_fraction: float = 0.0, wall_span: float = 1.0,
+                 group_weights: dict | None = None):
+        super().__init__(nv, (-1.0, 1.0), t_final, (0.0, 1.0), weights, points, eps, causal, group_weights)
         if not 0.0 <= front_fraction <= 1.0 or not front_span > 0:
             raise ValueError(f"transport: need 0 <= front_fraction <= 1 and front_span > 0, got {front_fraction}, {front_span}")
         if not 0.0 <= wall_fraction <= 1.0 - front_fraction or not wall_span > 0:
@@ -470,8 +516,9 @@ class BGKFormulation(Formulation):
 
     def __init__(self, case: str = "IV", t_final: float | Sequence[float] = 0.1, nv: int = 64, weights=None,
                  points=None, eps: Sequence[float] | None = None, causal: tuple[int, float] | None = None,
-                 compression: tuple[float, float] | None = None, cell: tuple[float, float] = CELL):
-        super().__init__(nv, (-10.0, 10.0), t_final, (-0.5, 0.5), weights, points, eps, causal)
+                 compression: tuple[float, float] | None = None, cell: tuple[float, float] = CELL,
+                 group_weights: dict | None = None):
+        super().__init__(nv, (-10.0, 10.0), t_final, (-0.5, 0.5), weights, points, eps, causal, group_weights)
         self.case = case.upper()
         self.profile = bgk_reference.case_profile(self.case)
         if compression is not None:

@@ -133,7 +133,7 @@ class SegmentedLosses:
         for gi, group in enumerate(layout.groups):
             P = dict(zip(self.names, expanded[0 if self.copies == 1 else gi]))
             flat = form.forward_tasks(group, model, batch[group], self.deriv, params=P)
-            group_losses[group] = form.loss(group, flat, batch[group], K)
+            group_losses[group] = form.task_loss(group, flat, batch[group], K)
         return layout.combine(group_losses), group_losses
 
     def __call__(self, expanded: list[list[Tensor]], batch: dict):
@@ -207,7 +207,7 @@ def task_losses(model: nn.Module, form: Formulation, batch: dict, layout: TaskLa
         inp = {name: t[k] for name, t in batch[group].items()}
         res = form.forward(group, lambda method, *a: model(method, *a), inp, deriv)
         one = {name: t.unsqueeze(0) for name, t in inp.items()}
-        out[group] = form.loss(group, res, one, 1)[0]
+        out[group] = form.task_loss(group, res, one, 1, task=k)[0]
     return out
 
 

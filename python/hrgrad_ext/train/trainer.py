@@ -27,7 +27,7 @@ from ..aggregators import Aggregator, GramianAggregator, SolverAggregator, make_
 from ..backward import aggregate_jacobians, task_diagnostics
 from ..nn import EpsEncoding
 from ..ops import combine_into_grads
-from .config import TrainConfig, load_config, task_windows, to_toml
+from .config import TrainConfig, load_config, task_group_weights, task_windows, to_toml
 from .evaluation import evaluate
 from .faults import NonfiniteInjection, RankFailure
 from .adaptive import ResidualSampler
@@ -113,7 +113,8 @@ class _StopRequests:
 
 def make_formulation(cfg: TrainConfig) -> Formulation:
     """The loss formulation of ``cfg.problem``."""
-    kw = dict(t_final=task_windows(cfg), weights=cfg.loss_weights, points=_points(cfg), eps=cfg.eps,
+    kw = dict(t_final=task_windows(cfg), weights=cfg.loss_weights, group_weights=task_group_weights(cfg),
+              points=_points(cfg), eps=cfg.eps,
               causal=(cfg.causal["bins"], float(cfg.causal["tol"])) if cfg.causal else None)
     if cfg.nv:
         kw["nv"] = cfg.nv
