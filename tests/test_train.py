@@ -803,9 +803,16 @@ def test_group_weight_tables_in_configs(tmp_path):
     assert task_group_weights(load_config(p).validate()) == want
     for bad, match in (("group_weights.boundary=2.0", "unknown point group 'boundary'"),
                        ('group_weights.cells={"x" = 1.0}', "table keys"), ("group_weights.cells=-1.0", ">= 0"),
-                       ("group_weights.cells={}", "empty table"), ("group_weights=3", "expected a table")):
+                       ("group_weights.cells={}", "empty table"), ("group_weights=3", "expected a table"),
+                       ('group_weights.cells={"1" = 3.0, "1e0" = 1.0}', "same eps"),
+                       ("loss_weights=[1.0]", "loss_weights: expected a table"),
+                       ('loss_weights.weak="x"', "loss_weights: expected a table")):
         with pytest.raises(ValueError, match=match):
             apply_overrides(default_config("bgk", "long"), [bad]).validate()
+    # with one task per (eps, group) a weight 0 would be a zero task (MGDA's update is then 0)
+    assert apply_overrides(cfg, ['group_weights.cells={"1" = 0.0, "0.1" = 1.0}']).validate()
+    with pytest.raises(ValueError, match="weight 0 at eps = 1 makes"):
+        apply_overrides(cfg, ['group_weights.cells={"1" = 0.0, "0.1" = 1.0}', 'tasks="eps_group"']).validate()
 
 
 def test_overrides_replace_whole_values_and_merge_dotted_keys():

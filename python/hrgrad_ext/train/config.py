@@ -314,7 +314,19 @@ class TrainConfig:
         if self.compile != "off" and self.grad_mode != "segmented":
             raise ValueError("compile: only the segmented gradient path is compiled; set grad_mode = 'segmented'")
         self.t_final = _check_windows(self.t_final, eps)
+        if not isinstance(self.loss_weights, dict) or any(
+                isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
+                for w in self.loss_weights.values()):
+            raise ValueError(f"loss_weights: expected a table name -> finite number, e.g. loss_weights = {{ bc = 10.0 }}; "
+                             f"got {self.loss_weights!r}")
         self.group_weights = _check_group_weights(self.group_weights, self.problem, self.loss_weights)
+        if self.tasks == "eps_group":
+            for g, ws in task_group_weights(self).items():
+                for e, w in zip(eps, ws if isinstance(ws, list) else [ws] * len(eps)):
+                    if w == 0:
+                        raise ValueError(f"group_weights.{g}: weight 0 at eps = {e:g} makes that (eps, group) task "
+                                         f"of tasks = 'eps_group' a zero task (MGDA's update is then 0); leave "
+                                         f"the group out with tasks = 'eps', or give it a weight > 0")
         if self.nv < 0 or self.threads < 0:
             raise ValueError("nv and threads must be >= 0")
         o = self.optim
@@ -481,13 +493,18 @@ def _check_group_weights(group_weights, problem: str, loss_weights: dict) -> dic
         table = val if isinstance(val, dict) else {"1": val}
         if not table:
             raise ValueError(f"group_weights.{g}: an empty table; give a number or a table eps -> weight")
+        seen = {}
         for k, w in table.items():
             try:
                 e = float(k)
             except ValueError:
                 e = float("nan")
             if not (math.isfinite(e) and e > 0):
-                raise ValueError(f"group_weights.{g}: table keys are task eps values > 0, got {k!r}")
+                raise ValueError(f"group_weights.{g}: table keys are task eps values > 0, got {k!r} (a table is "
+                                 f"given whole: group_weights.{g}={{\"0.1\" = 2.0}})")
+            if e in seen:
+                raise ValueError(f"group_weights.{g}: the keys {seen[e]!r} and {k!r} are the same eps")
+            seen[e] = k
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
                 raise ValueError(f"group_weights.{g}: weights must be finite numbers >= 0, got {w!r}")
         out[g] = {str(k): float(w) for k, w in val.items()} if isinstance(val, dict) else float(val)
