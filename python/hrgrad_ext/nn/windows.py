@@ -16,7 +16,14 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TimeWindows"]
+__all__ = ["TimeWindows", "nearest_in_log10"]
+
+
+def nearest_in_log10(keys: Sequence[float], eps: float) -> int:
+    """Index of the key nearest to ``eps`` in log10 (the first on a tie): how a table keyed by
+    eps (time windows, group weights) gives a value to every task eps."""
+    le = math.log10(eps)
+    return min(range(len(keys)), key=lambda k: abs(math.log10(keys[k]) - le))
 
 
 class TimeWindows(nn.Module):
@@ -49,8 +56,7 @@ class TimeWindows(nn.Module):
         return max(self.ends)
 
     def _nearest(self, eps: float) -> int:
-        le = math.log10(eps)
-        return min(range(len(self.eps)), key=lambda k: abs(math.log10(self.eps[k]) - le))
+        return nearest_in_log10(self.eps, eps)
 
     def end(self, eps: float) -> float:
         """The window end of ``eps`` as a float."""

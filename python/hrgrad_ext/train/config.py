@@ -514,13 +514,13 @@ def _check_group_weights(group_weights, problem: str, loss_weights: dict) -> dic
 def task_group_weights(cfg: "TrainConfig") -> dict:
     """``cfg.group_weights`` resolved for the task set: per group, a number or one weight per
     eps (a table gives each eps the weight of its nearest key in log10 eps)."""
+    from ..nn.windows import nearest_in_log10
+
     out = {}
     for g, val in cfg.group_weights.items():
         if isinstance(val, dict):
-            keys = [float(k) for k in val]
-            weights = list(val.values())
-            out[g] = [weights[min(range(len(keys)), key=lambda i: abs(math.log10(keys[i]) - math.log10(e)))]
-                      for e in cfg.eps]
+            keys, weights = [float(k) for k in val], list(val.values())
+            out[g] = [weights[nearest_in_log10(keys, float(e))] for e in cfg.eps]
         else:
             out[g] = val
     return out

@@ -163,6 +163,9 @@ class Formulation:
         if missing:
             raise ValueError(f"{self.name}: no point count given for group(s) {missing}")
         self.group_weights = self._task_factors(group_weights or {}, [float(e) for e in eps] if eps else None)
+        # the same factors as tensors, moved by `to` with the rule, so that a step does not copy
+        # them from the host
+        self._factor_tensors = {g: torch.tensor(f, dtype=torch.float64) for g, f in self.group_weights.items()}
 
     def _task_factors(self, group_weights: dict, eps: list[float] | None) -> dict[str, list[float]]:
         """``group_weights`` ({group: one number, or one per task eps}) checked and spelled out
@@ -202,10 +205,11 @@ class Formulation:
         integral conservation residual) in some regimes only, which the scalar loss weights,
         shared by every task, cannot."""
         L = self.loss(group, out, inp, K)
-        factors = self.group_weights.get(group)
+        factors = self._factor_tensors.get(group)
         if factors is None:
             return L
-        return L * L.new_tensor(factors if task is None else factors[task:task + 1])
+        factors = factors.to(device=L.device, dtype=L.dtype)  # a no-op after `to`
+        return L * (factors if task is None else factors[task:task + 1])
 
     @classmethod
     def point_groups(cls, weights: dict | None = None) -> tuple[str, ...]:
@@ -287,9 +291,11 @@ class Formulation:
         return {key: val.reshape(-1, *val.shape[2:]) for key, val in out.items()}
 
     def to(self, device, dtype) -> "Formulation":
-        """Moves the quadrature rule (the only tensors held) to ``device``/``dtype``."""
+        """Moves the quadrature rule and the group weights' factors (the only tensors held) to
+        ``device``/``dtype``."""
         self.v = self.v.to(device=device, dtype=dtype)
         self.w = self.w.to(device=device, dtype=dtype)
+        self._factor_tensors = {g: f.to(device=device, dtype=dtype) for g, f in self._factor_tensors.items()}
         return self
 
     def _uniform(self, gen: torch.Generator, shape, lo: float, hi: float) -> Tensor:
