@@ -796,6 +796,13 @@ def test_group_weights_scale_each_tasks_group_loss_and_its_gradients():
         assert float(J0.abs().max()) > 0
         torch.testing.assert_close(J1, scale * J0, rtol=1e-11, atol=1e-14)
         torch.testing.assert_close(J2, (scale * J0).reshape(3, len(plain.groups)).sum(1), rtol=1e-11, atol=1e-14)
+    # `to` moves the factors with the quadrature rule (the trainer calls it once; task_loss then
+    # copies nothing per step)
+    weighted.to("cpu", torch.float32)
+    assert {g: f.dtype for g, f in weighted._factor_tensors.items()} == \
+        {"interior": torch.float32, "initial": torch.float32}
+    assert weighted.v.dtype == torch.float32
+    torch.testing.assert_close(weighted._factor_tensors["interior"], F["interior"].float())
     with pytest.raises(ValueError, match="unknown point group 'cells'"):
         TransportFormulation(points={"interior": 6, "boundary": 4, "initial": 5}, eps=TRANSPORT_EPS,
                              group_weights={"cells": 2.0})
