@@ -687,6 +687,50 @@ def test_bgk_compression_weights_by_hand(knee):
         BGKFormulation(eps=[1.0], points={"interior": 3, "initial": 2}, compression=(0.0, 0.1))
 
 
+@pytest.mark.parametrize("causal", [None, (2, 1.0)])
+def test_bgk_kinetic_knee_weights_the_kinetic_residual_by_kn(causal):
+    # kinetic_knee = c: the squared kinetic residual of a point at Kn weighted ((1 + c) / (Kn + c))^2,
+    # the conservation and consistency terms untouched, on both loss paths (plain and through
+    # the interior rows that causal weighting takes). Fields chosen so that every term is
+    # nonzero; the reference is the residual computed here from its definition
+    v, w = gauss_rule(32, -10.0, 10.0)
+    kn = torch.tensor([1.0, 0.1, 1e-3], dtype=f64)
+    weights = {"cons_rho": 0.5, "consist_mom": 2.0}
+    forms = [BGKFormulation(eps=kn.tolist(), points={"interior": 2, "initial": 2}, weights=weights, causal=causal,
+                            kinetic_knee=c) for c in (0.0, 0.1)]
+    for form in forms:
+        form.v, form.w = v, w
+    n = 6
+    g = torch.Generator().manual_seed(3)
+    rho, T = 1.0 + 0.2 * torch.rand(n, generator=g, dtype=f64), 1.0 + 0.3 * torch.rand(n, generator=g, dtype=f64)
+    u = 0.4 * torch.rand(n, generator=g, dtype=f64) - 0.2
+    F = maxwellian(rho[:, None], u[:, None], T[:, None], v) * (1 + 0.05 * torch.sin(v))
+    Ft, Fx = 0.3 * F * torch.cos(v), -0.2 * F * v / 10
+    out = {"F": F.requires_grad_(True), "Ft": Ft, "Fx": Fx, "rho": rho, "u": u, "T": T,
+           "rho_t": torch.full((n,), 0.1, dtype=f64), "u_t": torch.full((n,), -0.3, dtype=f64),
+           "T_t": torch.full((n,), 0.2, dtype=f64)}
+    inp = {"t": torch.tensor([0.01, 0.09] * 3, dtype=f64), "x": torch.zeros(n, dtype=f64), "eps": kn}
+    kn_rows = kn.repeat_interleave(2)
+    kin = (kn_rows[:, None] * (Ft + v * Fx) - (maxwellian(rho[:, None], u[:, None], T[:, None], v) - F)).pow(2).sum(1)
+    factor = ((1.0 + 0.1) / (kn_rows + 0.1)) ** 2
+    torch.testing.assert_close(forms[1].kinetic_weights(kn_rows), factor, rtol=1e-15, atol=0)
+    torch.testing.assert_close(forms[0].kinetic_weights(kn_rows), torch.ones_like(kn_rows))
+    assert float(factor[0]) == 1.0 and float(factor[-1]) > 100  # 1 at Kn = 1, ~(1.1 / 0.101)^2 at 1e-3
+    rows0, rows1 = (f.interior_rows(out, inp, 3) for f in forms)
+    torch.testing.assert_close(rows1 - rows0, (factor - 1.0) * kin / v.shape[0], rtol=1e-10, atol=1e-15)
+    assert float((rows0 - kin / v.shape[0]).detach().abs().min()) > 0  # the other terms are in the rows too
+    L0, L1 = (f.loss("interior", out, inp, 3) for f in forms)
+    if causal is None:
+        torch.testing.assert_close(L1 - L0, ((factor - 1.0) * kin).reshape(3, 2).mean(1) / v.shape[0], rtol=1e-10,
+                                   atol=1e-15)
+    # its gradient: that of the weighted rows (the weights are constants in the fields)
+    (gL,) = torch.autograd.grad(L1.sum(), out["F"])
+    (g0,) = torch.autograd.grad(L0.sum(), out["F"])
+    assert float((gL - g0).abs().max()) > 0
+    with pytest.raises(ValueError, match="kinetic_knee"):
+        BGKFormulation(eps=[1.0], points={"interior": 3, "initial": 2}, kinetic_knee=-0.1)
+
+
 def test_bgk_cell_residuals_are_the_cell_means_of_the_conservation_laws():
     # polynomial fields, for which the 3-node edge quadrature is exact: the integral residual
     # of each cell equals the mean over the cell of d_t U + d_x G (U from the macro fields, G

@@ -586,6 +586,38 @@ def test_compression_weights_keep_the_task_gradients_exact(tmp_path):
         tcfg.validate()
 
 
+def test_kinetic_knee_in_configs_keeps_the_task_gradients_exact(tmp_path):
+    # kinetic_knee (BGK): per-point weights of the kinetic residual by the point's Kn, so the
+    # segmented task gradients equal separate backward passes; the option reaches the
+    # formulation, survives the TOML round trip, raises the small-Kn task losses and nothing at
+    # Kn = 1, and bad values are named
+    cfg = tiny_config(tmp_path, "bgk", dtype="float64")
+    cfg.eps = [1.0, 1e-2]
+    cfg.kinetic_knee = 0.1
+    tr = Trainer(cfg.validate())
+    assert tr.form.kinetic_knee == 0.1
+    p = tmp_path / "kk.toml"
+    p.write_text(to_toml(cfg))
+    assert load_config(p).kinetic_knee == 0.1
+    assert apply_overrides(tiny_config(tmp_path, "bgk"), ["kinetic_knee=0.03"]).validate().kinetic_knee == 0.03
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    L, _, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    L_sep, J_sep = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
+    assert_same_task_gradients(L, J, L_sep, J_sep)
+    tr.form.kinetic_knee = 0.0
+    L_off, _, _ = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    torch.testing.assert_close(L[0], L_off[0], rtol=1e-13, atol=0)  # Kn = 1: weight 1
+    assert float(L[1]) > float(L_off[1])
+    for bad in (-0.1, float("inf"), True, "0.1"):
+        cfg.kinetic_knee = bad
+        with pytest.raises(ValueError, match="kinetic_knee"):
+            cfg.validate()
+    tcfg = tiny_config(tmp_path, "transport")
+    tcfg.kinetic_knee = 0.1
+    with pytest.raises(ValueError, match="kinetic_knee: the kinetic residual's Kn weights are BGK's"):
+        tcfg.validate()
+
+
 def test_integral_conservation_cells_keep_the_task_gradients_exact(tmp_path):
     # loss weight weak > 0 (BGK): a "cells" point group whose loss is the integral form of the
     # conservation laws; its task gradients segmented equal separate backward passes, and the

@@ -212,6 +212,14 @@ class TrainConfig:
             (``knee`` 0 or absent: ``k``), so that the networks' smeared shocks are not held
             back by the residuals inside them (weighted equations, Liu et al. 2024), see
             :meth:`hrgrad_ext.train.losses.BGKFormulation.compression_weights`.
+        kinetic_knee: BGK only (0 = off): the squared kinetic residual of every interior
+            point weighted by ``((1 + knee) / (Kn + knee))^2`` (1 at Kn = 1). The AP residual
+            ``Kn (f_t + v f_x) - (M - f)`` is O(Kn) at small Kn, where f's deviation from M is
+            what it is about, so its square falls like Kn^2 beside the conservation terms and
+            the kinetic equation no longer pins that deviation (the Navier-Stokes-like stress
+            and heat flux at intermediate Kn); the weight restores it down to Kn ~ knee and
+            stays bounded below (asymptotic preservation), see
+            :meth:`hrgrad_ext.train.losses.BGKFormulation.kinetic_weights`.
         adaptive: residual-based adaptive sampling of the interior points (RAD, Wu et al.
             2023; empty = off): every ``every`` steps (default 100) a pool of ``pool`` (8) times
             the interior points per task is drawn from the problem's own density and scored by
@@ -264,6 +272,7 @@ class TrainConfig:
     sampling: dict = field(default_factory=dict)
     causal: dict = field(default_factory=dict)
     compression: dict = field(default_factory=dict)
+    kinetic_knee: float = 0.0
     adaptive: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     aggregator: dict = field(default_factory=dict)
@@ -375,6 +384,11 @@ class TrainConfig:
                 if bad or v < 0 or (positive and v == 0):
                     raise ValueError(f"compression.{key}: must be a finite number {'> 0' if positive else '>= 0'}, "
                                      f"got {v!r}")
+        kk = self.kinetic_knee
+        if isinstance(kk, bool) or not isinstance(kk, (int, float)) or not math.isfinite(kk) or kk < 0:
+            raise ValueError(f"kinetic_knee: must be a finite number >= 0 (0 = off), got {kk!r}")
+        if kk > 0 and self.problem != "bgk":
+            raise ValueError(f"kinetic_knee: the kinetic residual's Kn weights are BGK's; {self.problem} has none")
         if not isinstance(self.adaptive, dict) or set(self.adaptive) - {"every", "pool", "k", "c", "groups"}:
             raise ValueError("adaptive: expected a table with some of 'every', 'pool', 'k', 'c', 'groups', e.g. "
                              f"adaptive = {{ every = 100, pool = 8 }}; got {self.adaptive!r}")

@@ -523,7 +523,7 @@ class BGKFormulation(Formulation):
     def __init__(self, case: str = "IV", t_final: float | Sequence[float] = 0.1, nv: int = 64, weights=None,
                  points=None, eps: Sequence[float] | None = None, causal: tuple[int, float] | None = None,
                  compression: tuple[float, float] | None = None, cell: tuple[float, float] = CELL,
-                 group_weights: dict | None = None):
+                 group_weights: dict | None = None, kinetic_knee: float = 0.0):
         super().__init__(nv, (-10.0, 10.0), t_final, (-0.5, 0.5), weights, points, eps, causal, group_weights)
         self.case = case.upper()
         self.profile = bgk_reference.case_profile(self.case)
@@ -533,6 +533,10 @@ class BGKFormulation(Formulation):
                 raise ValueError(f"bgk: compression = (k, knee) needs k > 0 and knee >= 0, got {compression!r}")
             compression = (k, knee)
         self.compression = compression  # (k, knee) of the compression weights, or None
+        kinetic_knee = float(kinetic_knee)
+        if not (math.isfinite(kinetic_knee) and kinetic_knee >= 0):
+            raise ValueError(f"bgk: kinetic_knee must be a finite number >= 0 (0 = off), got {kinetic_knee!r}")
+        self.kinetic_knee = kinetic_knee  # the knee of kinetic_weights (0: every Kn weighted 1)
         cell_dx, cell_dt = (float(a) for a in cell)
         if not (0 < cell_dx < self.x_range[1] - self.x_range[0] and 0 < cell_dt <= 1):
             raise ValueError(f"bgk: the cells of the integral conservation residual need 0 < dx < "
@@ -657,9 +661,28 @@ class BGKFormulation(Formulation):
         return {"F": call("f", t, x, v, eps), "rho": rho, "u": u, "T": T}
 
     def _interior_residuals(self, out: dict[str, Tensor], inp: dict[str, Tensor], K: int):
-        return kinetic.bgk_residuals_sq(out["F"], out["Ft"], out["Fx"], out["rho"], out["u"], out["T"], out["rho_t"],
-                                        out["u_t"], out["T_t"], self.v, self.w,
-                                        self._eps_rows(inp, K, out["F"].shape[0] // K))
+        eps_rows = self._eps_rows(inp, K, out["F"].shape[0] // K)
+        kin_sq, cons, consist = kinetic.bgk_residuals_sq(out["F"], out["Ft"], out["Fx"], out["rho"], out["u"], out["T"],
+                                                         out["rho_t"], out["u_t"], out["T_t"], self.v, self.w, eps_rows)
+        if self.kinetic_knee > 0:
+            kin_sq = self.kinetic_weights(eps_rows).to(kin_sq.dtype) * kin_sq
+        return kin_sq, cons, consist
+
+    def kinetic_weights(self, kn: Tensor) -> Tensor:
+        """The weights of the squared kinetic residual at Knudsen numbers ``kn`` (any shape),
+        ``((1 + knee) / (Kn + knee))^2`` with ``knee = kinetic_knee`` (1 at Kn = 1; all ones
+        when it is 0).
+
+        The residual ``Kn (f_t + v f_x) - (M - f)`` vanishes to O(Kn) for any f within O(Kn) of
+        M, so at small Kn what it says about f's deviation from M (by Chapman-Enskog, ``f - M
+        ~ -Kn (M_t + v M_x)``: the stress and heat flux that make Kn = 0.01 differ from Euler)
+        is O(Kn), and its square O(Kn^2) beside conservation terms of fixed size. Divided by
+        ``Kn + knee`` it is O(1) for Kn >> knee (the residual of ``f_t + v f_x = (M - f) / Kn``)
+        and stays bounded as Kn -> 0, so the loss keeps the Euler limit (AP)."""
+        if self.kinetic_knee <= 0:
+            return torch.ones_like(kn)
+        c = self.kinetic_knee
+        return ((1.0 + c) / (kn + c)) ** 2
 
     def interior_rows(self, out: dict[str, Tensor], inp: dict[str, Tensor], K: int) -> Tensor:
         kin_sq, cons, consist = self._interior_residuals(out, inp, K)
