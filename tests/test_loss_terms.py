@@ -723,6 +723,9 @@ def test_bgk_kinetic_knee_weights_the_kinetic_residual_by_kn(causal):
     if causal is None:
         torch.testing.assert_close(L1 - L0, ((factor - 1.0) * kin).reshape(3, 2).mean(1) / v.shape[0], rtol=1e-10,
                                    atol=1e-15)
+    else:  # the causal loss weighs the weighted rows (its bin weights see the kinetic weights too)
+        torch.testing.assert_close(L1, forms[0].interior_mean(rows0 + (factor - 1.0) * kin / v.shape[0], inp, 3),
+                                   rtol=1e-10, atol=1e-15)
     # its gradient: that of the weighted rows (the weights are constants in the fields)
     (gL,) = torch.autograd.grad(L1.sum(), out["F"])
     (g0,) = torch.autograd.grad(L0.sum(), out["F"])

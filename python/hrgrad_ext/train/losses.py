@@ -678,7 +678,9 @@ class BGKFormulation(Formulation):
         ~ -Kn (M_t + v M_x)``: the stress and heat flux that make Kn = 0.01 differ from Euler)
         is O(Kn), and its square O(Kn^2) beside conservation terms of fixed size. Divided by
         ``Kn + knee`` it is O(1) for Kn >> knee (the residual of ``f_t + v f_x = (M - f) / Kn``)
-        and stays bounded as Kn -> 0, so the loss keeps the Euler limit (AP)."""
+        and stays bounded as Kn -> 0, so the loss keeps the Euler limit (AP). The weighted
+        residual is what :meth:`interior_rows` holds, so the causal bin weights and the adaptive
+        sampling's scores see it too."""
         if self.kinetic_knee <= 0:
             return torch.ones_like(kn)
         c = self.kinetic_knee
