@@ -122,6 +122,21 @@ def _run(cmd: list[str], cwd: Path, log: Path, timeout: float | None = None) -> 
 AUTOGRAD_LIBRARY = "libhrgrad_autograd.so"
 
 
+def _cmake() -> str:
+    """The cmake the README's build uses: the pip `cmake` package's (requirements-build.txt pins
+    it to >= 3.26) when installed, else the first on PATH. A system cmake first on PATH can be
+    older than CMakeLists.txt requires (Debian 12 ships 3.25), and scikit-build-core skips it."""
+    try:
+        import cmake
+
+        candidate = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+        if candidate.is_file():
+            return str(candidate)
+    except (ImportError, AttributeError):
+        pass
+    return "cmake"
+
+
 def build_copy(tree: Path, jobs: int, log: Path) -> bool:
     """CPU-only build of the copy's compiled core, installed in place (python/hrgrad_ext/_C*.so).
     Incremental after the first call (only changed sources are recompiled)."""
@@ -129,13 +144,13 @@ def build_copy(tree: Path, jobs: int, log: Path) -> bool:
     if not (bdir / "CMakeCache.txt").is_file():
         import pybind11
 
-        cmd = ["cmake", "-S", str(tree), "-B", str(bdir), "-DCMAKE_BUILD_TYPE=Release", "-DHRGRAD_EXT_CUDA=0",
+        cmd = [_cmake(), "-S", str(tree), "-B", str(bdir), "-DCMAKE_BUILD_TYPE=Release", "-DHRGRAD_EXT_CUDA=0",
                f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"]
         if shutil.which("ninja"):
             cmd += ["-G", "Ninja"]
         if not _run(cmd, tree, log):
             return False
-    if not _run(["cmake", "--build", str(bdir), "-j", str(jobs)], tree, log):
+    if not _run([_cmake(), "--build", str(bdir), "-j", str(jobs)], tree, log):
         return False
     built = list(bdir.glob("_C*.so")) + list(bdir.glob("_C*.pyd"))
     if len(built) != 1:
