@@ -101,22 +101,25 @@ def test_bgk_parametrisations_segmented_gradients_equal_separate_backward_passes
             assert groups["initial"].abs().max() < 1e-24
 
 
-@pytest.mark.parametrize("characteristic,knee,uncollided", [(False, 0.0, False), (True, 0.0, False),
-                                                              (False, 0.1, False), (True, 0.1, True)],
-                         ids=["plain", "characteristic", "deviation_knee", "uncollided"])
-def test_bgk_maxwellian_interior_forward_equals_differentiating_f(tmp_path, characteristic, knee, uncollided):
+@pytest.mark.parametrize("characteristic,knee,uncollided,peculiar",
+                         [(False, 0.0, False, False), (True, 0.0, False, False), (False, 0.1, False, False),
+                          (True, 0.1, True, False), (False, 0.0, False, True), (True, 0.1, True, True)],
+                         ids=["plain", "characteristic", "deviation_knee", "uncollided", "peculiar", "all"])
+def test_bgk_maxwellian_interior_forward_equals_differentiating_f(tmp_path, characteristic, knee, uncollided, peculiar):
     # the formulation's chain-rule path gives the numbers that differentiating the model's f
     # on the [n, V] grid (the "free" path, valid for any model) gives; with the
     # characteristic input, whose t and x derivatives go through the per-node foot x - v t,
-    # and with the uncollided part, whose weight exp(-t / Kn) has a t derivative of its own
+    # with the uncollided part, whose weight exp(-t / Kn) has a t derivative of its own, and
+    # with the peculiar velocity, whose derivatives go through the macro networks' u and T
     from hrgrad_ext.train.losses import BGKFormulation
 
     cfg = tiny_config(tmp_path, "bgk", dtype="float64", eps=[0.1, 1e-2])
     cfg.model = {**cfg.model, "hard_ic": True, "f_form": "maxwellian", "characteristic": characteristic,
-                 "deviation_knee": knee, "uncollided": uncollided}
+                 "deviation_knee": knee, "uncollided": uncollided, "peculiar": peculiar}
     tr = Trainer(cfg)
     assert tr.model.characteristic is characteristic and tr.model.deviation_knee == knee
     assert tr.model.uncollided_part is uncollided and tr.form.uncollided is uncollided
+    assert tr.model.peculiar is peculiar and tr.form.peculiar is peculiar
     inp = {k: v[0] for k, v in tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)["interior"].items()}
     call = lambda method, *a: tr.model(method, *a)
     fast = tr.form.forward("interior", call, inp, "fast")
@@ -429,6 +432,52 @@ def test_bgk_deviation_knee_scales_the_log_deviation_by_the_chapman_enskog_facto
     for bad, match in (({"f_form": "free", "deviation_knee": 0.1}, "f_form = 'maxwellian'"),
                        ({"f_form": "maxwellian", "deviation_knee": -1.0}, "deviation_knee must be"),
                        ({"f_form": "maxwellian", "deviation_knee": True}, "deviation_knee must be")):
+        cfg.model = {**cfg.model, **bad}
+        with pytest.raises(ValueError, match=match):
+            Trainer(cfg)
+
+
+def test_bgk_peculiar_input_is_the_velocity_relative_to_the_macro_flow(tmp_path):
+    # the extra input of the f network is (v - u) / sqrt(T) / 4 of the macro networks: a network
+    # that reads only it draws D = g(xi), the one shape of the Chapman-Enskog deviation; D then
+    # moves with u (D at u + du is D at v - du), its derivatives go through the macro networks
+    # and the segmented task gradients stay exact; f(v) and f_dev agree in every layout
+    cfg = tiny_config(tmp_path, "bgk", dtype="float64")
+    cfg.model = {**cfg.model, "f_form": "maxwellian", "peculiar": True}
+    tr = Trainer(cfg)
+    m, v = tr.model, tr.form.v
+    first = next(layer for layer in m.f_net.modules() if isinstance(layer, torch.nn.Linear))
+    assert first.in_features == 3 + m.encoding.out_dim + 1
+    gen = torch.Generator().manual_seed(5)
+    t = 0.1 * torch.rand(5, generator=gen, dtype=torch.float64)
+    x = torch.rand(5, generator=gen, dtype=torch.float64) - 0.5
+    eps = torch.tensor(0.1, dtype=torch.float64)
+    rho, u, T = m.macro(t, x, eps)
+    xi = (v - u[:, None]) / T.sqrt()[:, None]
+    torch.testing.assert_close(m.peculiar_velocity(v, u, T.log()), xi / 4, rtol=1e-13, atol=1e-15)
+    before = m.f_dev(t, x, v, eps)
+    with torch.no_grad():
+        first.weight[:, :-1] = 0.0
+        first.weight[:, -1].mul_(5.0)  # an input slope of order one at the nodes near u
+    D = m.f_dev(t, x, v, eps)
+    assert (D - before).abs().max() > 1e-3  # precondition: the other inputs counted before
+    # reading only xi: one function of xi, so nodes at the same xi give the same D
+    g = lambda z: m.f_net(torch.cat([torch.zeros(*z.shape, 3 + m.encoding.out_dim, dtype=z.dtype),
+                                     (z / 4).unsqueeze(-1)], -1)).squeeze(-1)
+    torch.testing.assert_close(D, g(xi), rtol=1e-12, atol=1e-12)
+    assert (D[:, 0] - D[:, -1]).abs().max() > 1e-3 and (D[0] - D[1]).abs().max() > 1e-3
+    # f uses the same deviation as f_dev, on [n] and on per-node [n, V] coordinates
+    M = kinetic.maxwellian(rho, u, T, v)
+    torch.testing.assert_close(m.f(t, x, v, eps), M * torch.exp(D), rtol=1e-12, atol=1e-14)
+    tg, xg = t[:, None].expand(5, v.shape[0]), x[:, None].expand(5, v.shape[0])
+    torch.testing.assert_close(m.f(tg, xg, v, eps), m.f(t, x, v, eps), rtol=1e-12, atol=1e-14)
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    refs = task_gradient_references(tr, batch)
+    for deriv in ("fast", "jvp"):
+        L, _, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, deriv)
+        assert_task_gradients_match_references(L, J, refs)
+    for bad, match in (({"f_form": "free", "peculiar": True}, "f_form = 'maxwellian'"),
+                       ({"f_form": "maxwellian", "peculiar": 1}, "peculiar must be true or false")):
         cfg.model = {**cfg.model, **bad}
         with pytest.raises(ValueError, match=match):
             Trainer(cfg)

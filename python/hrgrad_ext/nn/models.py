@@ -391,6 +391,14 @@ class BGKAPNN(APNN):
             networks end with Euler-like fronts at Kn = 1 and 0.1). ``f(t0) = f0`` holds
             exactly, and ``a -> 0`` as Kn -> 0 for t > t0, so the Euler limit is the
             ``f_form``'s own.
+        peculiar: give the f network the peculiar velocity of the macro networks, ``xi = (v -
+            u) / sqrt(T)`` (times 1/4), as one more input (``f_form="maxwellian"`` only). The
+            Chapman-Enskog deviation of this 1D-1V BGK model is ``log(f / M) = -Kn T_x / (2
+            sqrt(T)) (xi^3 - 3 xi)`` (the u_x terms cancel for one velocity dimension): one
+            fixed shape in xi times a field of (t, x). In v that shape moves and stretches with
+            u and T across every front, which the network then has to draw point by point. The
+            deviation then depends on the macro networks, so its t and x derivatives go
+            through theirs as well.
     """
 
     METHODS = ("f", "f_dev", "macro", "macroscopic", "uncollided", "uncollided_fraction")
@@ -400,7 +408,7 @@ class BGKAPNN(APNN):
                  left=(1.5, 0.0, 1.5), right=(0.625, 0.0, 0.75), f_net: dict | None = None, macro_net: dict | None = None,
                  hard_ic: bool = False, f_form: str = "free", initial_profile=None,
                  time_windows: TimeWindows | None = None, characteristic: bool = False,
-                 deviation_knee: float = 0.0, uncollided: bool = False):
+                 deviation_knee: float = 0.0, uncollided: bool = False, peculiar: bool = False):
         super().__init__(encoding, t_range, x_range, v_max, time_windows)
         if min(left[0], left[2], right[0], right[2]) <= 0:
             raise ValueError("BGKAPNN: boundary densities and temperatures must be positive")
@@ -425,8 +433,14 @@ class BGKAPNN(APNN):
         if uncollided and not callable(initial_profile):
             raise ValueError("BGKAPNN: uncollided needs the initial profile s(x) (initial_profile)")
         self.uncollided_part = uncollided
+        if not isinstance(peculiar, bool):
+            raise ValueError(f"BGKAPNN: peculiar must be true or false, got {peculiar!r}")
+        if peculiar and f_form != "maxwellian":
+            raise ValueError("BGKAPNN: peculiar reads u and T of the macro networks, which only f_form = 'maxwellian' "
+                             f"builds f from; f_form = {f_form!r}")
+        self.peculiar = peculiar
         e = encoding.out_dim
-        self.f_net = make_body(in_dim=3 + e + int(characteristic), out_dim=1, **_body_args(f_net, dict(kind="resnet", width=128, depth=3, activation="tanh")))
+        self.f_net = make_body(in_dim=3 + e + int(characteristic) + int(peculiar), out_dim=1, **_body_args(f_net, dict(kind="resnet", width=128, depth=3, activation="tanh")))
         mdef = _body_args(macro_net, dict(kind="mlp", width=64, depth=3, activation="tanh"))
         self.rho_net = make_body(in_dim=2 + e, out_dim=1, **mdef)
         self.u_net = make_body(in_dim=2 + e, out_dim=1, **mdef)
@@ -450,9 +464,28 @@ class BGKAPNN(APNN):
         """``f_form="maxwellian"``: the log deviation ``D = log(f / M[rho, u, T])``, ``[n, V]``
         (``N_f``, times tau with ``hard_ic``, times ``Kn / (Kn + deviation_knee)`` with a
         knee). ``f_form="free"``: the raw network output."""
+        return self._deviation(t, x, v, eps, self._macro_log(t, x, eps) if self.peculiar else None)
+
+    # |xi| <= 4 holds all but 6e-5 of a Maxwellian's mass: the input's working range onto [-1, 1]
+    PECULIAR_SCALE = 0.25
+
+    def peculiar_velocity(self, v: Tensor, u: Tensor, log_T: Tensor) -> Tensor:
+        """``(v - u) / sqrt(T)`` times :attr:`PECULIAR_SCALE`, ``[n, V]`` (``u, log_T``: ``[n]``
+        or ``[n, V]``)."""
+        u = u.unsqueeze(-1) if u.dim() == 1 else u
+        log_T = log_T.unsqueeze(-1) if log_T.dim() == 1 else log_T
+        return (v.to(u.dtype) - u) * torch.exp(-0.5 * log_T) * self.PECULIAR_SCALE
+
+    def _deviation(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor, macro_log) -> Tensor:
+        """:meth:`f_dev` given ``(log rho, u, log T)`` at ``(t, x)`` (read with ``peculiar``)."""
         feats = self.grid_features(t, x, v, eps)
+        extra = []
         if self.characteristic:
-            feats = torch.cat([feats, self.characteristic_foot(t, x, v).unsqueeze(-1)], -1)
+            extra.append(self.characteristic_foot(t, x, v))
+        if self.peculiar:
+            extra.append(self.peculiar_velocity(v, macro_log[1], macro_log[2]))
+        if extra:
+            feats = torch.cat([feats, *(a.unsqueeze(-1) for a in extra)], -1)
         D = self.f_net(feats).squeeze(-1)
         if self.hard_ic and self.f_form == "maxwellian":
             tau = self._tau(t)
@@ -478,11 +511,11 @@ class BGKAPNN(APNN):
         the macro networks run at every (point, node) pair, so that per-node input derivatives
         of this method stay exact; the formulation avoids that cost with
         :func:`maxwellian_exp_derivatives`."""
-        D = self.f_dev(t, x, v, eps)
         if self.f_form == "free":
-            f = F.softplus(D)
+            f = F.softplus(self.f_dev(t, x, v, eps))
         else:
             log_rho, u, log_T = self._macro_log(t, x, eps)
+            D = self._deviation(t, x, v, eps, (log_rho, u, log_T))
             if log_rho.dim() == 2:  # [n, V] coordinates: one Maxwellian per node
                 logM = _log_maxwellian_per_node(log_rho, u, log_T, v)
             else:
