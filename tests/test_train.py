@@ -101,25 +101,28 @@ def test_bgk_parametrisations_segmented_gradients_equal_separate_backward_passes
             assert groups["initial"].abs().max() < 1e-24
 
 
-@pytest.mark.parametrize("characteristic,knee,uncollided,peculiar",
-                         [(False, 0.0, False, False), (True, 0.0, False, False), (False, 0.1, False, False),
-                          (True, 0.1, True, False), (False, 0.0, False, True), (True, 0.1, True, True)],
-                         ids=["plain", "characteristic", "deviation_knee", "uncollided", "peculiar", "all"])
-def test_bgk_maxwellian_interior_forward_equals_differentiating_f(tmp_path, characteristic, knee, uncollided, peculiar):
+@pytest.mark.parametrize("characteristic,knee,uncollided,peculiar,ce",
+                         [(False, 0.0, False, False, 0.0), (True, 0.0, False, False, 0.0), (False, 0.1, False, False, 0.0),
+                          (True, 0.1, True, False, 0.0), (False, 0.0, False, True, 0.0), (False, 0.0, False, False, 0.03),
+                          (True, 0.1, True, True, 0.03)],
+                         ids=["plain", "characteristic", "deviation_knee", "uncollided", "peculiar", "chapman_enskog", "all"])
+def test_bgk_maxwellian_interior_forward_equals_differentiating_f(tmp_path, characteristic, knee, uncollided, peculiar, ce):
     # the formulation's chain-rule path gives the numbers that differentiating the model's f
     # on the [n, V] grid (the "free" path, valid for any model) gives; with the
     # characteristic input, whose t and x derivatives go through the per-node foot x - v t,
-    # with the uncollided part, whose weight exp(-t / Kn) has a t derivative of its own, and
-    # with the peculiar velocity, whose derivatives go through the macro networks' u and T
+    # with the uncollided part, whose weight exp(-t / Kn) has a t derivative of its own, with
+    # the peculiar velocity, whose derivatives go through the macro networks' u and T, and with
+    # the Chapman-Enskog term, whose derivatives hold the macro networks' second derivatives
     from hrgrad_ext.train.losses import BGKFormulation
 
     cfg = tiny_config(tmp_path, "bgk", dtype="float64", eps=[0.1, 1e-2])
     cfg.model = {**cfg.model, "hard_ic": True, "f_form": "maxwellian", "characteristic": characteristic,
-                 "deviation_knee": knee, "uncollided": uncollided, "peculiar": peculiar}
+                 "deviation_knee": knee, "uncollided": uncollided, "peculiar": peculiar, "chapman_enskog": ce}
     tr = Trainer(cfg)
     assert tr.model.characteristic is characteristic and tr.model.deviation_knee == knee
     assert tr.model.uncollided_part is uncollided and tr.form.uncollided is uncollided
-    assert tr.model.peculiar is peculiar and tr.form.peculiar is peculiar
+    assert tr.model.peculiar is peculiar and tr.model.chapman_enskog == ce
+    assert tr.form.reads_macro is (peculiar or ce > 0)
     inp = {k: v[0] for k, v in tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)["interior"].items()}
     call = lambda method, *a: tr.model(method, *a)
     fast = tr.form.forward("interior", call, inp, "fast")
@@ -478,6 +481,54 @@ def test_bgk_peculiar_input_is_the_velocity_relative_to_the_macro_flow(tmp_path)
         assert_task_gradients_match_references(L, J, refs)
     for bad, match in (({"f_form": "free", "peculiar": True}, "f_form = 'maxwellian'"),
                        ({"f_form": "maxwellian", "peculiar": 1}, "peculiar must be true or false")):
+        cfg.model = {**cfg.model, **bad}
+        with pytest.raises(ValueError, match=match):
+            Trainer(cfg)
+
+
+def test_bgk_chapman_enskog_term_is_the_first_order_deviation_of_the_macro_fields(tmp_path):
+    # D = N_f part + 3 tanh(g A (xi^3 - 3 xi) / 3), A = -Kn T_x / (2 sqrt(T)) from the macro
+    # networks (T_x here by central differences), g = kappa^2 / (kappa^2 + Kn^2) (9e-4 at Kn =
+    # 1 for kappa = 0.03); it vanishes with Kn (f -> M in the Euler limit), and the segmented task
+    # gradients stay exact with the second derivatives it brings into the kinetic residual
+    cfg = tiny_config(tmp_path, "bgk", dtype="float64")
+    cfg.model = {**cfg.model, "f_form": "maxwellian", "chapman_enskog": 0.03}
+    tr = Trainer(cfg)
+    m, v = tr.model, tr.form.v
+    assert m.reads_macro and tr.form.reads_macro and not m.peculiar
+    gen = torch.Generator().manual_seed(6)
+    t = 0.1 * torch.rand(5, generator=gen, dtype=torch.float64)
+    x = torch.rand(5, generator=gen, dtype=torch.float64) - 0.5
+    with torch.no_grad():  # a temperature gradient of order one, not the initialisation's
+        for layer in m.T_net.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.mul_(4.0)
+    h = 1e-5
+    for kn in (1e-3, 1e-2, 0.1, 1.0):
+        eps = torch.tensor(kn, dtype=torch.float64)
+        rho, u, T = m.macro(t, x, eps)
+        T_x = (m.macro(t, x + h, eps)[2] - m.macro(t, x - h, eps)[2]) / (2 * h)
+        xi = (v - u[:, None]) / T.sqrt()[:, None]
+        g = 0.03 ** 2 / (0.03 ** 2 + kn ** 2)
+        expected = 3 * torch.tanh(g * (-kn * T_x / (2 * T.sqrt()))[:, None] * (xi ** 3 - 3 * xi) / 3)
+        ce = m.chapman_enskog_deviation(t, x, v, eps)
+        torch.testing.assert_close(ce, expected, rtol=1e-7, atol=1e-9)
+        m.chapman_enskog = 0.0
+        plain = m.f_dev(t, x, v, eps)
+        m.chapman_enskog = 0.03
+        torch.testing.assert_close(m.f_dev(t, x, v, eps), plain + expected, rtol=1e-7, atol=1e-9)
+        if kn == 1e-2:
+            assert ce.abs().max() > 0.05  # precondition: a term that counts
+    e = torch.tensor(1e-8, dtype=torch.float64)
+    assert m.chapman_enskog_deviation(t, x, v, e).abs().max() < 1e-4  # O(Kn): 1e-5 at the outer nodes
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    refs = task_gradient_references(tr, batch)
+    for deriv in ("fast", "jvp"):
+        L, _, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, deriv)
+        assert_task_gradients_match_references(L, J, refs)
+    for bad, match in (({"f_form": "free", "chapman_enskog": 0.03}, "f_form = 'maxwellian'"),
+                       ({"f_form": "maxwellian", "chapman_enskog": -0.1}, "chapman_enskog must be"),
+                       ({"f_form": "maxwellian", "chapman_enskog": True}, "chapman_enskog must be")):
         cfg.model = {**cfg.model, **bad}
         with pytest.raises(ValueError, match=match):
             Trainer(cfg)

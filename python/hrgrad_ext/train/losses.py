@@ -559,17 +559,19 @@ class BGKFormulation(Formulation):
     #: whether its f has the uncollided part
     f_form = "free"
     uncollided = False
-    peculiar = False
+    reads_macro = False
 
     def build_model(self, encoding: EpsEncoding, nets: dict) -> BGKAPNN:
         """The model from the ``model`` table: networks ``f``, ``macro`` and the options
         ``hard_ic`` (bool), ``f_form`` (``"free"`` or ``"maxwellian"``), ``characteristic``
         (bool: the foot of the characteristic ``x - v t`` as an input of the f network) and
         ``deviation_knee`` (the log deviation scaled by ``Kn / (Kn + knee)``),
-        ``uncollided`` (bool: f = a U + (1 - a) f_c with the free-streamed initial data U) and
-        ``peculiar`` (bool: ``(v - u) / sqrt(T)`` as an input of the f network), see
-        :class:`hrgrad_ext.nn.BGKAPNN`."""
-        options = {"f", "macro", "hard_ic", "f_form", "characteristic", "deviation_knee", "uncollided", "peculiar"}
+        ``uncollided`` (bool: f = a U + (1 - a) f_c with the free-streamed initial data U),
+        ``peculiar`` (bool: ``(v - u) / sqrt(T)`` as an input of the f network) and
+        ``chapman_enskog`` (the first-order deviation of the macro fields added to D, gated
+        below Kn ~ kappa), see :class:`hrgrad_ext.nn.BGKAPNN`."""
+        options = {"f", "macro", "hard_ic", "f_form", "characteristic", "deviation_knee", "uncollided", "peculiar",
+                   "chapman_enskog"}
         unknown = set(nets) - options
         if unknown:
             raise ValueError(f"bgk: unknown network or model option(s) {sorted(unknown)}; "
@@ -585,10 +587,10 @@ class BGKFormulation(Formulation):
                         f_form=nets.get("f_form", "free"), initial_profile=self.profile,
                         time_windows=self.model_windows(), characteristic=nets.get("characteristic", False),
                         deviation_knee=nets.get("deviation_knee", 0.0), uncollided=nets.get("uncollided", False),
-                        peculiar=nets.get("peculiar", False))
+                        peculiar=nets.get("peculiar", False), chapman_enskog=nets.get("chapman_enskog", 0.0))
         self.f_form = model.f_form
         self.uncollided = model.uncollided_part
-        self.peculiar = model.peculiar
+        self.reads_macro = model.reads_macro
         return model
 
     def initial_state(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -640,10 +642,10 @@ class BGKFormulation(Formulation):
             # node, combined by the chain rule (the same numbers as differentiating call("f"))
             (rho, u, T), (dt, dx) = value_and_derivatives(lambda t, x: call("macro", t, x, eps), (t, x), (0, 1),
                                                           pick_mode(deriv, 2, 3))
-            # with `peculiar` D reads the macro networks too: reverse mode would run them at every
-            # (point, node) pair of its expanded coordinates, forward mode once per point
+            # when D reads the macro networks (peculiar, chapman_enskog), reverse mode would run
+            # them at every (point, node) pair of its expanded coordinates, forward mode once per point
             D, (Dt, Dx) = value_and_derivatives(lambda t, x: call("f_dev", t, x, v, eps), (t, x), (0, 1),
-                                                pick_mode(deriv, 2, 2 if self.peculiar else 1), grid=v.shape[0])
+                                                pick_mode(deriv, 2, 2 if self.reads_macro else 1), grid=v.shape[0])
             F, (Ft, Fx) = maxwellian_exp_derivatives(rho, u, T, (dt, dx), D, (Dt, Dx), v)
             if self.uncollided:
                 # f = a U + (1 - a) f_c (BGKAPNN.f): d_t (1 - a) f_c = (1 - a) Ft - a_t F
