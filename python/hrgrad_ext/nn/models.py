@@ -434,33 +434,23 @@ class BGKAPNN(APNN):
             raise ValueError(f"BGKAPNN: unknown f_form {f_form!r}; expected one of {self.F_FORMS}")
         if hard_ic and not callable(initial_profile):
             raise ValueError("BGKAPNN: hard_ic needs the initial profile s(x) (initial_profile)")
-        if not isinstance(characteristic, bool):
-            raise ValueError(f"BGKAPNN: characteristic must be true or false, got {characteristic!r}")
-        self.characteristic = characteristic
-        if isinstance(deviation_knee, bool) or not isinstance(deviation_knee, (int, float)) \
-                or not (math.isfinite(deviation_knee) and deviation_knee >= 0):
-            raise ValueError(f"BGKAPNN: deviation_knee must be a finite number >= 0 (0 = off), got {deviation_knee!r}")
-        if deviation_knee > 0 and f_form != "maxwellian":
-            raise ValueError("BGKAPNN: deviation_knee scales the log deviation of f_form = 'maxwellian'; "
-                             f"f_form = {f_form!r} has none")
-        self.deviation_knee = float(deviation_knee)
-        if not isinstance(uncollided, bool):
-            raise ValueError(f"BGKAPNN: uncollided must be true or false, got {uncollided!r}")
+        for name, flag in (("characteristic", characteristic), ("uncollided", uncollided), ("peculiar", peculiar)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"BGKAPNN: {name} must be true or false, got {flag!r}")
+        for name, value in (("deviation_knee", deviation_knee), ("chapman_enskog", chapman_enskog)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"BGKAPNN: {name} must be a finite number >= 0 (0 = off), got {value!r}")
+        # the options that act on the log deviation D of f = M exp(D), or read the macro networks' M
+        for name, on in (("deviation_knee", deviation_knee > 0), ("peculiar", peculiar), ("chapman_enskog", chapman_enskog > 0)):
+            if on and f_form != "maxwellian":
+                raise ValueError(f"BGKAPNN: {name} acts on the log deviation of f_form = 'maxwellian'; "
+                                 f"f_form = {f_form!r} has none")
         if uncollided and not callable(initial_profile):
             raise ValueError("BGKAPNN: uncollided needs the initial profile s(x) (initial_profile)")
+        self.characteristic = characteristic
+        self.deviation_knee = float(deviation_knee)
         self.uncollided_part = uncollided
-        if not isinstance(peculiar, bool):
-            raise ValueError(f"BGKAPNN: peculiar must be true or false, got {peculiar!r}")
-        if peculiar and f_form != "maxwellian":
-            raise ValueError("BGKAPNN: peculiar reads u and T of the macro networks, which only f_form = 'maxwellian' "
-                             f"builds f from; f_form = {f_form!r}")
         self.peculiar = peculiar
-        if isinstance(chapman_enskog, bool) or not isinstance(chapman_enskog, (int, float)) \
-                or not (math.isfinite(chapman_enskog) and chapman_enskog >= 0):
-            raise ValueError(f"BGKAPNN: chapman_enskog must be a finite number >= 0 (0 = off), got {chapman_enskog!r}")
-        if chapman_enskog > 0 and f_form != "maxwellian":
-            raise ValueError("BGKAPNN: chapman_enskog adds to the log deviation of f_form = 'maxwellian'; "
-                             f"f_form = {f_form!r} has none")
         self.chapman_enskog = float(chapman_enskog)
         e = encoding.out_dim
         self.f_net = make_body(in_dim=3 + e + int(characteristic) + int(peculiar), out_dim=1, **_body_args(f_net, dict(kind="resnet", width=128, depth=3, activation="tanh")))
