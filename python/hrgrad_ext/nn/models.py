@@ -476,7 +476,8 @@ class BGKAPNN(APNN):
     def f_dev(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor) -> Tensor:
         """``f_form="maxwellian"``: the log deviation ``D = log(f / M[rho, u, T])``, ``[n, V]``
         (``N_f``, times tau with ``hard_ic``, times ``Kn / (Kn + deviation_knee)`` with a
-        knee). ``f_form="free"``: the raw network output."""
+        knee, plus :meth:`chapman_enskog_deviation` with ``chapman_enskog``).
+        ``f_form="free"``: the raw network output."""
         return self._deviation(t, x, v, eps, self._macro_log(t, x, eps) if self.peculiar else None)
 
     @property

@@ -644,8 +644,9 @@ class BGKFormulation(Formulation):
                                                           pick_mode(deriv, 2, 3))
             # when D reads the macro networks (peculiar, chapman_enskog), reverse mode would run
             # them at every (point, node) pair of its expanded coordinates, forward mode once per point
-            D, (Dt, Dx) = value_and_derivatives(lambda t, x: call("f_dev", t, x, v, eps), (t, x), (0, 1),
-                                                pick_mode(deriv, 2, 2 if self.reads_macro else 1), grid=v.shape[0])
+            d_mode = "jvp" if self.reads_macro and deriv == "fast" else pick_mode(deriv, 2, 1)
+            D, (Dt, Dx) = value_and_derivatives(lambda t, x: call("f_dev", t, x, v, eps), (t, x), (0, 1), d_mode,
+                                                grid=v.shape[0])
             F, (Ft, Fx) = maxwellian_exp_derivatives(rho, u, T, (dt, dx), D, (Dt, Dx), v)
             if self.uncollided:
                 # f = a U + (1 - a) f_c (BGKAPNN.f): d_t (1 - a) f_c = (1 - a) Ft - a_t F
