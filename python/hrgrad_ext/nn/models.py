@@ -494,9 +494,9 @@ class BGKAPNN(APNN):
         x = x.clone()
         (_, u, log_T), (_, _, log_T_x) = torch.func.jvp(lambda xx: self._macro_log(t, xx, eps), (x,),
                                                         (torch.ones_like(x),))
-        u, log_T, log_T_x = (a.unsqueeze(-1) if a.dim() == 1 else a for a in (u, log_T, log_T_x))
+        xi = self._xi(v, u, log_T)
+        log_T, log_T_x = (a.unsqueeze(-1) if a.dim() == 1 else a for a in (log_T, log_T_x))
         kn = eps.unsqueeze(-1) if eps.dim() == 1 else eps
-        xi = (v.to(u.dtype) - u) * torch.exp(-0.5 * log_T)
         kappa2 = self.chapman_enskog ** 2
         amplitude = -0.5 * kn * kappa2 / (kappa2 + kn * kn) * torch.exp(0.5 * log_T) * log_T_x
         return 3.0 * torch.tanh(amplitude * (xi * xi * xi - 3.0 * xi) / 3.0)
@@ -507,9 +507,14 @@ class BGKAPNN(APNN):
     def peculiar_velocity(self, v: Tensor, u: Tensor, log_T: Tensor) -> Tensor:
         """``(v - u) / sqrt(T)`` times :attr:`PECULIAR_SCALE`, ``[n, V]`` (``u, log_T``: ``[n]``
         or ``[n, V]``)."""
+        return self._xi(v, u, log_T) * self.PECULIAR_SCALE
+
+    @staticmethod
+    def _xi(v: Tensor, u: Tensor, log_T: Tensor) -> Tensor:
+        """``xi = (v - u) / sqrt(T)``, ``[n, V]`` (``u, log_T``: ``[n]`` or ``[n, V]``)."""
         u = u.unsqueeze(-1) if u.dim() == 1 else u
         log_T = log_T.unsqueeze(-1) if log_T.dim() == 1 else log_T
-        return (v.to(u.dtype) - u) * torch.exp(-0.5 * log_T) * self.PECULIAR_SCALE
+        return (v.to(u.dtype) - u) * torch.exp(-0.5 * log_T)
 
     def _deviation(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor, macro_log) -> Tensor:
         """:meth:`f_dev` given ``(log rho, u, log T)`` at ``(t, x)`` (read with ``peculiar``)."""
