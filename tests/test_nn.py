@@ -364,6 +364,22 @@ def test_bgk_maxwellian_f_is_m_times_exp_deviation_and_its_derivatives_are_exact
     torch.testing.assert_close(Fx, (fn(t, x + h) - fn(t, x - h)) / (2 * h), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("n", [7, 5])  # n == V is where a mis-broadcast eps would pass unnoticed
+@pytest.mark.parametrize("opts", [dict(f_form="free"), dict(f_form="maxwellian", chapman_enskog=0.03, peculiar=True,
+                                                                 deviation_knee=0.1, uncollided=True, characteristic=True)])
+def test_bgk_per_node_coordinates_take_one_kn_per_point(n, opts):
+    # per-node [n, V] coordinates with a per-point [n] Kn give each row its own Kn, as the
+    # point-by-point calls do
+    m = _bgk_model(**opts)
+    t, x = _pts(n, -0.5, 0.5)
+    v = torch.linspace(-5, 5, 5)
+    eps = torch.logspace(-3, 0, n)
+    grid = m.f(t[:, None].expand(n, 5), x[:, None].expand(n, 5), v, eps)
+    for i in range(n):
+        torch.testing.assert_close(grid[i], m.f(t[i:i + 1], x[i:i + 1], v, eps[i])[0])
+    torch.testing.assert_close(grid, m.f(t, x, v, eps))
+
+
 def test_bgk_model_option_errors():
     with pytest.raises(ValueError, match="f_form"):
         BGKAPNN(EpsEncoding(), f_form="gaussian")

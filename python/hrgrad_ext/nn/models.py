@@ -80,8 +80,13 @@ class APNN(nn.Module):
         return self.x_range[1] - self.x_range[0]
 
     def point_features(self, t: Tensor, x: Tensor, eps: Tensor) -> Tensor:
-        """``[n, 2 + enc]`` network input for points ``t, x, eps`` of shape ``[n]``."""
+        """``[*t.shape, 2 + enc]`` network input for points ``t, x`` of shape ``[n]`` or ``[n,
+        V]`` (per-node coordinates); ``eps`` 0-d or ``[n]``, one value per point (row)."""
         ts, xs = self._scale(t, x, eps)
+        if eps.dim() == 1 and t.dim() == 2:
+            # a per-point [n] eps against [n, V] coordinates: broadcast along the row (a plain
+            # expand_as would align it with the node axis, silently so when n == V)
+            eps = eps.unsqueeze(-1)
         return torch.cat([ts.unsqueeze(-1), xs.unsqueeze(-1), self.encoding(eps.expand_as(t))], -1)
 
     def grid_features(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor) -> Tensor:
