@@ -98,6 +98,20 @@ def _pts(n, x0, x1, t1=0.1):
     return t1 * torch.rand(n, generator=g), x0 + (x1 - x0) * torch.rand(n, generator=g)
 
 
+@pytest.mark.parametrize("n", [7, 6])  # n == V is where a mis-broadcast eps would pass unnoticed
+def test_transport_per_node_coordinates_take_one_eps_per_point(n):
+    m = TransportAPNN(EpsEncoding(-8, 0, 1), rho_net=dict(width=8, depth=2), g_net=dict(width=8, depth=1),
+                      wall_layer=1e-3)
+    t, x = _pts(n, 0, 1)
+    v = torch.linspace(-1, 1, 6)
+    eps = torch.logspace(-4, 0, n)  # the wall-layer features on for some points, off for others
+    tg, xg = t[:, None].expand(n, 6), x[:, None].expand(n, 6)
+    rho, G = m.rho(tg, xg, eps), m.g_raw(tg, xg, v, eps)
+    for i in range(n):
+        torch.testing.assert_close(rho[i], m.rho(t[i:i + 1], x[i:i + 1], eps[i]).expand(6))
+        torch.testing.assert_close(G[i], m.g_raw(t[i:i + 1], x[i:i + 1], v, eps[i])[0])
+
+
 def test_transport_model_shapes_and_dispatch():
     m = TransportAPNN(EpsEncoding(-8, 0, 1), rho_net=dict(width=8, depth=2), g_net=dict(kind="resnet", width=8, depth=1))
     t, x = _pts(7, 0, 1)

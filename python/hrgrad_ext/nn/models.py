@@ -223,7 +223,7 @@ class TransportAPNN(APNN):
         """Density ``[n]``."""
         h = self.point_features(t, x, eps)
         if self.wall_layer > 0:
-            h = torch.cat([h, self.wall_layer_features(x, eps.expand_as(t))], -1)
+            h = torch.cat([h, self.wall_layer_features(x, eps)], -1)
         return self.rho_net(h).squeeze(-1)
 
     def g_raw(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor) -> Tensor:
