@@ -85,7 +85,14 @@ def test_segmented_gradients_equal_separate_backward_passes(tmp_path, problem, m
         assert_task_gradients_match_references(L, J, refs)
 
 
-@pytest.mark.parametrize("opts", BGK_FORMS[2:], ids=lambda o: f"hard_ic={o['hard_ic']}-{o['f_form']}")
+# the long preset's model options with the Chapman-Enskog term, whose fast path splits D into the
+# f network's part (reverse mode) and the term (forward mode on the points)
+BGK_CE_FORMS = [{"hard_ic": hard_ic, "f_form": "maxwellian", "chapman_enskog": 0.03, "uncollided": True,
+                 "deviation_knee": 0.1, "characteristic": True} for hard_ic in (False, True)]
+
+
+@pytest.mark.parametrize("opts", BGK_FORMS[2:] + BGK_CE_FORMS,
+                         ids=lambda o: f"hard_ic={o['hard_ic']}-{o['f_form']}" + ("-ce" if "chapman_enskog" in o else ""))
 def test_bgk_parametrisations_segmented_gradients_equal_separate_backward_passes(tmp_path, opts):
     cfg = tiny_config(tmp_path, "bgk", eps=[1.0, 1e-1, 1e-3], dtype="float64")
     cfg.model = {**cfg.model, **opts}

@@ -421,7 +421,8 @@ class BGKAPNN(APNN):
             macro networks' second derivatives.
     """
 
-    METHODS = ("f", "f_dev", "macro", "macroscopic", "uncollided", "uncollided_fraction")
+    METHODS = ("f", "f_dev", "network_deviation", "chapman_enskog_term", "macro", "macroscopic", "uncollided",
+               "uncollided_fraction")
     F_FORMS = ("free", "maxwellian")
 
     def __init__(self, encoding: EpsEncoding, t_range=(0.0, 0.1), x_range=(-0.5, 0.5), v_max: float = 10.0,
@@ -485,6 +486,21 @@ class BGKAPNN(APNN):
         ``f_form="free"``: the raw network output."""
         return self._deviation(t, x, v, eps, self._macro_log(t, x, eps) if self.peculiar else None)
 
+    def network_deviation(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor) -> Tensor:
+        """The part of :meth:`f_dev` that the f network draws, ``[n, V]``: all of it but the
+        :meth:`chapman_enskog_term`."""
+        return self._network_deviation(t, x, v, eps, self._macro_log(t, x, eps) if self.peculiar else None)
+
+    def chapman_enskog_term(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor) -> Tensor:
+        """What ``chapman_enskog`` adds to :meth:`f_dev`, ``[n, V]``: the
+        :meth:`chapman_enskog_deviation`, times tau with ``hard_ic`` (so that ``f(t0) = f0``
+        exactly, as for the network's part)."""
+        ce = self.chapman_enskog_deviation(t, x, v, eps)
+        if self.hard_ic:
+            tau = self._tau(t)
+            ce = (tau.unsqueeze(-1) if tau.dim() == 1 else tau) * ce
+        return ce
+
     @property
     def reads_macro(self) -> bool:
         """Whether the log deviation reads the macro networks (``peculiar`` or
@@ -523,6 +539,12 @@ class BGKAPNN(APNN):
 
     def _deviation(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor, macro_log) -> Tensor:
         """:meth:`f_dev` given ``(log rho, u, log T)`` at ``(t, x)`` (read with ``peculiar``)."""
+        D = self._network_deviation(t, x, v, eps, macro_log)
+        return D + self.chapman_enskog_term(t, x, v, eps) if self.chapman_enskog > 0 else D
+
+    def _network_deviation(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor, macro_log) -> Tensor:
+        """:meth:`network_deviation` given ``(log rho, u, log T)`` at ``(t, x)`` (read with
+        ``peculiar``)."""
         feats = self.grid_features(t, x, v, eps)
         extra = []
         if self.characteristic:
@@ -538,12 +560,6 @@ class BGKAPNN(APNN):
         if self.deviation_knee > 0:
             factor = eps / (eps + self.deviation_knee)
             D = (factor.unsqueeze(-1) if factor.dim() == 1 else factor) * D
-        if self.chapman_enskog > 0:
-            ce = self.chapman_enskog_deviation(t, x, v, eps)
-            if self.hard_ic:  # f(t0) = f0 exactly, as for N_f
-                tau = self._tau(t)
-                ce = (tau.unsqueeze(-1) if tau.dim() == 1 else tau) * ce
-            D = D + ce
         return D
 
     def characteristic_foot(self, t: Tensor, x: Tensor, v: Tensor) -> Tensor:
