@@ -84,6 +84,42 @@ def test_bodies_compute_their_documented_formula(kind, cls, act):
     torch.testing.assert_close(net(x), lin(linears[-1], h), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "resnet"])
+def test_adaptive_tanh_is_tanh_of_a_trainable_slope_per_layer(kind):
+    from hrgrad_ext.nn import AdaptiveTanh
+
+    net = make_body(kind, 3, 2, width=8, depth=2, activation="adaptive_tanh").double()
+    acts = [m for m in net.modules() if isinstance(m, AdaptiveTanh)]
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(acts) == len(linears) - 1  # one slope per hidden layer
+    x = torch.randn(4, 3, dtype=torch.float64)
+    # it starts as tanh: n a = 1
+    plain = make_body(kind, 3, 2, width=8, depth=2, activation="tanh").double()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.endswith(".a")})
+    torch.testing.assert_close(net(x), plain(x), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        for i, m in enumerate(acts):
+            m.a.fill_(0.05 * (i + 1))
+
+    def lin(m, z):
+        return z @ m.weight.T + m.bias
+
+    def act(m, z):
+        return torch.tanh(AdaptiveTanh.SCALE * m.a * z)
+
+    if kind == "mlp":
+        h = x
+        for m, a in zip(linears[:-1], acts):
+            h = act(a, lin(m, h))
+    else:
+        h = act(acts[0], lin(linears[0], x))
+        for l1, l2, a1, a2 in zip(linears[1:-1:2], linears[2:-1:2], acts[1::2], acts[2::2]):
+            h = h + act(a2, lin(l2, act(a1, lin(l1, h))))
+    torch.testing.assert_close(net(x), lin(linears[-1], h), rtol=1e-12, atol=1e-12)
+    net(x).square().sum().backward()
+    assert all(m.a.grad is not None and m.a.grad.abs() > 0 for m in acts)
+
+
 def test_body_errors():
     with pytest.raises(ValueError, match="unknown network body"):
         make_body("cnn", 3, 1, 8, 2, "tanh")

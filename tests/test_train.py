@@ -139,6 +139,21 @@ def test_bgk_maxwellian_interior_forward_equals_differentiating_f(tmp_path, char
         torch.testing.assert_close(fast[k], plain[k], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("problem", ["transport", "bgk"])
+def test_adaptive_activation_slopes_get_their_task_gradients(tmp_path, problem):
+    # the trainable slopes of "adaptive_tanh" are parameters like the weights: the segmented
+    # pass gives their per-task gradients as the K separate passes and the spec losses do
+    cfg = tiny_config(tmp_path, problem, eps=[1.0, 1e-2], dtype="float64")
+    nets = ("rho", "g") if problem == "transport" else ("f", "macro")
+    cfg.model = {**cfg.model, **{k: {**cfg.model.get(k, {}), "activation": "adaptive_tanh"} for k in nets}}
+    tr = Trainer(cfg)
+    slopes = [n for n, _ in tr.model.named_parameters() if n.endswith(".a")]
+    assert slopes
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    assert_task_gradients_match_references(L, J, task_gradient_references(tr, batch))
+
+
 def test_default_bgk_model_is_the_maxwellian_form():
     # With the spec's free softplus f the BGK defaults did not learn the velocity (momentum rel
     # L2 0.6-1.0 at 1500 steps); f = M[rho, u, T] exp(N_f) did (docs/RESULTS.md). Keep it.

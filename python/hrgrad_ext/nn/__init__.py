@@ -7,10 +7,10 @@ Every model takes the small parameter eps (Knudsen number) as an input through a
 :func:`torch.func.functional_call` can evaluate any piece with substituted parameters.
 """
 
-from .bodies import ACTIVATIONS, MLP, ResNet, make_body
+from .bodies import ACTIVATIONS, MLP, AdaptiveTanh, ResNet, make_body
 from .encoding import EpsEncoding
 from .models import APNN, BGKAPNN, TransportAPNN, log_maxwellian, maxwellian_exp_derivatives
 from .windows import TimeWindows
 
-__all__ = ["ACTIVATIONS", "APNN", "BGKAPNN", "EpsEncoding", "MLP", "ResNet", "TimeWindows", "TransportAPNN",
+__all__ = ["ACTIVATIONS", "APNN", "AdaptiveTanh", "BGKAPNN", "EpsEncoding", "MLP", "ResNet", "TimeWindows", "TransportAPNN",
            "log_maxwellian", "make_body", "maxwellian_exp_derivatives"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "MLP", "ResNet", "make_body"]
+__all__ = ["ACTIVATIONS", "AdaptiveTanh", "MLP", "ResNet", "make_body"]
 
 
 class Sine(nn.Module):
@@ -16,9 +16,32 @@ class Sine(nn.Module):
         return torch.sin(x)
 
 
-#: Activation name -> module class.
+class AdaptiveTanh(nn.Module):
+    """``tanh(n a z)`` with a trainable slope ``a`` of its own per layer, ``n = SCALE`` and ``a``
+    initialised to ``1 / n`` (so that it starts as ``tanh``): the layer-wise adaptive activation
+    of Jagtap, Kawaguchi & Karniadakis (Proc. R. Soc. A 476, 2020, doi:10.1098/rspa.2020.0334),
+    without its slope-recovery loss term.
+
+    Why: Adam moves each parameter by about the learning rate per step, so a tanh network that
+    has to draw a front much steeper than at initialisation (a shock at small Kn) must grow many
+    weights together over thousands of steps; a step on ``a`` changes the slope of a whole layer
+    by ``n`` times the learning rate."""
+
+    SCALE = 10.0
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(1.0 / self.SCALE))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh((self.SCALE * self.a).to(x.dtype) * x)
+
+
+#: Activation name -> module class (one module, and for "adaptive_tanh" one trainable slope,
+#: per layer).
 ACTIVATIONS = {
     "tanh": nn.Tanh,
+    "adaptive_tanh": AdaptiveTanh,
     "silu": nn.SiLU,
     "gelu": nn.GELU,
     "sin": Sine,
@@ -60,10 +83,12 @@ class _Block(nn.Module):
         super().__init__()
         self.l1 = nn.Linear(width, width)
         self.l2 = nn.Linear(width, width)
-        self.act = _activation(activation)
+        # one module per layer (a layer-wise adaptive activation has a slope of its own)
+        self.act1 = _activation(activation)
+        self.act2 = _activation(activation)
 
     def forward(self, h: Tensor) -> Tensor:
-        return h + self.act(self.l2(self.act(self.l1(h))))
+        return h + self.act2(self.l2(self.act1(self.l1(h))))
 
 
 class ResNet(nn.Module):
