@@ -560,9 +560,13 @@ class BGKFormulation(Formulation):
     #: through the f network's input (peculiar) or the Chapman-Enskog term
     f_form = "free"
     uncollided = False
-    reads_macro = False
     peculiar = False
     chapman_enskog = False
+
+    @property
+    def reads_macro(self) -> bool:
+        """Whether the model's log deviation reads the macro networks."""
+        return self.peculiar or self.chapman_enskog
 
     def build_model(self, encoding: EpsEncoding, nets: dict) -> BGKAPNN:
         """The model from the ``model`` table: networks ``f``, ``macro`` and the options
@@ -593,7 +597,6 @@ class BGKFormulation(Formulation):
                         peculiar=nets.get("peculiar", False), chapman_enskog=nets.get("chapman_enskog", 0.0))
         self.f_form = model.f_form
         self.uncollided = model.uncollided_part
-        self.reads_macro = model.reads_macro
         self.peculiar = model.peculiar
         self.chapman_enskog = model.chapman_enskog > 0
         return model
@@ -663,7 +666,7 @@ class BGKFormulation(Formulation):
                 # when the f network reads the macro networks (peculiar), reverse mode would run
                 # them at every (point, node) pair of its expanded coordinates, forward mode once
                 # per point
-                d_mode = "jvp" if self.reads_macro and deriv == "fast" else pick_mode(deriv, 2, 1)
+                d_mode = "jvp" if self.peculiar and deriv == "fast" else pick_mode(deriv, 2, 1)
                 D, (Dt, Dx) = value_and_derivatives(lambda t, x: call("f_dev", t, x, v, eps), (t, x), (0, 1), d_mode,
                                                     grid=v.shape[0])
             F, (Ft, Fx) = maxwellian_exp_derivatives(rho, u, T, (dt, dx), D, (Dt, Dx), v)
