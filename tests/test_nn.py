@@ -437,3 +437,89 @@ def test_bgk_model_option_errors():
         BGKAPNN(EpsEncoding(), hard_ic=True)
     with pytest.raises(ValueError, match="hard_ic"):
         BGKAPNN(EpsEncoding(), hard_ic="yes")
+
+
+# --- Taylor mode (hrgrad_ext.nn.jets) -------------------------------------------------------
+
+def _nested_jets(fn, t, x, pairs):
+    """Values, first derivatives along (t, x) and the second derivatives of ``pairs`` of the
+    pointwise ``fn(t, x)`` (a tuple of tensors) by nested torch.func.jvp: the reference."""
+    unit = lambda i: (torch.ones_like(t), torch.zeros_like(x)) if i == 0 else (torch.zeros_like(t), torch.ones_like(x))
+    along = lambda i: (lambda a, b: torch.func.jvp(fn, (a, b), unit(i))[1])
+    value = fn(t, x)
+    first = [along(i)(t, x) for i in range(2)]
+    second = [torch.func.jvp(along(i), (t, x), unit(k))[1] for i, k in pairs]
+    return value, first, second
+
+
+def test_every_activation_has_a_jet_rule():
+    from hrgrad_ext.nn.bodies import ACTIVATIONS
+    from hrgrad_ext.nn.jets import ACTIVATION_DERIVATIVES, Jet, body_jet
+
+    assert set(ACTIVATIONS.values()) <= set(ACTIVATION_DERIVATIVES)
+    with pytest.raises(NotImplementedError, match="LayerNorm"):
+        body_jet(torch.nn.LayerNorm(3), Jet(torch.zeros(2, 3), torch.zeros(2, 2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "resnet"])
+@pytest.mark.parametrize("act", ["tanh", "adaptive_tanh", "silu", "gelu", "sin", "softplus"])
+def test_body_jets_equal_nested_forward_mode(kind, act):
+    # an input with second derivatives of its own (h quadratic in t and x), so that every term
+    # of the chain rule through the layers is exercised; values bit for bit the body's forward
+    from hrgrad_ext.nn.jets import Jet, body_jet
+
+    torch.manual_seed(0)
+    body = make_body(kind, 3, 2, 5, 2, act)
+    with torch.no_grad():  # slopes off their initial 1 / n, so that they enter the derivatives
+        for name, p in body.named_parameters():
+            if name.endswith(".a"):
+                p.mul_(1.7)
+    A, B, C, E = (torch.randn(3) for _ in range(4))
+    h = lambda t, x: t[:, None] * A + x[:, None] * B + (t * x)[:, None] * C + (x * x)[:, None] * E
+    t, x = torch.rand(9), torch.rand(9) * 2 - 1
+    if act == "softplus":  # across torch's threshold, where softplus turns linear
+        x = x * 30
+    pairs = ((1, 0), (1, 1), (0, 0))
+    inp = Jet(h(t, x), torch.stack([A + x[:, None] * C, B + t[:, None] * C + 2 * x[:, None] * E]),
+              torch.stack([C.expand(9, 3), 2 * E.expand(9, 3), torch.zeros(9, 3)]), pairs)
+    out = body_jet(body, inp)
+    value, first, second = _nested_jets(lambda t, x: (body(h(t, x)),), t, x, pairs)
+    assert torch.equal(out.value, value[0])
+    torch.testing.assert_close(out.first, torch.stack([f[0] for f in first]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.second, torch.stack([s[0] for s in second]), rtol=1e-10, atol=1e-10)
+    first_only = body_jet(body, Jet(inp.value, inp.first))
+    assert first_only.second is None and torch.equal(first_only.first, out.first)
+
+
+@pytest.mark.parametrize("hard_ic", [False, True])
+@pytest.mark.parametrize("windows", [False, True])
+def test_bgk_macro_jets_and_chapman_enskog_derivatives_equal_nested_forward_mode(hard_ic, windows):
+    # the Taylor-mode pass through the macro networks (the formulation's fast path) against
+    # nested forward mode through the model's own log fields: values, (t, x) derivatives, the
+    # second derivatives d_t d_x and d_x d_x of the Chapman-Enskog term, and the term itself
+    from hrgrad_ext.nn import TimeWindows
+
+    tw = TimeWindows([1.0, 1e-2], [0.1, 0.05]) if windows else None
+    m = _bgk_model(hard_ic=hard_ic, f_form="maxwellian", chapman_enskog=0.03, time_windows=tw)
+    t, x = _pts(7, -0.5, 0.5)
+    v = torch.linspace(-5, 5, 6)
+    pairs = ((1, 0), (1, 1))
+    for eps in (torch.tensor(1e-2), torch.logspace(-3, 0, 7)):
+        jets = m.macro_log_jets(t, x, eps, pairs)
+        value, first, second = _nested_jets(lambda t, x: m._macro_log(t, x, eps), t, x, pairs)
+        for q in range(3):
+            assert torch.equal(jets[q].value, value[q])
+            torch.testing.assert_close(jets[q].first, torch.stack([f[q] for f in first]), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(jets[q].second, torch.stack([s[q] for s in second]), rtol=1e-10, atol=1e-10)
+        macro, d_macro = value_and_derivatives(lambda t, x: m.macro(t, x, eps), (t, x), (0, 1), "jvp")
+        for got in (m.macro_derivatives(t, x, eps), m.macro_and_chapman_enskog_derivatives(t, x, v, eps)[0]):
+            torch.testing.assert_close(got[0], macro, rtol=1e-14, atol=0)
+            torch.testing.assert_close(got[1], tuple(d_macro), rtol=1e-12, atol=1e-12)
+        # the term's derivatives by reverse mode over the [n, V] grid of its own definition
+        C, (Ct, Cx) = value_and_derivatives(lambda t, x: m.chapman_enskog_term(t, x, v, eps), (t, x), (0, 1), "vjp",
+                                            grid=6)
+        _, (C2, (Ct2, Cx2)) = m.macro_and_chapman_enskog_derivatives(t, x, v, eps)
+        assert C.abs().max() > 1e-3 and Cx.abs().max() > 1e-2  # preconditions: a term that counts
+        torch.testing.assert_close(C2, C, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(Ct2, Ct, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(Cx2, Cx, rtol=1e-10, atol=1e-12)

@@ -130,6 +130,7 @@ def test_bgk_maxwellian_interior_forward_equals_differentiating_f(tmp_path, char
     assert tr.model.uncollided_part is uncollided and tr.form.uncollided is uncollided
     assert tr.model.peculiar is peculiar and tr.model.chapman_enskog == ce
     assert tr.form.reads_macro is (peculiar or ce > 0)
+    assert tr.form.macro_jets  # the fast path under test is the Taylor-mode one
     inp = {k: v[0] for k, v in tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)["interior"].items()}
     call = lambda method, *a: tr.model(method, *a)
     fast = tr.form.forward("interior", call, inp, "fast")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .bodies import make_body
 from .encoding import EpsEncoding
+from .jets import Jet, body_jet, jet_of
 from .windows import TimeWindows
 
 __all__ = ["APNN", "BGKAPNN", "TransportAPNN", "log_maxwellian", "maxwellian_exp_derivatives"]
@@ -73,6 +74,22 @@ class APNN(nn.Module):
 
         t1, length = per_row(t1), per_row(length)
         return (t - t0) * (2.0 / (t1 - t0)) - 1.0, (x - x0) * (2.0 / length) - 1.0
+
+    def _scale_slopes(self, t: Tensor, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The derivatives of :meth:`_scale`'s two outputs, ``d ts / dt`` and ``d xs / dx``,
+        each like ``t``."""
+        t0, t1 = self.t_range
+        if self.time_windows is not None and eps is not None:
+            t1 = self.time_windows(eps)
+        length = self.x_length(eps)
+
+        def like(a, ref):
+            a = a if isinstance(a, Tensor) else ref.new_tensor(a)
+            if a.dim() == 1 and ref.dim() == 2:  # a per-point [n] scale against [n, V] coordinates
+                a = a.unsqueeze(-1)
+            return a.to(ref.dtype).expand_as(ref)
+
+        return like(2.0 / (t1 - t0), t), like(2.0 / length, x)
 
     def x_length(self, eps: Tensor | None) -> float | Tensor:
         """The length that the network's x input is scaled by (x0 + length maps to +1): the
@@ -417,12 +434,12 @@ class BGKAPNN(APNN):
             gate g (0.9 at Kn = kappa / 3, 0.08 at 3.3 kappa). ``3 tanh(. / 3)`` bounds the
             cubic where M has no mass (the exponential of an unbounded cubic overflows at the
             outer nodes) and changes it by under 4 % where it is below 1. ``(log T)_x`` is
-            taken by forward mode inside the model, so the t and x derivatives of D hold the
-            macro networks' second derivatives.
+            taken inside the model (Taylor mode, :meth:`macro_log_jets`), so the t and x
+            derivatives of D hold the macro networks' second derivatives.
     """
 
-    METHODS = ("f", "f_dev", "network_deviation", "chapman_enskog_term", "macro", "macroscopic", "uncollided",
-               "uncollided_fraction")
+    METHODS = ("f", "f_dev", "network_deviation", "chapman_enskog_term", "macro", "macro_derivatives",
+               "macro_and_chapman_enskog_derivatives", "macroscopic", "uncollided", "uncollided_fraction")
     F_FORMS = ("free", "maxwellian")
 
     def __init__(self, encoding: EpsEncoding, t_range=(0.0, 0.1), x_range=(-0.5, 0.5), v_max: float = 10.0,
@@ -484,7 +501,7 @@ class BGKAPNN(APNN):
         (``N_f``, times tau with ``hard_ic``, times ``Kn / (Kn + deviation_knee)`` with a
         knee, plus :meth:`chapman_enskog_deviation` with ``chapman_enskog``).
         ``f_form="free"``: the raw network output."""
-        return self._deviation(t, x, v, eps, self._macro_log(t, x, eps) if self.peculiar else None)
+        return self._deviation(t, x, v, eps, self._macro_state(t, x, eps) if self.reads_macro else None)
 
     def network_deviation(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor) -> Tensor:
         """The part of :meth:`f_dev` that the f network draws, ``[n, V]``: all of it but the
@@ -495,11 +512,25 @@ class BGKAPNN(APNN):
         """What ``chapman_enskog`` adds to :meth:`f_dev`, ``[n, V]``: the
         :meth:`chapman_enskog_deviation`, times tau with ``hard_ic`` (so that ``f(t0) = f0``
         exactly, as for the network's part)."""
-        ce = self.chapman_enskog_deviation(t, x, v, eps)
+        return self._chapman_enskog_term_of(t, self._macro_state(t, x, eps), v, eps)
+
+    def _chapman_enskog_term_of(self, t: Tensor, state, v: Tensor, eps: Tensor) -> Tensor:
+        """:meth:`chapman_enskog_term` given :meth:`_macro_state` at ``(t, x)``."""
+        _, u, log_T, log_T_x = (a.unsqueeze(-1) if a.dim() == 1 else a for a in state)
+        ce = self._chapman_enskog_parts(u, log_T, log_T_x, v, eps)[0]
         if self.hard_ic:
             tau = self._tau(t)
             ce = (tau.unsqueeze(-1) if tau.dim() == 1 else tau) * ce
         return ce
+
+    def _macro_state(self, t: Tensor, x: Tensor, eps: Tensor) -> tuple[Tensor, ...]:
+        """``(log rho, u, log T)`` at ``(t, x)`` and, with ``chapman_enskog``, ``(log T)_x``
+        (one first-order Taylor-mode pass through the macro networks instead of a second run
+        of them under forward mode)."""
+        if self.chapman_enskog <= 0:
+            return self._macro_log(t, x, eps)
+        log_rho, u, log_T = self.macro_log_jets(t, x, eps)
+        return log_rho.value, u.value, log_T.value, log_T.first[1]
 
     @property
     def reads_macro(self) -> bool:
@@ -511,16 +542,19 @@ class BGKAPNN(APNN):
         """The bounded first-order Chapman-Enskog log deviation of ``chapman_enskog`` (the
         class docstring), ``[n, V]``, from the macro networks at ``(t, x)`` (``[n]`` or ``[n,
         V]``; ``eps`` 0-d or ``[n]``)."""
-        # x may be an expanded (stride-0) [n, V] view, which forward mode cannot make dual: a copy
-        x = x.clone()
-        (_, u, log_T), (_, _, log_T_x) = torch.func.jvp(lambda xx: self._macro_log(t, xx, eps), (x,),
-                                                        (torch.ones_like(x),))
+        _, u, log_T, log_T_x = (a.unsqueeze(-1) if a.dim() == 1 else a for a in self._macro_state(t, x, eps))
+        return self._chapman_enskog_parts(u, log_T, log_T_x, v, eps)[0]
+
+    def _chapman_enskog_parts(self, u: Tensor, log_T: Tensor, log_T_x: Tensor, v: Tensor, eps: Tensor):
+        """``(C, gain, P, xi)``: the bounded deviation ``C = 3 tanh(gain (log T)_x P / 3)``,
+        ``[n, V]``, with ``P = xi^3 - 3 xi``, ``xi = (v - u) exp(-log T / 2)`` and ``gain =
+        -Kn g(Kn) sqrt(T) / 2`` (``u, log_T, log_T_x``: ``[n, 1]`` or ``[n, V]``)."""
         xi = self._xi(v, u, log_T)
-        log_T, log_T_x = (a.unsqueeze(-1) if a.dim() == 1 else a for a in (log_T, log_T_x))
         kn = eps.unsqueeze(-1) if eps.dim() == 1 else eps
         kappa2 = self.chapman_enskog ** 2
-        amplitude = -0.5 * kn * kappa2 / (kappa2 + kn * kn) * torch.exp(0.5 * log_T) * log_T_x
-        return 3.0 * torch.tanh(amplitude * (xi * xi * xi - 3.0 * xi) / 3.0)
+        gain = -0.5 * kn * kappa2 / (kappa2 + kn * kn) * torch.exp(0.5 * log_T)
+        cubic = xi * xi * xi - 3.0 * xi
+        return 3.0 * torch.tanh(gain * log_T_x * cubic / 3.0), gain, cubic, xi
 
     # |xi| <= 4 holds all but 6e-5 of a Maxwellian's mass: the input's working range onto [-1, 1]
     PECULIAR_SCALE = 0.25
@@ -537,10 +571,11 @@ class BGKAPNN(APNN):
         log_T = log_T.unsqueeze(-1) if log_T.dim() == 1 else log_T
         return (v.to(u.dtype) - u) * torch.exp(-0.5 * log_T)
 
-    def _deviation(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor, macro_log) -> Tensor:
-        """:meth:`f_dev` given ``(log rho, u, log T)`` at ``(t, x)`` (read with ``peculiar``)."""
-        D = self._network_deviation(t, x, v, eps, macro_log)
-        return D + self.chapman_enskog_term(t, x, v, eps) if self.chapman_enskog > 0 else D
+    def _deviation(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor, state) -> Tensor:
+        """:meth:`f_dev` given :meth:`_macro_state` at ``(t, x)`` (read with ``peculiar`` and
+        ``chapman_enskog``)."""
+        D = self._network_deviation(t, x, v, eps, state)
+        return D + self._chapman_enskog_term_of(t, state, v, eps) if self.chapman_enskog > 0 else D
 
     def _network_deviation(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor, macro_log) -> Tensor:
         """:meth:`network_deviation` given ``(log rho, u, log T)`` at ``(t, x)`` (read with
@@ -581,8 +616,9 @@ class BGKAPNN(APNN):
         if self.f_form == "free":
             f = F.softplus(self.f_dev(t, x, v, eps))
         else:
-            log_rho, u, log_T = self._macro_log(t, x, eps)
-            D = self._deviation(t, x, v, eps, (log_rho, u, log_T))
+            state = self._macro_state(t, x, eps)
+            log_rho, u, log_T = state[:3]
+            D = self._deviation(t, x, v, eps, state)
             if log_rho.dim() == 2:  # [n, V] coordinates: one Maxwellian per node
                 logM = _log_maxwellian_per_node(log_rho, u, log_T, v)
             else:
@@ -625,19 +661,111 @@ class BGKAPNN(APNN):
     def _macro_log(self, t: Tensor, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(log rho, u, log T)`` with the built-in boundary (and, ``hard_ic``, initial) data."""
         h = self.point_features(t, x, eps)
+        a_rho, b_rho, a_u, b_u, a_T, b_T = self._macro_frame(t, x)
+        n_rho, n_u, n_T = (net(h).squeeze(-1) for net in self.macro_nets())
+        return a_rho + b_rho * n_rho, a_u + b_u * n_u, a_T + b_T * n_T
+
+    def macro_nets(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """The networks of log rho, u and log T."""
+        return self.rho_net, self.u_net, self.T_net
+
+    def _macro_frame(self, t: Tensor, x: Tensor) -> tuple[Tensor, ...]:
+        """``(A_rho, B_rho, A_u, B_u, A_T, B_T)``, like ``x``: the parameter-free frame of
+        :meth:`_macro_log`, ``log rho = A_rho + B_rho N_rho`` (u and log T alike), which puts
+        the boundary states (and, ``hard_ic``, the initial data) in."""
         x0, x1 = self.x_range
         s = (x - x0) / (x1 - x0)
         bump = s * (1.0 - s)
-        n_rho, n_u, n_T = (net(h).squeeze(-1) for net in (self.rho_net, self.u_net, self.T_net))
+        root = torch.sqrt(bump.clamp_min(0.0))
         if self.hard_ic:
             rho0, u0, T0 = self.initial_state(x)
-            tb = self._tau(t) * bump
-            return (torch.log(rho0) + tb * n_rho, u0 + self._tau(t) * torch.sqrt(bump.clamp_min(0.0)) * n_u,
-                    torch.log(T0) + tb * n_T)
+            tau = self._tau(t)
+            tb = tau * bump
+            return torch.log(rho0), tb, u0, tau * root, torch.log(T0), tb
         (rl, ul, Tl), (rr, ur, Tr) = self.left, self.right
-        return ((1.0 - s) * math.log(rl) + s * math.log(rr) + bump * n_rho,
-                (1.0 - s) * ul + s * ur + torch.sqrt(bump.clamp_min(0.0)) * n_u,
-                (1.0 - s) * math.log(Tl) + s * math.log(Tr) + bump * n_T)
+        return ((1.0 - s) * math.log(rl) + s * math.log(rr), bump, (1.0 - s) * ul + s * ur, root,
+                (1.0 - s) * math.log(Tl) + s * math.log(Tr), bump)
+
+    def _macro_frame_jets(self, t: Tensor, x: Tensor, pairs: tuple[tuple[int, int], ...]) -> tuple[Jet, ...]:
+        """Jets of :meth:`_macro_frame`'s six outputs along (t, x). Without ``hard_ic`` they are
+        functions of x of known form, differentiated here by hand: through torch.func (as
+        :func:`~hrgrad_ext.nn.jets.jet_of` does for the initial profile of ``hard_ic``) these
+        few elementwise operations cost more than the three networks' Taylor-mode pass."""
+        if self.hard_ic:
+            return jet_of(self._macro_frame, (t, x), pairs)
+        a_rho, bump, a_u, root, a_T, _ = self._macro_frame(t, x)
+        x0, x1 = self.x_range
+        length = x1 - x0
+        s = (x - x0) / length
+        zero = torch.zeros_like(x)
+
+        def of_x(value, d_x, d_xx):
+            # a function of x alone: nothing along t; of the second derivatives only d_x d_x
+            second = torch.stack([d_xx if (i, j) == (1, 1) else zero for i, j in pairs]) if pairs else None
+            return Jet(value, torch.stack([zero, d_x]), second, tuple(pairs))
+
+        (rl, ul, Tl), (rr, ur, Tr) = self.left, self.right
+        bump_x = (1.0 - 2.0 * s) / length
+        bump_xx = zero - 2.0 / length ** 2
+        root_x = bump_x / (2.0 * root)
+        root_xx = (bump_xx - 2.0 * root_x * root_x) / (2.0 * root)  # from root^2 = bump
+        bump_jet = of_x(bump, bump_x, bump_xx)
+        linear = lambda value, a, b: of_x(value, zero + (b - a) / length, zero)
+        return (linear(a_rho, math.log(rl), math.log(rr)), bump_jet, linear(a_u, ul, ur), of_x(root, root_x, root_xx),
+                linear(a_T, math.log(Tl), math.log(Tr)), bump_jet)
+
+    def macro_log_jets(self, t: Tensor, x: Tensor, eps: Tensor,
+                       pairs: tuple[tuple[int, int], ...] = ()) -> tuple[Jet, Jet, Jet]:
+        """Jets (:class:`~hrgrad_ext.nn.jets.Jet`) of ``(log rho, u, log T)`` at points ``t, x``
+        (``[n]``; ``eps`` 0-d or ``[n]``) along the directions (t, x), with the second
+        derivatives of ``pairs`` (e.g. ``((1, 0), (1, 1))``: d_t d_x and d_x d_x): the values
+        of :meth:`_macro_log` and their exact derivatives, in one Taylor-mode pass through the
+        macro networks."""
+        h = self.point_features(t, x, eps)
+        # the network input is (ts, xs, enc(eps)): ts linear in t, xs linear in x, the rest
+        # constant in both, so the input's derivatives are the two slopes at their positions
+        t_slope, x_slope = self._scale_slopes(t, x, eps)
+        width = h.shape[-1]
+        unit = torch.eye(2, width, dtype=h.dtype, device=h.device)
+        first = torch.stack([unit[0] * t_slope.unsqueeze(-1), unit[1] * x_slope.unsqueeze(-1)])
+        second = h.new_zeros((len(pairs),) + h.shape) if pairs else None
+        inp = Jet(h, first, second, tuple(pairs))
+        frame = self._macro_frame_jets(t, x, pairs)
+        nets = [body_jet(net, inp).squeeze(-1) for net in self.macro_nets()]
+        return tuple(frame[2 * q] + frame[2 * q + 1] * nets[q] for q in range(3))
+
+    def macro_derivatives(self, t: Tensor, x: Tensor, eps: Tensor):
+        """``((rho, u, T), ((rho_t, u_t, T_t), (rho_x, u_x, T_x)))`` at points ``t, x``
+        (``[n]``): :meth:`macro` and its t and x derivatives (Taylor mode, see
+        :meth:`macro_log_jets`)."""
+        log_rho, u, log_T = self.macro_log_jets(t, x, eps)
+        rho, T = torch.exp(log_rho.value), torch.exp(log_T.value)
+        return (rho, u.value, T), tuple((rho * log_rho.first[d], u.first[d], T * log_T.first[d]) for d in range(2))
+
+    def macro_and_chapman_enskog_derivatives(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor):
+        """:meth:`macro_derivatives` and ``(C, (C_t, C_x))``, the :meth:`chapman_enskog_term`
+        ``[n, V]`` and its t and x derivatives, from one Taylor-mode pass through the macro
+        networks (the term reads (log T)_x, so its derivatives hold two second derivatives)."""
+        log_rho, u, log_T = self.macro_log_jets(t, x, eps, pairs=((1, 0), (1, 1)))
+        rho, T = torch.exp(log_rho.value), torch.exp(log_T.value)
+        macro = (rho, u.value, T), tuple((rho * log_rho.first[d], u.first[d], T * log_T.first[d]) for d in range(2))
+        col = lambda a: a.unsqueeze(-1)  # per point against the [n, V] nodes
+        lT, lT_x = col(log_T.value), col(log_T.first[1])
+        C, gain, cubic, xi = self._chapman_enskog_parts(col(u.value), lT, lT_x, v, eps)
+        # C = 3 tanh(A P / 3), A = gain (log T)_x, P = xi^3 - 3 xi, xi = (v - u) exp(-log T / 2)
+        A = gain * lT_x
+        slope = 1.0 - (C / 3.0) ** 2
+        derivs = []
+        for d in range(2):
+            lT_d = col(log_T.first[d])
+            A_d = 0.5 * lT_d * A + gain * col(log_T.second[d])  # second[d]: d_d (log T)_x
+            xi_d = -col(u.first[d]) * torch.exp(-0.5 * lT) - 0.5 * xi * lT_d
+            derivs.append(slope * (A_d * cubic + A * 3.0 * (xi * xi - 1.0) * xi_d))
+        if self.hard_ic:  # the term times tau(t)
+            tau = col(self._tau(t))
+            derivs = [tau * derivs[0] + C / (self.t_range[1] - self.t_range[0]), tau * derivs[1]]
+            C = tau * C
+        return macro, (C, tuple(derivs))
 
     def macro(self, t: Tensor, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(rho, u, T)``, each like ``t``, equal to the boundary states at both ends of x

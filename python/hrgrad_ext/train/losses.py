@@ -562,6 +562,10 @@ class BGKFormulation(Formulation):
     uncollided = False
     peculiar = False
     chapman_enskog = False
+    #: whether the model has BGKAPNN's Taylor-mode methods (``macro_derivatives``,
+    #: ``macro_and_chapman_enskog_derivatives``), which the fast path then uses; a model of
+    #: its own that only has ``f``, ``f_dev`` and ``macro`` is differentiated by torch.func
+    macro_jets = False
 
     @property
     def reads_macro(self) -> bool:
@@ -599,6 +603,7 @@ class BGKFormulation(Formulation):
         self.uncollided = model.uncollided_part
         self.peculiar = model.peculiar
         self.chapman_enskog = model.chapman_enskog > 0
+        self.macro_jets = True
         return model
 
     def initial_state(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -648,21 +653,26 @@ class BGKFormulation(Formulation):
         if group == "interior" and self.f_form == "maxwellian":
             # f = M[rho, u, T] exp(D): macro values and (t, x) derivatives once per point, D per
             # node, combined by the chain rule (the same numbers as differentiating call("f"))
-            (rho, u, T), (dt, dx) = value_and_derivatives(lambda t, x: call("macro", t, x, eps), (t, x), (0, 1),
-                                                          pick_mode(deriv, 2, 3))
-            if deriv == "fast" and self.chapman_enskog and not self.peculiar:
+            jets = deriv == "fast" and self.macro_jets
+            split_ce = jets and self.chapman_enskog and not self.peculiar
+            if split_ce:
                 # the f network does not read the macro networks: its part of D by one reverse
-                # pullback over the [n, V] grid, the Chapman-Enskog term (which reads u, T and
-                # T_x) by forward mode on the points, where the macro networks run once per point
-                # and the [n, V] part is elementwise (the long BGK preset's segmented gradients
-                # with the term: 1.7x the CPU time without it this way, 2.2x with forward mode
-                # through the f network)
+                # pullback over the [n, V] grid; the Chapman-Enskog term (which reads u, T and
+                # T_x), its derivatives and M's from one Taylor-mode pass through the macro
+                # networks on the points (forward mode through the f network cost 2.2x the step
+                # without the term, nested forward mode for the term 1.7x)
+                ((rho, u, T), (dt, dx)), (C, (Ct, Cx)) = call("macro_and_chapman_enskog_derivatives", t, x, v, eps)
                 D, (Dt, Dx) = value_and_derivatives(lambda t, x: call("network_deviation", t, x, v, eps), (t, x),
                                                     (0, 1), "vjp", grid=v.shape[0])
-                C, (Ct, Cx) = value_and_derivatives(lambda t, x: call("chapman_enskog_term", t, x, v, eps), (t, x),
-                                                    (0, 1), "jvp")
                 D, Dt, Dx = D + C, Dt + Ct, Dx + Cx
+            elif jets:
+                # Taylor mode through the macro networks (BGKAPNN.macro_derivatives): the numbers of
+                # forward mode at a fraction of torch.func's per-operation cost
+                (rho, u, T), (dt, dx) = call("macro_derivatives", t, x, eps)
             else:
+                (rho, u, T), (dt, dx) = value_and_derivatives(lambda t, x: call("macro", t, x, eps), (t, x), (0, 1),
+                                                              pick_mode(deriv, 2, 3))
+            if not split_ce:
                 # when the f network reads the macro networks (peculiar), reverse mode would run
                 # them at every (point, node) pair of its expanded coordinates, forward mode once
                 # per point

@@ -6,8 +6,8 @@ to per-task copies ``P[k] = theta`` (``p.unsqueeze(0).expand(K, ...)``: a view, 
 network runs on task k's segment with copy k (``torch.func.vmap`` over tasks of
 ``torch.func.functional_call``), input derivatives come from ``torch.func`` inside that
 (``deriv="fast"``: a reverse-mode pullback for the scalar-per-node f / g networks, whose t and x
-derivatives it gives in one pass, and forward-mode ``jvp`` for the three macro outputs' time
-derivatives; ``deriv="jvp"``: forward mode throughout), and the outputs of all tasks are flattened to one ``[K*n, ...]`` batch for the fused residual
+derivatives it gives in one pass, and for the three macro outputs BGK's Taylor-mode pass
+(:mod:`hrgrad_ext.nn.jets`) or forward-mode ``jvp``; ``deriv="jvp"``: forward mode throughout), and the outputs of all tasks are flattened to one ``[K*n, ...]`` batch for the fused residual
 ops. Since L_k depends on copy k only, the gradient of ``sum_k L_k`` with respect to the
 expanded copies is the stack of the task gradients: the per-parameter Jacobians ``[K, *p.shape]``.
 
