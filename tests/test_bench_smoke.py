@@ -25,3 +25,13 @@ def test_gram_and_kinetic_benchmarks_write_json_and_tables(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH / "summary.py"), str(gram), str(kin)], check=True,
                          capture_output=True, text=True).stdout
     assert "gram vs `J @ J.T`" in out and "ext / compiled" in out
+
+
+def test_macro_jets_benchmark_checks_both_ways_and_writes_json(tmp_path):
+    # the benchmark first checks that Taylor mode and torch.func give the same numbers
+    out = tmp_path / "jets.json"
+    _run("bench_macro_jets.py", "--points", "4", "--macro-width", "8", "--rounds", "1", "--warmup", "1",
+         "--threads", "1", "--out", str(out))
+    r = json.loads(out.read_text())
+    assert r["threads"] == 1 and {c["case"] for c in r["records"]} == {"macro", "macro_ce"}
+    assert all(c["torch_func_over_jets"] > 0 for c in r["records"])
