@@ -738,7 +738,11 @@ class BGKAPNN(APNN):
         """``((rho, u, T), ((rho_t, u_t, T_t), (rho_x, u_x, T_x)))`` at points ``t, x``
         (``[n]``): :meth:`macro` and its t and x derivatives (Taylor mode, see
         :meth:`macro_log_jets`)."""
-        log_rho, u, log_T = self.macro_log_jets(t, x, eps)
+        return self._macro_of_jets(*self.macro_log_jets(t, x, eps))
+
+    @staticmethod
+    def _macro_of_jets(log_rho: Jet, u: Jet, log_T: Jet):
+        """:meth:`macro_derivatives`' layout from the jets of ``(log rho, u, log T)``."""
         rho, T = torch.exp(log_rho.value), torch.exp(log_T.value)
         return (rho, u.value, T), tuple((rho * log_rho.first[d], u.first[d], T * log_T.first[d]) for d in range(2))
 
@@ -747,8 +751,7 @@ class BGKAPNN(APNN):
         ``[n, V]`` and its t and x derivatives, from one Taylor-mode pass through the macro
         networks (the term reads (log T)_x, so its derivatives hold two second derivatives)."""
         log_rho, u, log_T = self.macro_log_jets(t, x, eps, pairs=((1, 0), (1, 1)))
-        rho, T = torch.exp(log_rho.value), torch.exp(log_T.value)
-        macro = (rho, u.value, T), tuple((rho * log_rho.first[d], u.first[d], T * log_T.first[d]) for d in range(2))
+        macro = self._macro_of_jets(log_rho, u, log_T)
         col = lambda a: a.unsqueeze(-1)  # per point against the [n, V] nodes
         lT, lT_x = col(log_T.value), col(log_T.first[1])
         C, gain, cubic, xi = self._chapman_enskog_parts(col(u.value), lT, lT_x, v, eps)
