@@ -516,8 +516,7 @@ class BGKAPNN(APNN):
 
     def _chapman_enskog_term_of(self, t: Tensor, state, v: Tensor, eps: Tensor) -> Tensor:
         """:meth:`chapman_enskog_term` given :meth:`_macro_state` at ``(t, x)``."""
-        _, u, log_T, log_T_x = (a.unsqueeze(-1) if a.dim() == 1 else a for a in state)
-        ce = self._chapman_enskog_parts(u, log_T, log_T_x, v, eps)[0]
+        ce = self._chapman_enskog_of(state, v, eps)
         if self.hard_ic:
             tau = self._tau(t)
             ce = (tau.unsqueeze(-1) if tau.dim() == 1 else tau) * ce
@@ -542,7 +541,11 @@ class BGKAPNN(APNN):
         """The bounded first-order Chapman-Enskog log deviation of ``chapman_enskog`` (the
         class docstring), ``[n, V]``, from the macro networks at ``(t, x)`` (``[n]`` or ``[n,
         V]``; ``eps`` 0-d or ``[n]``)."""
-        _, u, log_T, log_T_x = (a.unsqueeze(-1) if a.dim() == 1 else a for a in self._macro_state(t, x, eps))
+        return self._chapman_enskog_of(self._macro_state(t, x, eps), v, eps)
+
+    def _chapman_enskog_of(self, state, v: Tensor, eps: Tensor) -> Tensor:
+        """:meth:`chapman_enskog_deviation` given :meth:`_macro_state` (per point or per node)."""
+        _, u, log_T, log_T_x = (a.unsqueeze(-1) if a.dim() == 1 else a for a in state)
         return self._chapman_enskog_parts(u, log_T, log_T_x, v, eps)[0]
 
     def _chapman_enskog_parts(self, u: Tensor, log_T: Tensor, log_T_x: Tensor, v: Tensor, eps: Tensor):
