@@ -227,9 +227,10 @@ def test_not_differentiable_raises():
 # ------------------------------------------------------------------ CUDA
 @pytest.mark.cuda
 def test_cuda_matches_cpu():
-    J = torch.stack([jacobian(kind, 12, n, s) for kind, n, s in
-                     [("wide", 5, 0), ("deficient", 20, 1), ("full", 30, 2), ("imbalanced", 15, 3), ("wide", 2, 4)]])
-    G = J @ J.transpose(1, 2)
+    # five problems of K = 12 tasks, with gradients of different lengths: stacked as Gram matrices
+    Js = [jacobian(kind, 12, n, s) for kind, n, s in
+          [("wide", 5, 0), ("deficient", 20, 1), ("full", 30, 2), ("imbalanced", 15, 3), ("wide", 2, 4)]]
+    G = torch.stack([J @ J.T for J in Js])
     G[4, 3] = 0.0  # a zero task
     G[4, :, 3] = 0.0
     U = torch.eye(12, dtype=f64).expand(5, 12, 12)

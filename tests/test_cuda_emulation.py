@@ -503,7 +503,7 @@ def test_gram_many_tasks_full_precision_in_chunks(backend):
         assert_same(backend("gram", J, f32), exact.float(), describe(J=J) + " dtype=float32", rtol=2.0**-22, atol=1e-30)  # 1 ulp apart at most
         if backend.name == "gpu":
             torch.cuda.reset_peak_memory_stats()
-            Jd = J.backend()
+            Jd = J.cuda()
             base = torch.cuda.max_memory_allocated()
             torch.ops.hrgrad_ext.gram(Jd, f64)
             extra = torch.cuda.max_memory_allocated() - base

@@ -59,8 +59,29 @@ def test_build_info_reports_the_torch_range_and_the_autograd_in_use():
     assert info["torch_min_version"] == "2.10"
     assert info["autograd"] in ("cpp", "python") and info["autograd_reason"]
     same = _build._release(torch.__version__) == _build._release(info["torch_version"])
+    # the C++ autograd is built only against torch >= 2.14 (its sources use that autograd API)
+    built = same and _build._release(info["torch_version"]) >= (2, 14)
     if os.environ.get(_build.AUTOGRAD_ENV, "auto") == "auto":
-        assert info["autograd"] == ("cpp" if same else "python")
+        assert info["autograd"] == ("cpp" if built else "python")
+
+
+def test_sources_build_against_the_oldest_supported_torch_headers():
+    """What a build against torch 2.11's headers needed (found on a lent H200 whose image has
+    torch 2.11, 2026-12-04; this machine's torch is newer, so the build here cannot show it):
+    the shim-error macro STABLE_TORCH_ERROR_CODE_CHECK is newer than those headers (the kernels
+    call HRGRAD_SHIM_CHECK, which falls back to TORCH_ERROR_CODE_CHECK); torch's include
+    folder bundles a pybind11 that refuses TORCH_TARGET_VERSION (pybind11's own headers must
+    come first); the C++ autograd uses the autograd API of torch 2.14 (not built before it)."""
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*")
+                 if p.suffix in (".h", ".cpp", ".cu", ".inc")
+                 and "STABLE_TORCH_ERROR_CODE_CHECK(" in p.read_text().replace("#define HRGRAD_SHIM_CHECK(call) STABLE_TORCH_ERROR_CODE_CHECK(call)", "")]
+    assert not offenders, f"call HRGRAD_SHIM_CHECK (csrc/common/tensor.h), not STABLE_TORCH_ERROR_CODE_CHECK: {offenders}"
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    pybind, torch_inc = (cmake.index("target_include_directories(_C SYSTEM PRIVATE ${pybind11_INCLUDE_DIRS})"),
+                         cmake.index('target_include_directories(_C SYSTEM PRIVATE "${TORCH_ROOT}/include")'))
+    assert pybind < torch_inc, "pybind11's include folder must precede torch's for the _C target"
+    gate = cmake.index('if(_torch_major_minor VERSION_LESS "2.14")')
+    assert gate < cmake.index("add_library(_autograd"), "the C++ autograd must be built only against torch >= 2.14"
 
 
 @pytest.mark.parametrize("version, release", [("2.14.1+cu130", (2, 14, 1)), ("2.15.0a0+git1234", (2, 15, 0)),

@@ -18,6 +18,15 @@
 #include <torch/headeronly/util/Half.h>
 
 #include <cstdint>
+
+// A failed shim call as an exception. STABLE_TORCH_ERROR_CODE_CHECK (which carries the shim's
+// own message) is newer than the headers of torch 2.10 / 2.11, which have the header-only
+// TORCH_ERROR_CODE_CHECK alone; a build against those uses that.
+#ifdef STABLE_TORCH_ERROR_CODE_CHECK
+#define HRGRAD_SHIM_CHECK(call) STABLE_TORCH_ERROR_CODE_CHECK(call)
+#else
+#define HRGRAD_SHIM_CHECK(call) TORCH_ERROR_CODE_CHECK(call)
+#endif
 #include <initializer_list>
 #include <optional>
 #include <sstream>
@@ -103,9 +112,9 @@ inline Tensor empty_on(const Tensor& like, std::vector<int64_t> sizes, std::opti
     stride *= sizes[d] > 1 ? sizes[d] : 1;
   }
   int32_t device_type = 0;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  HRGRAD_SHIM_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
   AtenTensorHandle out = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(),
+  HRGRAD_SHIM_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(),
                                                          strides.data(), shim_dtype(dtype.value_or(like.scalar_type())),
                                                          device_type, like.get_device_index(), &out));
   return Tensor(out);
