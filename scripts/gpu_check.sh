@@ -13,7 +13,7 @@
 #   4. the benchmarks of issue 11's targets (same-run ratios, JSON in $OUT);
 #   5. racecheck / synccheck and the host-overhead benchmark, if time is left.
 # Everything is logged to $OUT/log.txt (at most 8 files come back from a device call: log.txt,
-# build_info.json, pytest_cuda.xml, the wheel, bench_gram.json, bench_kinetic.json,
+# pytest_cuda.xml, the wheel, bench_gram.json, bench_solve.json, bench_kinetic.json,
 # bench_train_step.json, bench_overhead.json).
 #   OUT=gpu-out bash scripts/gpu_check.sh
 set -uo pipefail
@@ -68,7 +68,7 @@ else
   cp "$wheel" "$OUT/"
   stage install 10 120 python3 -m pip install --no-deps --force-reinstall -q "$wheel"
 fi
-python3 -c "import hrgrad_ext, json; print(json.dumps(hrgrad_ext.build_info()))" | tee "$OUT/build_info.json"
+python3 -c "import hrgrad_ext, json; print('build_info', json.dumps(hrgrad_ext.build_info()))"
 python3 -c "import hrgrad_ext, sys; sys.exit(0 if hrgrad_ext.cuda_available() else 1)" \
   || { echo "=== the installed build has no CUDA kernels: stopping"; exit 1; }
 
@@ -103,6 +103,9 @@ sanitize() {  # sanitize NEED CAP TOOL PYTEST_K
 #   bench_train_step: K8_segmented_vs_single (target <= 1.0x)
 stage bench_gram 45 80 python3 bench/bench_gram.py --device cuda --K 2 8 32 64 --n 1e6 1e7 1e8 --scale-n 2e8 \
   --out "$OUT/bench_gram.json"
+# the K x K solves alone (one problem per call, and a batch of 64): the Jacobi's latency
+stage bench_solve 30 60 python3 bench/bench_solve.py --device cuda --K 2 8 32 64 --n 0 --no-scipy \
+  --out "$OUT/bench_solve.json"
 stage bench_kinetic 60 110 python3 bench/bench_kinetic.py --device cuda --sizes 8192,65536 --velocities 30,64 \
   --ops bgk_residuals,transport_mm_residuals --out "$OUT/bench_kinetic.json"
 stage bench_train_step 60 130 python3 bench/bench_train_step.py --device cuda --K 4 8 --compiled-K 8 \

@@ -76,17 +76,109 @@ struct SoloTeam {
   HRGRAD_HD int broadcast(int x) const { return x; }  // the leader's x, to every member
 };
 
-// Cyclic Jacobi eigen-decomposition of the symmetric m x m matrix A (overwritten: its
-// diagonal becomes the eigenvalues), eigenvectors in the columns of V. Jacobi is chosen
-// over faster methods because it is tiny, branch-light and accurate for small eigenvalues,
-// which is what decides rank deficiency here. At most 60 sweeps (it converges
-// quadratically; 60 is never reached on matrices of this size).
-// A team splits each rotation's updates over k: every element is computed by the same
-// expression as with one thread, in the same rotation order, so the result does not depend
-// on the team's size. A and V must be complete when the team enters (the caller syncs).
+// Pair i of step `step` of the round-robin (tournament) ordering of mm indices (mm even): index
+// mm - 1 stays, the others turn one place per step, so the mm - 1 steps of mm / 2 disjoint
+// pairs meet every pair once. p < q.
+HRGRAD_HD inline void round_robin_pair(int step, int i, int mm, int& p, int& q) {
+  const int n = mm - 1;
+  const int a = i == 0 ? n : (step + i) % n;
+  const int b = i == 0 ? step : (step - i + n) % n;
+  p = a < b ? a : b;
+  q = a < b ? b : a;
+}
+
+// The Jacobi rotation (c, s) that annihilates A_pq (non-zero) of a symmetric A.
+HRGRAD_HD inline void jacobi_angle(double app, double aqq, double apq, double& c, double& s) {
+  const double theta = (aqq - app) / (2.0 * apq);
+  const double t = (theta >= 0.0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0));
+  c = 1.0 / sqrt(t * t + 1.0);
+  s = t * c;
+}
+
+// Doubles of scratch jacobi_eigen needs beside A and V (the cosines and sines of one step).
+HRGRAD_HD inline int64_t jacobi_scratch(int64_t m) { return m + (m & 1); }
+
+// Jacobi eigen-decomposition of the symmetric m x m matrix A (overwritten: its diagonal
+// becomes the eigenvalues), eigenvectors in the columns of V. Jacobi is chosen over faster
+// methods because it is tiny, branch-light and accurate for small eigenvalues, which is what
+// decides rank deficiency here. At most 60 sweeps (it converges quadratically; 60 is never
+// reached on matrices of this size). One thread (SoloTeam: the CPU kernels, the one-thread
+// CUDA solves) rotates in the cyclic row ordering, applying each rotation before the next
+// (jacobi_eigen_cyclic). A team of several threads (a warp) uses the round-robin ordering
+// instead (jacobi_eigen_parallel), which lets it rotate K / 2 pairs at once; that ordering
+// costs one thread about twice the time of the cyclic one (measured on the CPU: the pair
+// lookups and the step's extra passes), so the two builds agree to rounding, not bitwise.
+// rot: jacobi_scratch(m) doubles shared by the team (unused by one thread).
 template <class Team>
-HRGRAD_HD inline void jacobi_eigen(double* A, double* V, int m, const Team& team) {
+HRGRAD_HD inline void jacobi_eigen_parallel(double* A, double* V, double* rot, int m, const Team& team);
+HRGRAD_HD inline void jacobi_eigen_cyclic(double* A, double* V, int m);
+
+template <class Team>
+HRGRAD_HD inline void jacobi_eigen(double* A, double* V, double* rot, int m, const Team& team) {
+  if (team.size() == 1) jacobi_eigen_cyclic(A, V, m);
+  else jacobi_eigen_parallel(A, V, rot, m, team);
+}
+
+HRGRAD_HD inline void jacobi_eigen(double* A, double* V, double* rot, int m) {
+  jacobi_eigen(A, V, rot, m, SoloTeam{});
+}
+
+// The cyclic ordering, one rotation after the other.
+HRGRAD_HD inline void jacobi_eigen_cyclic(double* A, double* V, int m) {
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < m; ++j) V[i * m + j] = (i == j) ? 1.0 : 0.0;
+  for (int sweep = 0; sweep < 60; ++sweep) {
+    double off = 0.0, diag = 0.0;
+    for (int i = 0; i < m; ++i) {
+      diag += A[i * m + i] * A[i * m + i];
+      for (int j = i + 1; j < m; ++j) off += A[i * m + j] * A[i * m + j];
+    }
+    if (off <= 1e-32 * diag || off == 0.0) break;
+    for (int p = 0; p < m - 1; ++p) {
+      for (int q = p + 1; q < m; ++q) {
+        const double apq = A[p * m + q];
+        if (apq == 0.0) continue;
+        double c, s;
+        jacobi_angle(A[p * m + p], A[q * m + q], apq, c, s);
+        for (int k = 0; k < m; ++k) {  // A <- A R (columns p, q)
+          const double akp = A[k * m + p], akq = A[k * m + q];
+          A[k * m + p] = c * akp - s * akq;
+          A[k * m + q] = s * akp + c * akq;
+        }
+        for (int k = 0; k < m; ++k) {  // V <- V R
+          const double vkp = V[k * m + p], vkq = V[k * m + q];
+          V[k * m + p] = c * vkp - s * vkq;
+          V[k * m + q] = s * vkp + c * vkq;
+        }
+        for (int k = 0; k < m; ++k) {  // A <- R^T A (rows p, q)
+          const double apk = A[p * m + k], aqk = A[q * m + k];
+          A[p * m + k] = c * apk - s * aqk;
+          A[q * m + k] = s * apk + c * aqk;
+        }
+        A[p * m + q] = 0.0;  // the annihilated pair, exactly
+        A[q * m + p] = 0.0;
+      }
+    }
+  }
+}
+
+// The round-robin (parallel) ordering: a sweep is mm - 1 steps of mm / 2
+// disjoint pairs (mm = m rounded up to even; a pair with the padding index m is skipped).
+// Disjoint rotations touch disjoint rows and columns, so a step's angles all come from the A
+// the step starts with, whatever order its rotations are applied in; they are applied together,
+// A <- R^T A R with R their product (all column updates, then all row updates), as in the
+// parallel Jacobi method of Brent and Luk (1985). A team splits the angles and the two
+// updates of each step and meets three times per step: a sweep is mm - 1 dependent steps
+// instead of m (m - 1) / 2 dependent rotations (on a GPU each solve was pure latency: a warp
+// took 25 ms for one 64 x 64 problem in the cyclic ordering, docs/RESULTS.md). Every element is
+// computed by the same expression in the same order whatever the team's size, so the result
+// does not depend on it. A and V must be complete when the team enters (the caller syncs).
+template <class Team>
+HRGRAD_HD inline void jacobi_eigen_parallel(double* A, double* V, double* rot, int m, const Team& team) {
   const int k0 = team.rank(), dk = team.size();
+  const int mm = m + (m & 1), half = mm / 2;
+  double* cosine = rot;
+  double* sine = rot + half;
   for (int i = k0; i < m; i += dk)
     for (int j = 0; j < m; ++j) V[i * m + j] = (i == j) ? 1.0 : 0.0;
   team.sync();
@@ -97,44 +189,56 @@ HRGRAD_HD inline void jacobi_eigen(double* A, double* V, int m, const Team& team
       diag += A[i * m + i] * A[i * m + i];
       for (int j = i + 1; j < m; ++j) off += A[i * m + j] * A[i * m + j];
     }
-    // every member has its sums before A changes: in the next rotation, or in the caller once
+    // every member has its sums before A changes: in the next step, or in the caller once
     // the leader has left with the result (the HRGrad fallback reuses A as scratch)
     team.sync();
     if (off <= 1e-32 * diag || off == 0.0) break;
-    for (int p = 0; p < m - 1; ++p) {
-      for (int q = p + 1; q < m; ++q) {
-        const double apq = A[p * m + q];
-        if (apq == 0.0) continue;
-        const double theta = (A[q * m + q] - A[p * m + p]) / (2.0 * apq);
-        const double t = (theta >= 0.0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0));
-        const double c = 1.0 / sqrt(t * t + 1.0);
-        const double s = t * c;
-        team.sync();  // every member has read A_pq, A_pp, A_qq before they change
-        for (int k = k0; k < m; k += dk) {  // A <- A R (columns p, q; row k only)
+    for (int step = 0; step < mm - 1; ++step) {
+      for (int i = k0; i < half; i += dk) {  // the angles, from the A of the step's start
+        int p, q;
+        round_robin_pair(step, i, mm, p, q);
+        double c = 1.0, s = 0.0;  // A_pq = 0: the identity (an exact no-op below)
+        const double apq = q < m ? A[p * m + q] : 0.0;
+        if (apq != 0.0) jacobi_angle(A[p * m + p], A[q * m + q], apq, c, s);
+        cosine[i] = c;
+        sine[i] = s;
+      }
+      team.sync();  // every angle is read after every member has read its A_pq, A_pp, A_qq
+      // A <- A R, V <- V R: item e is row k = e % m of pair i = e / m (a member's items advance
+      // by the team's size: i and k are stepped, not divided, and the pair is looked up when i
+      // changes)
+      for (int e = k0, i = k0 / m, k = k0 % m, pi = -1, p = 0, q = 0; e < half * m; e += dk) {
+        if (i != pi) round_robin_pair(step, pi = i, mm, p, q);
+        if (q < m) {
+          const double c = cosine[i], s = sine[i];
           const double akp = A[k * m + p], akq = A[k * m + q];
           A[k * m + p] = c * akp - s * akq;
           A[k * m + q] = s * akp + c * akq;
-        }
-        for (int k = k0; k < m; k += dk) {  // V <- V R
           const double vkp = V[k * m + p], vkq = V[k * m + q];
           V[k * m + p] = c * vkp - s * vkq;
           V[k * m + q] = s * vkp + c * vkq;
         }
-        team.sync();  // rows p and q of the column update, before the row update reads them
-        for (int k = k0; k < m; k += dk) {  // A <- R^T A (rows p, q; column k only)
+        for (k += dk; k >= m; k -= m) ++i;
+      }
+      team.sync();  // every column update, before the row updates read rows p and q
+      // A <- R^T A: item e is column k = e % m of pair i = e / m
+      for (int e = k0, i = k0 / m, k = k0 % m, pi = -1, p = 0, q = 0; e < half * m; e += dk) {
+        if (i != pi) round_robin_pair(step, pi = i, mm, p, q);
+        if (q < m) {
+          const double c = cosine[i], s = sine[i];
           const double apk = A[p * m + k], aqk = A[q * m + k];
           A[p * m + k] = c * apk - s * aqk;
           A[q * m + k] = s * apk + c * aqk;
           if (k == q) A[p * m + q] = 0.0;  // the annihilated pair, exactly
           if (k == p) A[q * m + p] = 0.0;
         }
-        team.sync();  // the next rotation (and the convergence sums) read the whole of A
+        for (k += dk; k >= m; k -= m) ++i;
       }
+      team.sync();  // the next step (and the convergence sums) read the whole of A
     }
   }
 }
 
-HRGRAD_HD inline void jacobi_eigen(double* A, double* V, int m) { jacobi_eigen(A, V, m, SoloTeam{}); }
 
 // Symmetrised entry (i, j) of G as a double.
 template <typename in_t>
@@ -427,11 +531,11 @@ HRGRAD_HD inline int nnls(const double* E, int lde, int m, int dim, const double
 // constraint and keep their weight u_i.
 //
 // cone_factor computes what every target of one G shares (norms, active tasks, factor), in
-// `factor` (cone_factor_size(K) doubles) using `scratch` (K*K doubles); cone_project then
+// `factor` (cone_factor_size(K) doubles) using `scratch` (cone_factor_scratch(K) doubles); cone_project then
 // projects one target with cone_project_workspace(K) doubles of its own.
 
 HRGRAD_HD inline int64_t cone_factor_size(int64_t K) { return K * K + 2 * K + 4; }
-HRGRAD_HD inline int64_t cone_factor_scratch(int64_t K) { return K * K; }
+HRGRAD_HD inline int64_t cone_factor_scratch(int64_t K) { return K * K + jacobi_scratch(K); }
 HRGRAD_HD inline int64_t cone_project_workspace(int64_t K) {
   return 2 * K * K + 2 * K + nnls_vectors(K, K) + K;  // Q, T, f, mu, nnls vectors, 2K ints
 }
@@ -466,7 +570,7 @@ HRGRAD_HD int cone_factor(const in_t* G, int K, double rtol, double* factor, dou
     if (m > 0) {
       double* C = scratch;
       cosine_matrix(G, K, f.d, f.idx, m, C);
-      jacobi_eigen(C, f.R, m);
+      jacobi_eigen(C, f.R, scratch + K * K, m);
       double lmax = 0.0;
       for (int k = 0; k < m; ++k) {
         C[k] = C[k * m + k];  // eigenvalues to the front of the scratch
@@ -569,7 +673,7 @@ HRGRAD_HD int mgda_solve(const in_t* G, int K, double rtol, out_t* w, double* ws
   int status = 0;
   for (int i = 0; i < K; ++i)
     for (int j = 0; j < K; ++j) A[i * K + j] = gram_entry(G, K, i, j) / gmax;
-  jacobi_eigen(A, V, K);
+  jacobi_eigen(A, V, lambda, K);  // lambda and l (2K doubles) are free until after it
   double lmax = 0.0;
   for (int k = 0; k < K; ++k) {
     lambda[k] = A[k * K + k];

@@ -325,17 +325,19 @@ Tensor gram_cuda(const Tensor& J, std::optional<ScalarType> dtype) {
 // The K x K solve is short and latency-bound. It runs the source of the CPU kernel
 // (gram/hrgrad_solve.h) with its scratch (hrgrad_solve_workspace(K) doubles) in shared memory
 // when that fits in 48 KB and in global memory otherwise:
-//   K <= 16: one thread solves (the other lanes leave);
-//   K  > 16: the whole warp (WarpTeam): the lanes split every Jacobi rotation's O(K) updates,
-//            the O(K^3) part of the solve, and lane 0 does the rest. A rotation then costs
-//            about K / 32 element updates and 3 __syncwarp instead of 3 K dependent updates.
+//   K <= 4: one thread solves (the other lanes leave);
+//   K  > 4: the whole warp (WarpTeam): the lanes split the angles and updates of every step of
+//           the round-robin Jacobi (cone_solve.h: K / 2 disjoint rotations per step, K - 1
+//           dependent steps per sweep, 3 __syncwarp each), the O(K^3) part of the solve, and
+//           lane 0 does the rest. Before (cyclic Jacobi, a warp above K = 16 only) one H200
+//           took 0.23 ms at K = 8, 3.2 ms at K = 32 and 25 ms at K = 64 for one problem.
 // The arithmetic is that of the CPU kernel, but not bit for bit: nvcc contracts a * b + c into
 // FMAs where the host compiler does not, and exp / log come from another math library, so the
 // weights agree to rounding (the dual-cone fallback included: an exact active-set solve,
-// cone_solve.h). The warp's result equals the one thread's (the same expression per element,
-// in the same order).
+// cone_solve.h). The warp's Jacobi rotates in another order than one thread's (round-robin,
+// K / 2 pairs at once, against cyclic), so the two agree to rounding too.
 constexpr int64_t kMaxDynamicSmem = 48 * 1024;  // without the opt-in attribute
-constexpr int kWarpSolveAbove = 16;             // K above which a warp solves
+constexpr int kWarpSolveAbove = 4;              // K above which a warp solves
 
 // The 32 lanes of a warp as a team of cone_solve.h (lane 0 leads). __syncwarp orders the
 // lanes' shared- and global-memory accesses to the problem's scratch.

@@ -81,7 +81,7 @@ HRGRAD_HD int hrgrad_solve(const in_t* G, int K, int length_model, double rtol, 
   }
   m = team.broadcast(m);  // also the barrier after which every member sees C
   if (m == 0) return status;
-  jacobi_eigen(C, V, m, team);
+  jacobi_eigen(C, V, b, m, team);  // b and target (2K doubles) are free until after it
   if (!team.leader()) return status;
   double lmax = 0.0;
   for (int k = 0; k < m; ++k) lmax = C[k * m + k] > lmax ? C[k * m + k] : lmax;

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(tr)
     tr.add_argument("--method", help=f"one of {', '.join(METHODS)} (default hrgrad; sum is plain APNN training)")
     tr.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start afresh in --out even where it holds an earlier run's checkpoint (deleted); without "
+                         "it such a directory is refused")
     tr.add_argument("--nproc", type=int, metavar="N",
                     help="train in N processes on this machine (torchrun's launcher; each rank draws its own points, "
                          "every step is the single-process step on all of them; gloo on the CPU, NCCL on CUDA, one GPU "
@@ -217,6 +220,15 @@ def _train_process(args, cfg, Trainer) -> int:
         if trainer.is_writer:
             print(f"resuming {args.resume} at step {trainer.step} of {trainer.cfg.total_steps}", flush=True)
     else:
+        from .train.rundir import CHECKPOINT, RunLock
+
+        # a fresh run clears its directory: never a long run's checkpoint by a forgotten --resume
+        if (Path(cfg.out) / CHECKPOINT).is_file() and not args.overwrite:
+            probe = RunLock(cfg.out)  # a directory in use by a live run says so first
+            probe.acquire()
+            probe.release()
+            raise ValueError(f"{cfg.out} holds the checkpoint of an earlier run: continue it with `hrgrad-ext train "
+                             f"--resume {cfg.out}`, or start afresh there with --overwrite (deletes that checkpoint)")
         trainer = Trainer(cfg)
     summary = trainer.run()
     if trainer.is_writer:
