@@ -467,6 +467,26 @@ def test_divergence_table_round_trips_through_toml(tmp_path):
     assert load_config(tmp_path / "c.toml").divergence == cfg.divergence
 
 
+# --- a fresh run into a directory that holds a run ------------------------------------------------
+
+
+def test_train_into_a_directory_with_a_checkpoint_needs_resume_or_overwrite(tmp_path, capsys):
+    # a fresh run clears its directory: a forgotten --resume must not wipe a long run's checkpoint
+    out = tmp_path / "run"
+    argv = ["train", "--method", "sum", "--iters", "2", "--out", str(out), *TINY]
+    assert main(argv) == 0
+    saved = (out / CHECKPOINT).read_bytes()
+    capsys.readouterr()
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "holds the checkpoint of an earlier run" in err and f"--resume {out}" in err and "--overwrite" in err
+    assert (out / CHECKPOINT).read_bytes() == saved  # untouched
+    assert not (out / rundir.LOCK).exists() or (out / rundir.LOCK).read_text() == ""  # the probe let go
+    assert main([*argv, "--iters", "1", "--overwrite"]) == 0  # starts afresh, here for one step
+    assert read_checkpoint(out / CHECKPOINT)["step"] == 1
+    assert [r["step"] for r in read_metrics(out) if r["kind"] == "train"] == [1]
+
+
 # --- concurrent use ---------------------------------------------------------------------------
 
 
