@@ -18,6 +18,13 @@
 #include <torch/headeronly/util/Half.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
 
 // A failed shim call as an exception. STABLE_TORCH_ERROR_CODE_CHECK (which carries the shim's
 // own message) is newer than the headers of torch 2.10 / 2.11, which have the header-only
@@ -27,13 +34,6 @@
 #else
 #define HRGRAD_SHIM_CHECK(call) TORCH_ERROR_CODE_CHECK(call)
 #endif
-#include <initializer_list>
-#include <optional>
-#include <sstream>
-#include <stdexcept>
-#include <string>
-#include <type_traits>
-#include <vector>
 
 namespace hrgrad_ext {
 
@@ -114,9 +114,9 @@ inline Tensor empty_on(const Tensor& like, std::vector<int64_t> sizes, std::opti
   int32_t device_type = 0;
   HRGRAD_SHIM_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
   AtenTensorHandle out = nullptr;
-  HRGRAD_SHIM_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(),
-                                                         strides.data(), shim_dtype(dtype.value_or(like.scalar_type())),
-                                                         device_type, like.get_device_index(), &out));
+  HRGRAD_SHIM_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(),
+                                             shim_dtype(dtype.value_or(like.scalar_type())), device_type,
+                                             like.get_device_index(), &out));
   return Tensor(out);
 }
 
