@@ -95,6 +95,13 @@ HRGRAD_HD inline void jacobi_angle(double app, double aqq, double apq, double& c
   s = t * c;
 }
 
+// (x, y) <- (c x - s y, s x + c y): one rotation of a pair of entries.
+HRGRAD_HD inline void rotate(double& x, double& y, double c, double s) {
+  const double x0 = x, y0 = y;
+  x = c * x0 - s * y0;
+  y = s * x0 + c * y0;
+}
+
 // Doubles of scratch jacobi_eigen needs beside A and V (the cosines and sines of one step).
 HRGRAD_HD inline int64_t jacobi_scratch(int64_t m) { return m + (m & 1); }
 
@@ -140,21 +147,9 @@ HRGRAD_HD inline void jacobi_eigen_cyclic(double* A, double* V, int m) {
         if (apq == 0.0) continue;
         double c, s;
         jacobi_angle(A[p * m + p], A[q * m + q], apq, c, s);
-        for (int k = 0; k < m; ++k) {  // A <- A R (columns p, q)
-          const double akp = A[k * m + p], akq = A[k * m + q];
-          A[k * m + p] = c * akp - s * akq;
-          A[k * m + q] = s * akp + c * akq;
-        }
-        for (int k = 0; k < m; ++k) {  // V <- V R
-          const double vkp = V[k * m + p], vkq = V[k * m + q];
-          V[k * m + p] = c * vkp - s * vkq;
-          V[k * m + q] = s * vkp + c * vkq;
-        }
-        for (int k = 0; k < m; ++k) {  // A <- R^T A (rows p, q)
-          const double apk = A[p * m + k], aqk = A[q * m + k];
-          A[p * m + k] = c * apk - s * aqk;
-          A[q * m + k] = s * apk + c * aqk;
-        }
+        for (int k = 0; k < m; ++k) rotate(A[k * m + p], A[k * m + q], c, s);  // A <- A R (columns p, q)
+        for (int k = 0; k < m; ++k) rotate(V[k * m + p], V[k * m + q], c, s);  // V <- V R
+        for (int k = 0; k < m; ++k) rotate(A[p * m + k], A[q * m + k], c, s);  // A <- R^T A (rows p, q)
         A[p * m + q] = 0.0;  // the annihilated pair, exactly
         A[q * m + p] = 0.0;
       }
@@ -210,13 +205,8 @@ HRGRAD_HD inline void jacobi_eigen_parallel(double* A, double* V, double* rot, i
       for (int e = k0, i = k0 / m, k = k0 % m, pi = -1, p = 0, q = 0; e < half * m; e += dk) {
         if (i != pi) round_robin_pair(step, pi = i, mm, p, q);
         if (q < m) {
-          const double c = cosine[i], s = sine[i];
-          const double akp = A[k * m + p], akq = A[k * m + q];
-          A[k * m + p] = c * akp - s * akq;
-          A[k * m + q] = s * akp + c * akq;
-          const double vkp = V[k * m + p], vkq = V[k * m + q];
-          V[k * m + p] = c * vkp - s * vkq;
-          V[k * m + q] = s * vkp + c * vkq;
+          rotate(A[k * m + p], A[k * m + q], cosine[i], sine[i]);
+          rotate(V[k * m + p], V[k * m + q], cosine[i], sine[i]);
         }
         for (k += dk; k >= m; k -= m) ++i;
       }
@@ -225,10 +215,7 @@ HRGRAD_HD inline void jacobi_eigen_parallel(double* A, double* V, double* rot, i
       for (int e = k0, i = k0 / m, k = k0 % m, pi = -1, p = 0, q = 0; e < half * m; e += dk) {
         if (i != pi) round_robin_pair(step, pi = i, mm, p, q);
         if (q < m) {
-          const double c = cosine[i], s = sine[i];
-          const double apk = A[p * m + k], aqk = A[q * m + k];
-          A[p * m + k] = c * apk - s * aqk;
-          A[q * m + k] = s * apk + c * aqk;
+          rotate(A[p * m + k], A[q * m + k], cosine[i], sine[i]);
           if (k == q) A[p * m + q] = 0.0;  // the annihilated pair, exactly
           if (k == p) A[q * m + p] = 0.0;
         }
