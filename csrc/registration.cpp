@@ -48,9 +48,16 @@ pybind11::dict build_info() {
   info["nvcc_version"] = pybind11::none();
 #endif
   info["torch_version"] = std::string(HRGRAD_EXT_TORCH_VERSION);
-  // The oldest torch this binary runs on (TORCH_TARGET_VERSION of the stable ABI).
+  // The oldest torch this binary runs on (TORCH_TARGET_VERSION of the stable ABI, which our
+  // CMake always sets). A build that does not pin it (the shared CUDA emulation tool compiles
+  // these sources with its own flags) uses the newest stable headers: only the torch it was
+  // built with is known to work.
+#ifdef TORCH_TARGET_VERSION
   info["torch_min_version"] = std::to_string((TORCH_TARGET_VERSION >> 56) & 0xff) + "." +
                               std::to_string((TORCH_TARGET_VERSION >> 48) & 0xff);
+#else
+  info["torch_min_version"] = std::string(HRGRAD_EXT_TORCH_VERSION);
+#endif
   info["stable_abi"] = true;
   info["compiler"] = std::string(HRGRAD_EXT_COMPILER);
   info["cxx11_abi"] = static_cast<bool>(_GLIBCXX_USE_CXX11_ABI);

@@ -783,6 +783,71 @@ def test_integral_conservation_cells_keep_the_task_gradients_exact(tmp_path):
         tcfg.validate()
 
 
+def test_weak_closure_takes_the_small_kn_cell_fluxes_from_the_macro_closure(tmp_path):
+    # weak_closure = c (BGK): the cells of the tasks with Kn < c take their fluxes from f without
+    # the f network's deviation (M exp(C) with the Chapman-Enskog term C, plus the uncollided
+    # part), so that the f network cannot carry a flux that makes a smeared shock conservative:
+    # those cells reach the f network not at all. The tasks with Kn >= c are unchanged, the task
+    # gradients stay exact, the option survives the TOML round trip, and bad values are named
+    cfg = tiny_config(tmp_path, "bgk", dtype="float64")
+    cfg.eps = [1.0, 1e-3]
+    cfg.model = {**cfg.model, **BGK_CE_FORMS[0]}
+    cfg.loss_weights = {"weak": 1.0}
+    cfg.points = {**cfg.points, "cells": 3}
+    cfg.weak_closure = 0.03
+    tr = Trainer(cfg.validate())
+    assert tr.form.weak_closure == 0.03
+    p = tmp_path / "wc.toml"
+    p.write_text(to_toml(cfg))
+    assert load_config(p).weak_closure == 0.03
+    assert apply_overrides(copy.deepcopy(cfg), ["weak_closure=0.003"]).validate().weak_closure == 0.003
+    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
+    L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    L_sep, J_sep = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
+    assert_same_task_gradients(L, J, L_sep, J_sep)
+    tr.form.weak_closure = 0.0
+    _, groups_off, _ = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    tr.form.weak_closure = 0.03
+    torch.testing.assert_close(groups["cells"][0], groups_off["cells"][0], rtol=1e-13, atol=0)  # Kn = 1
+    assert abs(float(groups["cells"][1] - groups_off["cells"][1])) > 1e-6 * float(groups_off["cells"][1])
+    # the fluxes: at Kn = 1 the model's f, at Kn = 1e-3 its f with the network's deviation zeroed
+    closure = copy.deepcopy(tr.model)
+    net_part = closure._network_deviation
+    closure._network_deviation = lambda *a: 0.0 * net_part(*a)
+    f_net = [q for name, q in tr.model.named_parameters() if name.startswith("f_net.")]
+    macro = [q for name, q in tr.model.named_parameters() if not name.startswith("f_net.")]
+    v = tr.form.v
+    for k, model in ((0, tr.model), (1, closure)):
+        cells = {key: val[k] for key, val in batch["cells"].items()}
+        out = tr.form.forward("cells", tr.model, cells, "fast")
+        t, x = (cells[key].reshape(3, 2, -1)[:, 1].reshape(-1) for key in ("t", "x"))
+        torch.testing.assert_close(out["F"], model("f", t, x, v, cells["eps"]), rtol=1e-12, atol=0)
+        loss = tr.form.loss("cells", out, {key: val[k:k + 1] for key, val in batch["cells"].items()}, 1)
+        g_f = torch.autograd.grad(loss.sum(), f_net, retain_graph=True, allow_unused=True, materialize_grads=True)
+        g_macro = torch.autograd.grad(loss.sum(), macro, allow_unused=True, materialize_grads=True)
+        assert max(float(g.abs().max()) for g in g_macro) > 0
+        assert (max(float(g.abs().max()) for g in g_f) > 0) is (k == 0)
+    with pytest.raises(ValueError, match="network_share needs f_form='maxwellian'"):
+        free = copy.deepcopy(tr.model)
+        free.f_form = "free"
+        free.f(t, x, v, cells["eps"], torch.zeros(()))
+    for bad in (-0.1, float("nan"), True, "0.1"):
+        cfg.weak_closure = bad
+        with pytest.raises(ValueError, match="weak_closure: must be"):
+            cfg.validate()
+    cfg.weak_closure = 0.03
+    for field, value, match in (("loss_weights", {}, "loss_weights.weak > 0"),
+                                ("model", {**cfg.model, "f_form": "free"}, "f_form = 'maxwellian'")):
+        bad = copy.deepcopy(cfg)
+        setattr(bad, field, value)
+        with pytest.raises(ValueError, match=match):
+            bad.validate()
+    tcfg = tiny_config(tmp_path, "transport")
+    tcfg.weak_closure = 0.03
+    with pytest.raises(ValueError, match="weak_closure: the cells' flux closure is BGK's"):
+        tcfg.validate()
+
+
 @pytest.mark.parametrize("problem", ["transport", "bgk"])
 def test_outputs_and_plots(tmp_path, problem):
     cfg = tiny_config(tmp_path, problem, iters=4, tasks="eps_group")

@@ -574,10 +574,12 @@ class BGKAPNN(APNN):
         log_T = log_T.unsqueeze(-1) if log_T.dim() == 1 else log_T
         return (v.to(u.dtype) - u) * torch.exp(-0.5 * log_T)
 
-    def _deviation(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor, state) -> Tensor:
+    def _deviation(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor, state, network_share=None) -> Tensor:
         """:meth:`f_dev` given :meth:`_macro_state` at ``(t, x)`` (read with ``peculiar`` and
-        ``chapman_enskog``)."""
+        ``chapman_enskog``), the network's part times ``network_share`` when one is given."""
         D = self._network_deviation(t, x, v, eps, state)
+        if network_share is not None:
+            D = (network_share.unsqueeze(-1) if network_share.dim() == 1 else network_share) * D
         return D + self._chapman_enskog_term_of(t, state, v, eps) if self.chapman_enskog > 0 else D
 
     def _network_deviation(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor, macro_log) -> Tensor:
@@ -609,19 +611,26 @@ class BGKAPNN(APNN):
         foot = x - v.to(x.dtype) * (t - self.t_range[0])
         return (foot - x0) * (2.0 / (x1 - x0)) - 1.0
 
-    def f(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor) -> Tensor:
+    def f(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor, network_share: Tensor | None = None) -> Tensor:
         """Distribution function ``[n, V]`` at the velocity nodes (positive).
 
         ``t, x``: ``[n]`` or ``[n, V]``. For the maxwellian form with ``[n, V]`` coordinates
         the macro networks run at every (point, node) pair, so that per-node input derivatives
         of this method stay exact; the formulation avoids that cost with
-        :func:`maxwellian_exp_derivatives`."""
+        :func:`maxwellian_exp_derivatives`.
+
+        ``network_share`` (maxwellian form only; 0-d or ``[n]``, like ``eps``): a factor on the
+        f network's part of the log deviation. 0 gives the closure of the macro networks
+        alone, ``M exp(C)`` with the Chapman-Enskog term ``C`` (``M`` without
+        ``chapman_enskog``), plus the uncollided part."""
         if self.f_form == "free":
+            if network_share is not None:
+                raise ValueError("BGKAPNN.f: network_share needs f_form='maxwellian' (the free form has no closure)")
             f = F.softplus(self.f_dev(t, x, v, eps))
         else:
             state = self._macro_state(t, x, eps)
             log_rho, u, log_T = state[:3]
-            D = self._deviation(t, x, v, eps, state)
+            D = self._deviation(t, x, v, eps, state, network_share)
             if log_rho.dim() == 2:  # [n, V] coordinates: one Maxwellian per node
                 logM = _log_maxwellian_per_node(log_rho, u, log_T, v)
             else:

@@ -220,6 +220,14 @@ class TrainConfig:
             and heat flux at intermediate Kn); the weight restores it down to Kn ~ knee and
             stays bounded below (asymptotic preservation), see
             :meth:`hrgrad_ext.train.losses.BGKFormulation.kinetic_weights`.
+        weak_closure: BGK only (0 = off; needs ``loss_weights.weak`` and the maxwellian f form):
+            the cells of the integral conservation residual of the tasks with Kn below it take
+            their fluxes from f without the f network's deviation, ``M exp(C)`` (C the
+            Chapman-Enskog term when ``model.chapman_enskog`` is on) plus the uncollided part.
+            At small Kn the kinetic residual is O(Kn) and barely prices the f network's share
+            of f, which can then carry a flux that makes a smeared shock conservative; the
+            closure is f's to O(Kn^2) there, see
+            :meth:`hrgrad_ext.train.losses.BGKFormulation.cell_residuals`.
         adaptive: residual-based adaptive sampling of the interior points (RAD, Wu et al.
             2023; empty = off): every ``every`` steps (default 100) a pool of ``pool`` (8) times
             the interior points per task is drawn from the problem's own density and scored by
@@ -273,6 +281,7 @@ class TrainConfig:
     causal: dict = field(default_factory=dict)
     compression: dict = field(default_factory=dict)
     kinetic_knee: float = 0.0
+    weak_closure: float = 0.0
     adaptive: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     aggregator: dict = field(default_factory=dict)
@@ -389,6 +398,16 @@ class TrainConfig:
             raise ValueError(f"kinetic_knee: must be a finite number >= 0 (0 = off), got {kk!r}")
         if kk > 0 and self.problem != "bgk":
             raise ValueError(f"kinetic_knee: the kinetic residual's Kn weights are BGK's; {self.problem} has none")
+        wc = self.weak_closure
+        if isinstance(wc, bool) or not isinstance(wc, (int, float)) or not math.isfinite(wc) or wc < 0:
+            raise ValueError(f"weak_closure: must be a finite number >= 0 (0 = off), got {wc!r}")
+        if wc > 0:
+            if self.problem != "bgk":
+                raise ValueError(f"weak_closure: the cells' flux closure is BGK's; {self.problem} has none")
+            if not float(self.loss_weights.get("weak", 0.0)) > 0:
+                raise ValueError("weak_closure: needs the integral conservation residual on (loss_weights.weak > 0)")
+            if self.model.get("f_form", "free") != "maxwellian":
+                raise ValueError("weak_closure: needs model.f_form = 'maxwellian' (the free f form has no closure)")
         if not isinstance(self.adaptive, dict) or set(self.adaptive) - {"every", "pool", "k", "c", "groups"}:
             raise ValueError("adaptive: expected a table with some of 'every', 'pool', 'k', 'c', 'groups', e.g. "
                              f"adaptive = {{ every = 100, pool = 8 }}; got {self.adaptive!r}")

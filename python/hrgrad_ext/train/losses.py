@@ -523,7 +523,7 @@ class BGKFormulation(Formulation):
     def __init__(self, case: str = "IV", t_final: float | Sequence[float] = 0.1, nv: int = 64, weights=None,
                  points=None, eps: Sequence[float] | None = None, causal: tuple[int, float] | None = None,
                  compression: tuple[float, float] | None = None, cell: tuple[float, float] = CELL,
-                 group_weights: dict | None = None, kinetic_knee: float = 0.0):
+                 group_weights: dict | None = None, kinetic_knee: float = 0.0, weak_closure: float = 0.0):
         super().__init__(nv, (-10.0, 10.0), t_final, (-0.5, 0.5), weights, points, eps, causal, group_weights)
         self.case = case.upper()
         self.profile = bgk_reference.case_profile(self.case)
@@ -537,6 +537,10 @@ class BGKFormulation(Formulation):
         if not (math.isfinite(kinetic_knee) and kinetic_knee >= 0):
             raise ValueError(f"bgk: kinetic_knee must be a finite number >= 0 (0 = off), got {kinetic_knee!r}")
         self.kinetic_knee = kinetic_knee  # the knee of kinetic_weights (0: every Kn weighted 1)
+        weak_closure = float(weak_closure)
+        if not (math.isfinite(weak_closure) and weak_closure >= 0):
+            raise ValueError(f"bgk: weak_closure must be a finite number >= 0 (0 = off), got {weak_closure!r}")
+        self.weak_closure = weak_closure  # Kn below which the cells' fluxes are the macro closure's (0: none)
         cell_dx, cell_dt = (float(a) for a in cell)
         if not (0 < cell_dx < self.x_range[1] - self.x_range[0] and 0 < cell_dt <= 1):
             raise ValueError(f"bgk: the cells of the integral conservation residual need 0 < dx < "
@@ -697,7 +701,14 @@ class BGKFormulation(Formulation):
         if group == "cells":  # densities on the bottom and top edges, f (fluxes) on the sides
             t, x = (a.reshape(-1, 2, 2 * self.CELL_NODES) for a in (t, x))
             rho, u, T = call("macro", t[:, 0].reshape(-1), x[:, 0].reshape(-1), eps)
-            return {"F": call("f", t[:, 1].reshape(-1), x[:, 1].reshape(-1), v, eps), "rho": rho, "u": u, "T": T}
+            side = (t[:, 1].reshape(-1), x[:, 1].reshape(-1), v, eps)
+            if self.weak_closure > 0:
+                # below weak_closure the fluxes are those of the macro networks' closure, f
+                # without the f network's deviation (cell_residuals says why)
+                F = call("f", *side, (eps >= self.weak_closure).to(t.dtype))
+            else:
+                F = call("f", *side)
+            return {"F": F, "rho": rho, "u": u, "T": T}
         rho, u, T = call("macro", t, x, eps)
         return {"F": call("f", t, x, v, eps), "rho": rho, "u": u, "T": T}
 
@@ -773,7 +784,18 @@ class BGKFormulation(Formulation):
         mean of the strong conservation residual when the fields are smooth; unlike that, it
         stays bounded where a drawn shock is sharp, and it is zero only when the jump across the
         shock and its speed are the conservative ones (Rankine-Hugoniot), which is what the
-        strong form at points loses once the front is steeper than the points can resolve."""
+        strong form at points loses once the front is steeper than the points can resolve.
+
+        With ``weak_closure`` the fluxes of the tasks with Kn below it are those of f without
+        the f network's deviation (:meth:`forward`): ``M exp(C)``, the macro networks'
+        Chapman-Enskog closure. At small Kn the kinetic residual ``Kn (f_t + v f_x) - (M - f)``
+        prices the network's share of f only at O(Kn)^2, and through it the f network can carry
+        a heat flux under which a smeared shock is conservative: a probe of the long preset's
+        weights (seed 1, t = 0.1) found the network's share adding -0.008 to the heat flux on
+        the plateau behind the shock at Kn = 1e-3 and at 1e-2, where the reference has -0.002
+        to -0.006 and the closure is within 0.001 of it. f differs from the closure by
+        O(Kn^2) in the Chapman-Enskog expansion, so at small Kn the cells then hold the
+        Navier-Stokes-like conservation laws of the macro networks alone."""
         q = self.CELL_NODES
         cw = self._cell_w.to(device=out["rho"].device, dtype=out["rho"].dtype)
         rho, u, T = (out[k].reshape(K, -1, 2, q) for k in ("rho", "u", "T"))  # [K, n, bottom/top, q]

@@ -126,7 +126,8 @@ def make_formulation(cfg: TrainConfig) -> Formulation:
     cw = cfg.compression
     cell = tuple(float(cfg.sampling.get(k, d)) for k, d in zip(("cell_dx", "cell_dt"), BGKFormulation.CELL))
     return BGKFormulation(case=cfg.case, compression=(float(cw["k"]), float(cw.get("knee", 0.0))) if cw else None,
-                          cell=cell, kinetic_knee=float(cfg.kinetic_knee), **kw)
+                          cell=cell, kinetic_knee=float(cfg.kinetic_knee),
+                          weak_closure=float(cfg.weak_closure), **kw)
 
 
 def _points(cfg: TrainConfig) -> dict:
