@@ -59,8 +59,9 @@ def test_build_info_reports_the_torch_range_and_the_autograd_in_use():
     assert info["torch_min_version"] == "2.10"
     assert info["autograd"] in ("cpp", "python") and info["autograd_reason"]
     same = _build._release(torch.__version__) == _build._release(info["torch_version"])
-    # the C++ autograd is built only against torch >= 2.14 (its sources use that autograd API)
-    built = same and _build._release(info["torch_version"]) >= (2, 14)
+    # the C++ autograd is built against every supported torch (>= 2.10) and loads under the
+    # torch it was built with
+    built = same and _build._release(info["torch_version"]) >= (2, 10)
     if os.environ.get(_build.AUTOGRAD_ENV, "auto") == "auto":
         assert info["autograd"] == ("cpp" if built else "python")
 
@@ -71,7 +72,10 @@ def test_sources_build_against_the_oldest_supported_torch_headers():
     the shim-error macro STABLE_TORCH_ERROR_CODE_CHECK is newer than those headers (the kernels
     call HRGRAD_SHIM_CHECK, which falls back to TORCH_ERROR_CODE_CHECK); torch's include
     folder bundles a pybind11 that refuses TORCH_TARGET_VERSION (pybind11's own headers must
-    come first); the C++ autograd uses the autograd API of torch 2.14 (not built before it)."""
+    come first); the C++ autograd's graph nodes are held by shared_ptr before torch 2.13 and by
+    intrusive_ptr from it on (csrc/autograd/autograd_common.h picks by TORCH_VERSION_MINOR;
+    checked by compiling csrc/autograd against the headers of torch 2.10, 2.11, 2.12, 2.13 and
+    2.14, and by the op suites under torch 2.11, 2026-12-04)."""
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*")
                  if p.suffix in (".h", ".cpp", ".cu", ".inc")
                  and "STABLE_TORCH_ERROR_CODE_CHECK(" in p.read_text().replace("#define HRGRAD_SHIM_CHECK(call) STABLE_TORCH_ERROR_CODE_CHECK(call)", "")]
@@ -80,8 +84,13 @@ def test_sources_build_against_the_oldest_supported_torch_headers():
     pybind, torch_inc = (cmake.index("target_include_directories(_C SYSTEM PRIVATE ${pybind11_INCLUDE_DIRS})"),
                          cmake.index('target_include_directories(_C SYSTEM PRIVATE "${TORCH_ROOT}/include")'))
     assert pybind < torch_inc, "pybind11's include folder must precede torch's for the _C target"
-    gate = cmake.index('if(_torch_major_minor VERSION_LESS "2.14")')
-    assert gate < cmake.index("add_library(_autograd"), "the C++ autograd must be built only against torch >= 2.14"
+    gate = cmake.index('if(_torch_major_minor VERSION_LESS "2.10")')
+    assert gate < cmake.index("add_library(_autograd"), "the C++ autograd is built against torch >= 2.10"
+    common = (ROOT / "csrc" / "autograd" / "autograd_common.h").read_text()
+    assert "TORCH_VERSION_MINOR >= 13" in common and "torch::autograd::deleteNode" in common
+    offenders = [p.name for p in (ROOT / "csrc" / "autograd").glob("*.cpp")
+                 if "intrusive_ptr<" in p.read_text() or "make_intrusive<" in p.read_text()]
+    assert not offenders, f"hold graph nodes by NodePtr / make_node (autograd_common.h), not intrusive_ptr: {offenders}"
 
 
 @pytest.mark.parametrize("version, release", [("2.14.1+cu130", (2, 14, 1)), ("2.15.0a0+git1234", (2, 15, 0)),

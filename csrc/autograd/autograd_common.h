@@ -23,7 +23,10 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <torch/version.h>
+
 #include <initializer_list>
+#include <memory>
 #include <mutex>
 #include <string>
 
@@ -33,6 +36,26 @@ using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::TraceableFunction;
 using torch::autograd::variable_list;
+
+// How a graph node is held: torch >= 2.13 holds nodes by intrusive_ptr, earlier versions by a
+// shared_ptr whose deleter (deleteNode) tears long graphs down without deep recursion, as
+// their generated VariableType kernels create them. This library is built against (and only
+// loaded under) one torch, so the choice is made at compile time.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+template <class NodeT>
+using NodePtr = c10::intrusive_ptr<NodeT>;
+template <class NodeT>
+NodePtr<NodeT> make_node() {
+  return c10::make_intrusive<NodeT>();
+}
+#else
+template <class NodeT>
+using NodePtr = std::shared_ptr<NodeT>;
+template <class NodeT>
+NodePtr<NodeT> make_node() {
+  return std::shared_ptr<NodeT>(new NodeT(), torch::autograd::deleteNode);
+}
+#endif
 
 // The handle of op `name` of our library, looked up once per call site.
 template <class Signature>

@@ -41,9 +41,9 @@ struct GramBackward : public OpBackward {
 
 at::Tensor gram_autograd(c10::DispatchKeySet ks, const at::Tensor& J, std::optional<at::ScalarType> dtype) {
   static const auto op = op_handle<at::Tensor(const at::Tensor&, std::optional<at::ScalarType>)>("hrgrad_ext::gram");
-  c10::intrusive_ptr<GramBackward> node;
+  NodePtr<GramBackward> node;
   if (compute_requires_grad(J)) {
-    node = c10::make_intrusive<GramBackward>();
+    node = make_node<GramBackward>();
     node->set_next_edges(collect_next_edges(J));
     node->J_ = SavedVariable(J, false);
   }
@@ -86,9 +86,9 @@ struct CombineBackward : public OpBackward {
 
 at::Tensor combine_autograd(c10::DispatchKeySet ks, const at::Tensor& J, const at::Tensor& w) {
   static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("hrgrad_ext::combine");
-  c10::intrusive_ptr<CombineBackward> node;
+  NodePtr<CombineBackward> node;
   if (compute_requires_grad(J, w)) {
-    node = c10::make_intrusive<CombineBackward>();
+    node = make_node<CombineBackward>();
     node->set_next_edges(collect_next_edges(J, w));
     if (node->should_compute_output(1)) node->J_ = SavedVariable(J, false);
     if (node->should_compute_output(0)) node->w_ = SavedVariable(w, false);
@@ -263,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> hrgrad_weights_autograd(c10::DispatchKeySet k
   }
   const int lm = (requires_grad || has_tangent(G)) ? length_model_id(length_model) : 0;
   if (requires_grad) {
-    auto node = c10::make_intrusive<WeightsBackward>();
+    auto node = make_node<WeightsBackward>();
     node->set_next_edges(collect_next_edges(G));
     node->G_ = SavedVariable(G, false);
     node->status_ = status;

@@ -67,9 +67,9 @@ at::Tensor velocity_moments_autograd(c10::DispatchKeySet ks, const at::Tensor& F
       "hrgrad_ext::velocity_moments");
   check_not_differentiable("velocity_moments", "v", v, kNodesWhy);
   check_not_differentiable("velocity_moments", "w", w, kNodesWhy);
-  c10::intrusive_ptr<MomentsBackward> node;
+  NodePtr<MomentsBackward> node;
   if (compute_requires_grad(F)) {
-    node = c10::make_intrusive<MomentsBackward>();
+    node = make_node<MomentsBackward>();
     node->set_next_edges(collect_next_edges(F));
     node->v_ = SavedVariable(v, false);
     node->w_ = SavedVariable(w, false);
@@ -132,9 +132,9 @@ at::Tensor maxwellian_autograd(c10::DispatchKeySet ks, const at::Tensor& rho, co
   static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
       "hrgrad_ext::maxwellian");
   check_not_differentiable("maxwellian", "v", v, "v are fixed velocity nodes");
-  c10::intrusive_ptr<MaxwellianBackward> node;
+  NodePtr<MaxwellianBackward> node;
   if (compute_requires_grad(rho, u, T)) {
-    node = c10::make_intrusive<MaxwellianBackward>();
+    node = make_node<MaxwellianBackward>();
     node->set_next_edges(collect_next_edges(rho, u, T));
     save_inputs({&node->rho_, &node->u_, &node->T_, &node->v_},
                 {rho, u, T, v});
@@ -253,9 +253,9 @@ Tensor3 bgk_residuals_autograd(c10::DispatchKeySet ks, const at::Tensor& F, cons
       "hrgrad_ext::bgk_residuals");
   check_not_differentiable("bgk_residuals", "v", v, kNodesWhy);
   check_not_differentiable("bgk_residuals", "w", w, kNodesWhy);
-  c10::intrusive_ptr<BgkBackward> node;
+  NodePtr<BgkBackward> node;
   if (compute_requires_grad(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn)) {
-    node = c10::make_intrusive<BgkBackward>();
+    node = make_node<BgkBackward>();
     node->set_next_edges(collect_next_edges(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn));
     // F itself is not needed: every derivative is linear in F or independent of it.
     save_inputs({&node->Ft_, &node->Fx_, &node->rho_, &node->u_, &node->T_, &node->rho_t_, &node->u_t_, &node->T_t_,
@@ -328,9 +328,9 @@ Tensor3 bgk_residuals_sq_autograd(c10::DispatchKeySet ks, const at::Tensor& F, c
   static const auto op = op_handle<BgkSignature>("hrgrad_ext::bgk_residuals_sq");
   check_not_differentiable("bgk_residuals_sq", "v", v, kNodesWhy);
   check_not_differentiable("bgk_residuals_sq", "w", w, kNodesWhy);
-  c10::intrusive_ptr<BgkSqBackward> node;
+  NodePtr<BgkSqBackward> node;
   if (compute_requires_grad(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn)) {
-    node = c10::make_intrusive<BgkSqBackward>();
+    node = make_node<BgkSqBackward>();
     node->set_next_edges(collect_next_edges(F, Ft, Fx, rho, u, T, rho_t, u_t, T_t, kn));
     save_inputs({&node->F_, &node->Ft_, &node->Fx_, &node->rho_, &node->u_, &node->T_, &node->rho_t_, &node->u_t_,
                  &node->T_t_, &node->v_, &node->w_, &node->kn_},
@@ -435,9 +435,9 @@ Tensor3 transport_mm_residuals_autograd(c10::DispatchKeySet ks, const at::Tensor
   static const auto op = op_handle<TransportSignature>("hrgrad_ext::transport_mm_residuals");
   check_not_differentiable("transport_mm_residuals", "v", v, kNodesWhy);
   check_not_differentiable("transport_mm_residuals", "w", w, kNodesWhy);
-  c10::intrusive_ptr<TransportBackward> node;
+  NodePtr<TransportBackward> node;
   if (compute_requires_grad(G, Gt, Gx, rho_t, rho_x, eps)) {
-    node = c10::make_intrusive<TransportBackward>();
+    node = make_node<TransportBackward>();
     node->set_next_edges(collect_next_edges(G, Gt, Gx, rho_t, rho_x, eps));
     save_inputs({&node->Gt_, &node->Gx_, &node->v_, &node->w_, &node->eps_},
                 {Gt, Gx, v, w, eps});
@@ -500,9 +500,9 @@ std::tuple<at::Tensor, at::Tensor> transport_mm_residuals_sq_autograd(
       const at::Tensor&, const at::Tensor&)>("hrgrad_ext::transport_mm_residuals_sq");
   check_not_differentiable("transport_mm_residuals_sq", "v", v, kNodesWhy);
   check_not_differentiable("transport_mm_residuals_sq", "w", w, kNodesWhy);
-  c10::intrusive_ptr<TransportSqBackward> node;
+  NodePtr<TransportSqBackward> node;
   if (compute_requires_grad(G, Gt, Gx, rho_t, rho_x, eps)) {
-    node = c10::make_intrusive<TransportSqBackward>();
+    node = make_node<TransportSqBackward>();
     node->set_next_edges(collect_next_edges(G, Gt, Gx, rho_t, rho_x, eps));
     save_inputs({&node->G_, &node->Gt_, &node->Gx_, &node->rho_x_, &node->v_, &node->w_, &node->eps_},
                 {G, Gt, Gx, rho_x, v, w, eps});
