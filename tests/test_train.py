@@ -709,6 +709,30 @@ def test_compression_weights_keep_the_task_gradients_exact(tmp_path):
         tcfg.validate()
 
 
+def task_losses_on_and_off(tr, option):
+    """The segmented task losses and group losses of ``tr`` on a batch (drawn from seed 0),
+    with the formulation's ``option`` as set (the task gradients checked against separate
+    backward passes) and with it 0 (then restored)."""
+    batch = tr.form.sample_batch(torch.Generator().manual_seed(0), tr.eps_tensor, "cpu", torch.float64)
+    L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    L_sep, J_sep = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
+    assert_same_task_gradients(L, J, L_sep, J_sep)
+    value = getattr(tr.form, option)
+    setattr(tr.form, option, 0.0)
+    L_off, groups_off, _ = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    setattr(tr.form, option, value)
+    return (L, groups), (L_off, groups_off)
+
+
+def assert_option_round_trips(tmp_path, cfg, key, other):
+    """``cfg``'s top-level option ``key`` survives the TOML round trip, and the override
+    ``key=other`` (``--set``) sets it to ``other``."""
+    p = tmp_path / f"{key}.toml"
+    p.write_text(to_toml(cfg))
+    assert getattr(load_config(p), key) == getattr(cfg, key)
+    assert getattr(apply_overrides(copy.deepcopy(cfg), [f"{key}={other}"]).validate(), key) == other
+
+
 def test_kinetic_knee_in_configs_keeps_the_task_gradients_exact(tmp_path):
     # kinetic_knee (BGK): per-point weights of the kinetic residual by the point's Kn, so the
     # segmented task gradients equal separate backward passes; the option reaches the
@@ -719,16 +743,8 @@ def test_kinetic_knee_in_configs_keeps_the_task_gradients_exact(tmp_path):
     cfg.kinetic_knee = 0.1
     tr = Trainer(cfg.validate())
     assert tr.form.kinetic_knee == 0.1
-    p = tmp_path / "kk.toml"
-    p.write_text(to_toml(cfg))
-    assert load_config(p).kinetic_knee == 0.1
-    assert apply_overrides(tiny_config(tmp_path, "bgk"), ["kinetic_knee=0.03"]).validate().kinetic_knee == 0.03
-    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
-    L, _, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
-    L_sep, J_sep = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
-    assert_same_task_gradients(L, J, L_sep, J_sep)
-    tr.form.kinetic_knee = 0.0
-    L_off, _, _ = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
+    assert_option_round_trips(tmp_path, cfg, "kinetic_knee", 0.03)
+    (L, _), (L_off, _) = task_losses_on_and_off(tr, "kinetic_knee")
     torch.testing.assert_close(L[0], L_off[0], rtol=1e-13, atol=0)  # Kn = 1: weight 1
     assert float(L[1]) > float(L_off[1])
     for bad in (-0.1, float("inf"), True, "0.1"):
@@ -797,17 +813,9 @@ def test_weak_closure_takes_the_small_kn_cell_fluxes_from_the_macro_closure(tmp_
     cfg.weak_closure = 0.03
     tr = Trainer(cfg.validate())
     assert tr.form.weak_closure == 0.03
-    p = tmp_path / "wc.toml"
-    p.write_text(to_toml(cfg))
-    assert load_config(p).weak_closure == 0.03
-    assert apply_overrides(copy.deepcopy(cfg), ["weak_closure=0.003"]).validate().weak_closure == 0.003
-    batch = tr.form.sample_batch(tr.gen, tr.eps_tensor, "cpu", torch.float64)
-    L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
-    L_sep, J_sep = separate_task_gradients(tr.model, tr.form, batch, tr.layout)
-    assert_same_task_gradients(L, J, L_sep, J_sep)
-    tr.form.weak_closure = 0.0
-    _, groups_off, _ = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
-    tr.form.weak_closure = 0.03
+    assert_option_round_trips(tmp_path, cfg, "weak_closure", 0.003)
+    (_, groups), (_, groups_off) = task_losses_on_and_off(tr, "weak_closure")
+    batch = tr.form.sample_batch(torch.Generator().manual_seed(0), tr.eps_tensor, "cpu", torch.float64)
     torch.testing.assert_close(groups["cells"][0], groups_off["cells"][0], rtol=1e-13, atol=0)  # Kn = 1
     assert abs(float(groups["cells"][1] - groups_off["cells"][1])) > 1e-6 * float(groups_off["cells"][1])
     # the fluxes: at Kn = 1 the model's f, at Kn = 1e-3 its f with the network's deviation zeroed
