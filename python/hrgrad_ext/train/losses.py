@@ -791,9 +791,10 @@ class BGKFormulation(Formulation):
         Chapman-Enskog closure. At small Kn the kinetic residual ``Kn (f_t + v f_x) - (M - f)``
         prices the network's share of f only at O(Kn)^2, and through it the f network can carry
         a heat flux under which a smeared shock is conservative: a probe of the long preset's
-        weights (seed 1, t = 0.1) found the network's share adding -0.008 to the heat flux on
-        the plateau behind the shock at Kn = 1e-3 and at 1e-2, where the reference has -0.002
-        to -0.006 and the closure is within 0.001 of it. f differs from the closure by
+        weights (seed 1, t = 0.1) found the network's share adding about -0.008 to the heat
+        flux on the plateau behind the shock at Kn = 1e-3 and at 1e-2 (at 1e-3 the reference
+        has -0.002 to -0.006 there and the closure is within 0.001 of it; docs/RESULTS.md,
+        "the cells' fluxes from the macro networks' closure"). f differs from the closure by
         O(Kn^2) in the Chapman-Enskog expansion, so at small Kn the cells then hold the
         Navier-Stokes-like conservation laws of the macro networks alone."""
         q = self.CELL_NODES
