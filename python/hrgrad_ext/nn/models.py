@@ -23,6 +23,12 @@ from .windows import TimeWindows
 __all__ = ["APNN", "BGKAPNN", "TransportAPNN", "log_maxwellian", "maxwellian_exp_derivatives"]
 
 
+def _column(a: Tensor) -> Tensor:
+    """A per-point ``[n]`` tensor as ``[n, 1]``, to broadcast against ``[n, V]`` node values;
+    anything else (0-d, or already per node) as it is."""
+    return a.unsqueeze(-1) if a.dim() == 1 else a
+
+
 def _body_args(spec: dict | None, default: dict) -> dict:
     out = dict(default)
     if spec:
@@ -519,7 +525,7 @@ class BGKAPNN(APNN):
         ce = self._chapman_enskog_of(state, v, eps)
         if self.hard_ic:
             tau = self._tau(t)
-            ce = (tau.unsqueeze(-1) if tau.dim() == 1 else tau) * ce
+            ce = _column(tau) * ce
         return ce
 
     def _macro_state(self, t: Tensor, x: Tensor, eps: Tensor) -> tuple[Tensor, ...]:
@@ -545,7 +551,7 @@ class BGKAPNN(APNN):
 
     def _chapman_enskog_of(self, state, v: Tensor, eps: Tensor) -> Tensor:
         """:meth:`chapman_enskog_deviation` given :meth:`_macro_state` (per point or per node)."""
-        _, u, log_T, log_T_x = (a.unsqueeze(-1) if a.dim() == 1 else a for a in state)
+        _, u, log_T, log_T_x = (_column(a) for a in state)
         return self._chapman_enskog_parts(u, log_T, log_T_x, v, eps)[0]
 
     def _chapman_enskog_parts(self, u: Tensor, log_T: Tensor, log_T_x: Tensor, v: Tensor, eps: Tensor):
@@ -553,7 +559,7 @@ class BGKAPNN(APNN):
         ``[n, V]``, with ``P = xi^3 - 3 xi``, ``xi = (v - u) exp(-log T / 2)`` and ``gain =
         -Kn g(Kn) sqrt(T) / 2`` (``u, log_T, log_T_x``: ``[n, 1]`` or ``[n, V]``)."""
         xi = self._xi(v, u, log_T)
-        kn = eps.unsqueeze(-1) if eps.dim() == 1 else eps
+        kn = _column(eps)
         kappa2 = self.chapman_enskog ** 2
         gain = -0.5 * kn * kappa2 / (kappa2 + kn * kn) * torch.exp(0.5 * log_T)
         cubic = xi * xi * xi - 3.0 * xi
@@ -570,8 +576,8 @@ class BGKAPNN(APNN):
     @staticmethod
     def _xi(v: Tensor, u: Tensor, log_T: Tensor) -> Tensor:
         """``xi = (v - u) / sqrt(T)``, ``[n, V]`` (``u, log_T``: ``[n]`` or ``[n, V]``)."""
-        u = u.unsqueeze(-1) if u.dim() == 1 else u
-        log_T = log_T.unsqueeze(-1) if log_T.dim() == 1 else log_T
+        u = _column(u)
+        log_T = _column(log_T)
         return (v.to(u.dtype) - u) * torch.exp(-0.5 * log_T)
 
     def _deviation(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor, state, network_share=None) -> Tensor:
@@ -579,7 +585,7 @@ class BGKAPNN(APNN):
         ``chapman_enskog``), the network's part times ``network_share`` when one is given."""
         D = self._network_deviation(t, x, v, eps, state)
         if network_share is not None:
-            D = (network_share.unsqueeze(-1) if network_share.dim() == 1 else network_share) * D
+            D = _column(network_share) * D
         return D + self._chapman_enskog_term_of(t, state, v, eps) if self.chapman_enskog > 0 else D
 
     def _network_deviation(self, t: Tensor, x: Tensor, v: Tensor, eps: Tensor, macro_log) -> Tensor:
@@ -596,17 +602,17 @@ class BGKAPNN(APNN):
         D = self.f_net(feats).squeeze(-1)
         if self.hard_ic and self.f_form == "maxwellian":
             tau = self._tau(t)
-            D = (tau.unsqueeze(-1) if tau.dim() == 1 else tau) * D
+            D = _column(tau) * D
         if self.deviation_knee > 0:
             factor = eps / (eps + self.deviation_knee)
-            D = (factor.unsqueeze(-1) if factor.dim() == 1 else factor) * D
+            D = _column(factor) * D
         return D
 
     def characteristic_foot(self, t: Tensor, x: Tensor, v: Tensor) -> Tensor:
         """``x - v (t - t0)``, scaled as the x input (the domain onto [-1, 1]), ``[n, V]``; ``t,
         x``: ``[n]`` or ``[n, V]``."""
-        t = t.unsqueeze(-1) if t.dim() == 1 else t
-        x = x.unsqueeze(-1) if x.dim() == 1 else x
+        t = _column(t)
+        x = _column(x)
         x0, x1 = self.x_range
         foot = x - v.to(x.dtype) * (t - self.t_range[0])
         return (foot - x0) * (2.0 / (x1 - x0)) - 1.0
@@ -639,7 +645,7 @@ class BGKAPNN(APNN):
         if not self.uncollided_part:
             return f
         a = self.uncollided_fraction(t, eps)
-        a = a.unsqueeze(-1) if a.dim() == 1 else a
+        a = _column(a)
         return a * self.streamed_initial(t, x, v) + (1.0 - a) * f
 
     def uncollided_fraction(self, t: Tensor, eps: Tensor) -> Tensor:
@@ -655,7 +661,7 @@ class BGKAPNN(APNN):
         collisions. No parameters; ``Kn (d_t + v d_x)(a U) = -a U`` wherever the foot is inside
         the domain."""
         a = self.uncollided_fraction(t, eps)
-        return (a.unsqueeze(-1) if a.dim() == 1 else a) * self.streamed_initial(t, x, v)
+        return _column(a) * self.streamed_initial(t, x, v)
 
     def streamed_initial(self, t: Tensor, x: Tensor, v: Tensor) -> Tensor:
         """``U = f0(x - v (t - t0), v)``, ``[n, V]``: the initial Maxwellian carried along the
@@ -663,8 +669,8 @@ class BGKAPNN(APNN):
         uncollided fraction it has already computed)."""
         if not callable(self.initial_profile):
             raise ValueError("BGKAPNN.uncollided needs the initial profile s(x) (initial_profile)")
-        t = t.unsqueeze(-1) if t.dim() == 1 else t
-        x = x.unsqueeze(-1) if x.dim() == 1 else x
+        t = _column(t)
+        x = _column(x)
         vv = v.to(x.dtype)
         foot = (x - vv * (t - self.t_range[0])).clamp(*self.x_range)
         rho0, u0, T0 = self.initial_state(foot)

@@ -299,6 +299,16 @@ class TrainConfig:
         """The steps of the whole run: ``iters`` optimizer steps and the L-BFGS phase's."""
         return self.iters + self.lbfgs.steps
 
+    def _check_bgk_knee(self, name: str, what_is: str) -> bool:
+        """Checks the BGK-only Kn threshold ``name`` (a finite number >= 0, 0 = off); whether
+        it is on."""
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}: must be a finite number >= 0 (0 = off), got {value!r}")
+        if value > 0 and self.problem != "bgk":
+            raise ValueError(f"{name}: {what_is} BGK's; {self.problem} has none")
+        return value > 0
+
     def validate(self) -> "TrainConfig":
         """Checks every field; returns ``self`` (raises ``ValueError`` with the key named)."""
         if self.problem not in PROBLEMS:
@@ -393,17 +403,8 @@ class TrainConfig:
                 if bad or v < 0 or (positive and v == 0):
                     raise ValueError(f"compression.{key}: must be a finite number {'> 0' if positive else '>= 0'}, "
                                      f"got {v!r}")
-        kk = self.kinetic_knee
-        if isinstance(kk, bool) or not isinstance(kk, (int, float)) or not math.isfinite(kk) or kk < 0:
-            raise ValueError(f"kinetic_knee: must be a finite number >= 0 (0 = off), got {kk!r}")
-        if kk > 0 and self.problem != "bgk":
-            raise ValueError(f"kinetic_knee: the kinetic residual's Kn weights are BGK's; {self.problem} has none")
-        wc = self.weak_closure
-        if isinstance(wc, bool) or not isinstance(wc, (int, float)) or not math.isfinite(wc) or wc < 0:
-            raise ValueError(f"weak_closure: must be a finite number >= 0 (0 = off), got {wc!r}")
-        if wc > 0:
-            if self.problem != "bgk":
-                raise ValueError(f"weak_closure: the cells' flux closure is BGK's; {self.problem} has none")
+        self._check_bgk_knee("kinetic_knee", "the kinetic residual's Kn weights are")
+        if self._check_bgk_knee("weak_closure", "the cells' flux closure is"):
             if not float(self.loss_weights.get("weak", 0.0)) > 0:
                 raise ValueError("weak_closure: needs the integral conservation residual on (loss_weights.weak > 0)")
             if self.model.get("f_form", "free") != "maxwellian":

@@ -701,13 +701,11 @@ class BGKFormulation(Formulation):
         if group == "cells":  # densities on the bottom and top edges, f (fluxes) on the sides
             t, x = (a.reshape(-1, 2, 2 * self.CELL_NODES) for a in (t, x))
             rho, u, T = call("macro", t[:, 0].reshape(-1), x[:, 0].reshape(-1), eps)
-            side = (t[:, 1].reshape(-1), x[:, 1].reshape(-1), v, eps)
-            if self.weak_closure > 0:
-                # below weak_closure the fluxes are those of the macro networks' closure, f
-                # without the f network's deviation (cell_residuals says why)
-                F = call("f", *side, (eps >= self.weak_closure).to(t.dtype))
-            else:
-                F = call("f", *side)
+            # below weak_closure the fluxes are those of the macro networks' closure, f without
+            # the f network's deviation (cell_residuals says why); under vmap the task's Kn is a
+            # batched scalar, so the network still runs and its share is multiplied by 0
+            share = ((eps >= self.weak_closure).to(t.dtype),) if self.weak_closure > 0 else ()
+            F = call("f", t[:, 1].reshape(-1), x[:, 1].reshape(-1), v, eps, *share)
             return {"F": F, "rho": rho, "u": u, "T": T}
         rho, u, T = call("macro", t, x, eps)
         return {"F": call("f", t, x, v, eps), "rho": rho, "u": u, "T": T}
