@@ -710,8 +710,8 @@ def test_compression_weights_keep_the_task_gradients_exact(tmp_path):
 
 
 def task_losses_on_and_off(tr, option):
-    """The segmented task losses and group losses of ``tr`` on a batch (drawn from seed 0),
-    with the formulation's ``option`` as set (the task gradients checked against separate
+    """A batch (drawn from seed 0) and the segmented task losses and group losses of ``tr`` on
+    it, with the formulation's ``option`` as set (the task gradients checked against separate
     backward passes) and with it 0 (then restored)."""
     batch = tr.form.sample_batch(torch.Generator().manual_seed(0), tr.eps_tensor, "cpu", torch.float64)
     L, groups, J = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
@@ -721,7 +721,7 @@ def task_losses_on_and_off(tr, option):
     setattr(tr.form, option, 0.0)
     L_off, groups_off, _ = segmented_task_gradients(tr.model, tr.form, batch, tr.layout, "fast")
     setattr(tr.form, option, value)
-    return (L, groups), (L_off, groups_off)
+    return batch, (L, groups), (L_off, groups_off)
 
 
 def assert_option_round_trips(tmp_path, cfg, key, other):
@@ -744,7 +744,7 @@ def test_kinetic_knee_in_configs_keeps_the_task_gradients_exact(tmp_path):
     tr = Trainer(cfg.validate())
     assert tr.form.kinetic_knee == 0.1
     assert_option_round_trips(tmp_path, cfg, "kinetic_knee", 0.03)
-    (L, _), (L_off, _) = task_losses_on_and_off(tr, "kinetic_knee")
+    _, (L, _), (L_off, _) = task_losses_on_and_off(tr, "kinetic_knee")
     torch.testing.assert_close(L[0], L_off[0], rtol=1e-13, atol=0)  # Kn = 1: weight 1
     assert float(L[1]) > float(L_off[1])
     for bad in (-0.1, float("inf"), True, "0.1"):
@@ -814,8 +814,7 @@ def test_weak_closure_takes_the_small_kn_cell_fluxes_from_the_macro_closure(tmp_
     tr = Trainer(cfg.validate())
     assert tr.form.weak_closure == 0.03
     assert_option_round_trips(tmp_path, cfg, "weak_closure", 0.003)
-    (_, groups), (_, groups_off) = task_losses_on_and_off(tr, "weak_closure")
-    batch = tr.form.sample_batch(torch.Generator().manual_seed(0), tr.eps_tensor, "cpu", torch.float64)
+    batch, (_, groups), (_, groups_off) = task_losses_on_and_off(tr, "weak_closure")
     torch.testing.assert_close(groups["cells"][0], groups_off["cells"][0], rtol=1e-13, atol=0)  # Kn = 1
     assert abs(float(groups["cells"][1] - groups_off["cells"][1])) > 1e-6 * float(groups_off["cells"][1])
     # the fluxes: at Kn = 1 the model's f, at Kn = 1e-3 its f with the network's deviation zeroed
