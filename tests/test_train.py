@@ -1174,6 +1174,54 @@ def test_bgk_per_task_windows_keep_the_task_gradients_exact(tmp_path):
     assert_task_gradients_match_references(L, J, task_gradient_references(tr, batch))
 
 
+def test_lr_factors_scale_each_named_networks_step(tmp_path):
+    # optim.lr_factors: with plain SGD the first step of each parameter is -lr * factor * its
+    # update, so against the same run without factors the named networks' steps are scaled by
+    # their factors and every other step is unchanged; the logged lr stays the base lr, the
+    # divergence policy's scale keeps the ratios, and the groups survive a resume
+    def run(factors, name):
+        cfg = tiny_config(tmp_path, "bgk", method="sum", iters=2, dtype="float64")
+        cfg.out = str(tmp_path / name)
+        cfg.optim.name, cfg.optim.momentum, cfg.optim.lr, cfg.optim.schedule = "sgd", 0.0, 1e-4, "constant"
+        cfg.optim.lr_factors = factors
+        cfg.log.log_every = 1
+        tr = Trainer(cfg.validate())
+        before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        tr.train_step()
+        return tr, {n: p.detach() - before[n] for n, p in tr.model.named_parameters()}
+
+    factors = {"u_net": 0.5, "f_net": 2.0}
+    _, plain = run({}, "plain")
+    tr, scaled = run(factors, "scaled")
+    for n, d in plain.items():
+        assert d.abs().max() > 0, n
+        # atol: p_new - p_old of a parameter of size ~1 rounds at ~1e-17
+        torch.testing.assert_close(scaled[n], d * factors.get(n.split(".")[0], 1.0), rtol=1e-8, atol=1e-14)
+    assert sorted(g["lr"] for g in tr.optimizer.param_groups) == pytest.approx([5e-5, 1e-4, 2e-4])
+    tr.lr_scale = 0.25
+    tr._apply_lr_scale()
+    assert sorted(g["lr"] for g in tr.optimizer.param_groups) == pytest.approx([1.25e-5, 2.5e-5, 5e-5])
+    tr.lr_scale = 1.0
+    tr._apply_lr_scale()
+    tr.run()  # the second step and a checkpoint
+    assert [r["lr"] for r in read_metrics(tr.cfg.out) if r["kind"] == "train"] == pytest.approx([1e-4, 1e-4])
+    resumed = Trainer.resume(tr.cfg.out)
+    assert sorted((g["lr"], g["lr_factor"]) for g in resumed.optimizer.param_groups) == \
+        sorted((g["lr"], g["lr_factor"]) for g in tr.optimizer.param_groups)
+    # the TOML round trip and a dotted override
+    p = tmp_path / "lr_factors.toml"
+    p.write_text(to_toml(tr.cfg))
+    assert load_config(p).optim.lr_factors == factors
+    assert apply_overrides(tr.cfg, ["optim.lr_factors.rho_net=0.25"]).optim.lr_factors == {**factors, "rho_net": 0.25}
+    # bad values and names are named
+    for bad, match in (({"u_net": 0.0}, "lr_factors"), ({"u_net": True}, "lr_factors"), ([0.5], "lr_factors"),
+                       ({"macro": 0.5}, "unknown network.*'f_net', 'rho_net'")):
+        cfg = tiny_config(tmp_path, "bgk")
+        cfg.optim.lr_factors = bad
+        with pytest.raises(ValueError, match=match):
+            Trainer(cfg)
+
+
 def test_update_clipping(tmp_path):
     cfg = tiny_config(tmp_path, iters=1, method="sum")
     cfg.optim.clip_norm = 1e-6

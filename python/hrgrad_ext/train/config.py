@@ -41,6 +41,11 @@ class OptimConfig:
     ``clip_norm``: the aggregated update is rescaled to at most this 2-norm before the optimizer
     step (0 = off); collocation losses can spike by 100x within a few steps (seen on BGK late
     in a run), and one huge step also poisons Adam's moment estimates.
+    ``lr_factors``: per network of the model (its attribute name: BGK ``f_net``, ``rho_net``,
+    ``u_net``, ``T_net``; transport ``rho_net``, ``g_net``), a factor on the learning rate of
+    its parameters (``{ rho_net = 0.5 }``; the others keep ``lr``). The schedule and the
+    divergence policy's ``lr_factor`` scale every group alike; the L-BFGS phase ignores it.
+    Not with a sharded distributed run (its optimizer steps one flat slice of all parameters).
     """
 
     name: str = "adam"
@@ -55,6 +60,7 @@ class OptimConfig:
     step_size: int = 1000
     ema: float = 0.0
     clip_norm: float = 0.0
+    lr_factors: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -370,6 +376,11 @@ class TrainConfig:
             raise ValueError(f"optim.clip_norm: must be a finite number >= 0 (0 = off), got {o.clip_norm}")
         if not 0.0 <= o.ema < 1.0:
             raise ValueError(f"optim.ema: the decay must be in [0, 1) (0 = off), got {o.ema}")
+        if not isinstance(o.lr_factors, dict) or any(
+                isinstance(f, bool) or not isinstance(f, (int, float)) or not (math.isfinite(f) and f > 0)
+                for f in o.lr_factors.values()):
+            raise ValueError(f"optim.lr_factors: expected a table network -> finite number > 0, e.g. "
+                             f"lr_factors = {{ rho_net = 0.5 }}; got {o.lr_factors!r}")
         if not isinstance(self.aggregator, dict) or any(not isinstance(v, dict) for v in self.aggregator.values()):
             raise ValueError("aggregator: expected a table of per-method option tables, e.g. aggregator.hrgrad.length_model")
         unknown = set(self.aggregator) - set(METHODS)

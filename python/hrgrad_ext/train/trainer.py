@@ -138,6 +138,23 @@ def _points(cfg: TrainConfig) -> dict:
     return {g: n for g, n in cfg.points.items() if g in groups or g not in ("interior", "boundary", "initial", "cells")}
 
 
+def _lr_groups(model: torch.nn.Module, params: list, factors: dict, lr: float) -> list[dict]:
+    """The optimizer's parameter groups for ``optim.lr_factors``: one per distinct factor (the
+    parameters of factor 1 first), each with ``lr * factor`` and its ``lr_factor`` (kept in the
+    optimizer's state, which :meth:`Trainer._apply_lr_scale` reads)."""
+    nets = {name: {id(p) for p in m.parameters()} for name, m in model.named_children()
+            if any(True for _ in m.parameters())}
+    unknown = set(factors) - set(nets)
+    if unknown:
+        raise ValueError(f"optim.lr_factors: unknown network(s) {sorted(unknown)}; the {type(model).__name__}'s "
+                         f"networks are {sorted(nets)}")
+    factor_of = {i: float(factors[name]) for name, ids in nets.items() if name in factors for i in ids}
+    groups: dict[float, list] = {1.0: []}
+    for p in params:
+        groups.setdefault(factor_of.get(id(p), 1.0), []).append(p)
+    return [{"params": ps, "lr": lr * f, "lr_factor": f} for f, ps in groups.items() if ps]
+
+
 def make_encoding(cfg: TrainConfig) -> EpsEncoding:
     """The eps encoding: log10 range of the task set unless the config fixes it."""
     opts = dict(cfg.model.get("encoding", {}))
@@ -256,6 +273,12 @@ class Trainer:
         fused = {"fused": True} if self._guard_on_device else {}
         # a sharded run steps this rank's slice of the parameters only
         stepped = [self.shard.param] if self.shard is not None else self.params
+        if o.lr_factors:
+            if self.shard is not None:
+                raise ValueError("optim.lr_factors: a sharded distributed run steps one flat slice of all "
+                                 "parameters, which cannot take per-network learning rates; use "
+                                 "distributed.mode = 'replicated' or leave lr_factors out")
+            stepped = _lr_groups(self.model, self.params, o.lr_factors, o.lr)
         if o.name == "sgd":
             self.optimizer = torch.optim.SGD(stepped, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fused)
         else:
@@ -589,10 +612,10 @@ class Trainer:
         """Sets the schedule's base learning rate to ``optim.lr * lr_scale`` (and the current
         learning rate to match it at the schedule's position)."""
         sched, base = self.scheduler, self.cfg.optim.lr * self.lr_scale
-        sched.base_lrs = [base] * len(sched.base_lrs)
-        for group, factor in zip(self.optimizer.param_groups, sched.lr_lambdas):
-            group["initial_lr"] = base
-            group["lr"] = base * factor(sched.last_epoch)
+        sched.base_lrs = [base * g.get("lr_factor", 1.0) for g in self.optimizer.param_groups]
+        for group, first, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["initial_lr"] = first
+            group["lr"] = first * factor(sched.last_epoch)
         sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def _on_nonfinite(self, losses: list[float], flags: list[float], metrics: MetricsLog, bar) -> bool:
@@ -647,7 +670,7 @@ class Trainer:
         record = {
             "step": self.step,
             "kind": "train",
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0].get("lr_factor", 1.0),
             "loss": losses.double().cpu().tolist(),
             "grad_norm": d.norms.cpu().tolist(),
             "cos_update": d.update_cosines.cpu().tolist(),
