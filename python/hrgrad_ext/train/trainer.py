@@ -613,9 +613,9 @@ class Trainer:
         learning rate to match it at the schedule's position)."""
         sched, base = self.scheduler, self.cfg.optim.lr * self.lr_scale
         sched.base_lrs = [base * g.get("lr_factor", 1.0) for g in self.optimizer.param_groups]
-        for group, first, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["initial_lr"] = first
-            group["lr"] = first * factor(sched.last_epoch)
+        for group, group_base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["initial_lr"] = group_base
+            group["lr"] = group_base * factor(sched.last_epoch)
         sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def _on_nonfinite(self, losses: list[float], flags: list[float], metrics: MetricsLog, bar) -> bool:
