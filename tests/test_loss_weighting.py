@@ -258,7 +258,15 @@ def test_bad_options_raise():
     for make, match in [(lambda: ReLoBRaLo(alpha=2.0), "alpha"), (lambda: ReLoBRaLo(temperature=0.0), "temperature"),
                         (lambda: GradNorm(lr=0.0), "lr"), (lambda: SoftAdapt(variant="x"), "variant"),
                         (lambda: LearningRateAnnealing(every=0), "every"),
-                        (lambda: LearningRateAnnealing(reference=-1), "reference")]:
+                        (lambda: LearningRateAnnealing(reference=-1), "reference"),
+                        # a bool is not a number (True is the int 1 to Python), a string is named
+                        (lambda: ReLoBRaLo(alpha=True), "alpha"), (lambda: ReLoBRaLo(temperature="0.1"), "temperature"),
+                        (lambda: ReLoBRaLo(seed=1.5), "seed"), (lambda: GradNorm(alpha=float("inf")), "alpha"),
+                        (lambda: GradNorm(lr=True), "lr"), (lambda: SoftAdapt(beta=float("nan")), "beta"),
+                        (lambda: SoftAdapt(beta="0.1"), "beta"), (lambda: LearningRateAnnealing(alpha=True), "alpha"),
+                        (lambda: LearningRateAnnealing(alpha="0.9"), "alpha"),
+                        (lambda: LearningRateAnnealing(every=True), "every"),
+                        (lambda: LearningRateAnnealing(reference=True), "reference")]:
         with pytest.raises(ValueError, match=match):
             make()
     with pytest.raises(ValueError, match="reference task 5 for 2 tasks"):

@@ -1133,6 +1133,25 @@ def test_parameter_average_is_evaluated_checkpointed_and_resumed(tmp_path):
         _bad_ema(tmp_path)
 
 
+@pytest.mark.parametrize("key, value, match", [
+    ("optim.lr", True, "optim.lr"), ("optim.lr", "1e-3", "optim.lr"), ("optim.lr", float("inf"), "optim.lr"),
+    ("optim.ema", True, "optim.ema"), ("optim.clip_norm", True, "optim.clip_norm"),
+    ("optim.clip_norm", "5", "optim.clip_norm"), ("optim.warmup", 1.5, "warmup"), ("optim.step_size", True, "step_size"),
+    ("optim.gamma", "0.5", "gamma"), ("optim.min_factor", 1.5, "min_factor"), ("optim.betas", [0.9], "betas"),
+    ("optim.betas", [0.9, 1.0], "betas"), ("optim.betas", [True, 0.999], "betas"), ("optim.momentum", -0.1, "momentum"),
+    ("optim.weight_decay", False, "weight_decay"), ("nv", 1.5, "nv"), ("threads", True, "threads"),
+    ("eps", [True, 0.1], "eps"),
+])
+def test_optimizer_and_size_options_reject_bools_strings_and_out_of_range(tmp_path, key, value, match):
+    # TOML's `true` is the int 1 to Python: an ema or clip of 1 from a typo must be an error, not
+    # a silently different run; strings and non-integers are named, never a TypeError from a comparison
+    cfg = tiny_config(tmp_path)
+    target, name = (cfg.optim, key.split(".")[1]) if key.startswith("optim.") else (cfg, key)
+    setattr(target, name, value)
+    with pytest.raises(ValueError, match=match):
+        cfg.validate()
+
+
 def _bad_ema(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg.optim.ema = 1.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import is_finite_number
 from ._base import register
 from ._weighting import LossWeighting, keep_if, loss_ratio
 
@@ -45,10 +46,10 @@ class GradNorm(LossWeighting):
     BETAS = (0.9, 0.999)
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025):
-        if not alpha >= 0:
-            raise ValueError(f"GradNorm: alpha must be >= 0, got {alpha}")
-        if not lr > 0:
-            raise ValueError(f"GradNorm: lr must be > 0, got {lr}")
+        if not (is_finite_number(alpha) and alpha >= 0):
+            raise ValueError(f"GradNorm: alpha must be a finite number >= 0, got {alpha!r}")
+        if not (is_finite_number(lr) and lr > 0):
+            raise ValueError(f"GradNorm: lr must be a finite number > 0, got {lr!r}")
         super().__init__()
         self.alpha, self.lr = float(alpha), float(lr)
         self.task_weights: Tensor | None = None

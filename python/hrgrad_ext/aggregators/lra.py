@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import is_integer, is_number
 from ._base import Aggregator, check_matrix, register
 from ._weighting import TensorState, keep_if
 
@@ -46,11 +47,11 @@ class LearningRateAnnealing(TensorState, Aggregator):
     _state = ("lambdas", "steps")
 
     def __init__(self, alpha: float = 0.9, reference: int | None = None, every: int = 1):
-        if not 0.0 <= alpha <= 1.0:
+        if not (is_number(alpha) and 0.0 <= alpha <= 1.0):
             raise ValueError(f"LearningRateAnnealing: alpha must be in [0, 1], got {alpha}")
-        if reference is not None and (isinstance(reference, bool) or not isinstance(reference, int) or reference < 0):
+        if reference is not None and not is_integer(reference, 0):
             raise ValueError(f"LearningRateAnnealing: reference must be a task index >= 0 or None, got {reference!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if not is_integer(every, 1):
             raise ValueError(f"LearningRateAnnealing: every must be an integer >= 1, got {every!r}")
         self.alpha, self.reference, self.every = float(alpha), reference, every
         self.lambdas: Tensor | None = None

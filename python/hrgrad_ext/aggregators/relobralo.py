@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import is_finite_number, is_integer, is_number
 from ._base import register
 from ._weighting import LossWeighting, keep_if, loss_ratio
 
@@ -49,12 +50,13 @@ class ReLoBRaLo(LossWeighting):
     _state = ("lambdas", "previous_losses", "initial_losses")
 
     def __init__(self, alpha: float = 0.999, expected_rho: float = 0.999, temperature: float = 0.1, seed: int = 0):
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"ReLoBRaLo: alpha must be in [0, 1], got {alpha}")
-        if not 0.0 <= expected_rho <= 1.0:
-            raise ValueError(f"ReLoBRaLo: expected_rho must be in [0, 1], got {expected_rho}")
-        if not temperature > 0:
-            raise ValueError(f"ReLoBRaLo: temperature must be > 0, got {temperature}")
+        for name, value in (("alpha", alpha), ("expected_rho", expected_rho)):
+            if not (is_number(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"ReLoBRaLo: {name} must be a number in [0, 1], got {value!r}")
+        if not (is_finite_number(temperature) and temperature > 0):
+            raise ValueError(f"ReLoBRaLo: temperature must be a finite number > 0, got {temperature!r}")
+        if not is_integer(seed, 0):
+            raise ValueError(f"ReLoBRaLo: seed must be an integer >= 0, got {seed!r}")
         super().__init__()
         self.alpha, self.expected_rho, self.temperature, self.seed = float(alpha), float(expected_rho), float(temperature), seed
         self.generator = torch.Generator().manual_seed(seed)

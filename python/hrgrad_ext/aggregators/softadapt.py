@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import is_finite_number
 from ._base import register
 from ._weighting import LossWeighting, keep_if
 
@@ -43,6 +44,8 @@ class SoftAdapt(LossWeighting):
     def __init__(self, beta: float = 0.1, variant: str = "original"):
         if variant not in VARIANTS:
             raise ValueError(f"SoftAdapt: unknown variant {variant!r}; expected one of {VARIANTS}")
+        if not is_finite_number(beta):
+            raise ValueError(f"SoftAdapt: beta must be a finite number, got {beta!r}")
         super().__init__()
         self.beta, self.variant = float(beta), variant
         self.previous_losses: Tensor | None = None

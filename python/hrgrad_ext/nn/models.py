@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import is_finite_number
 from .bodies import make_body
 from .encoding import EpsEncoding
 from .jets import Jet, body_jet, jet_of
@@ -467,7 +468,7 @@ class BGKAPNN(APNN):
             if not isinstance(flag, bool):
                 raise ValueError(f"BGKAPNN: {name} must be true or false, got {flag!r}")
         for name, value in (("deviation_knee", deviation_knee), ("chapman_enskog", chapman_enskog)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            if not (is_finite_number(value) and value >= 0):
                 raise ValueError(f"BGKAPNN: {name} must be a finite number >= 0 (0 = off), got {value!r}")
         # the options that act on the log deviation D of f = M exp(D), or read the macro networks' M
         for name, on in (("deviation_knee", deviation_knee > 0), ("peculiar", peculiar), ("chapman_enskog", chapman_enskog > 0)):

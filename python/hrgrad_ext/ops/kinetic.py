@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import is_integer
 from . import _vmap
 from .. import _C  # noqa: F401  (loading the compiled core registers torch.ops.hrgrad_ext)
 
@@ -356,7 +357,7 @@ def gauss_legendre(
     """
     import numpy as np
 
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    if not is_integer(n, 1):
         raise ValueError(f"gauss_legendre: number of nodes must be a positive integer, got {n!r}")
     if not hi > lo:
         raise ValueError(f"gauss_legendre: interval must have b > a, got [{lo}, {hi}]")

@@ -8,6 +8,8 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .._checks import is_integer
+
 __all__ = ["KineticProblem", "relative_l2"]
 
 TaskValues = Union[None, float, Sequence[float], torch.Tensor]
@@ -71,7 +73,7 @@ class KineticProblem:
 
     @staticmethod
     def _check_n(n) -> int:
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        if not is_integer(n, 1):
             raise ValueError(f"number of points must be a positive integer, got {n!r}")
         return int(n)
 

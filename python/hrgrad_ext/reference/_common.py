@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import cache as _cache
+from .._checks import is_integer
 
 
 def check_positive(name: str, value: Any) -> float:
@@ -26,10 +27,8 @@ def check_positive(name: str, value: Any) -> float:
 
 def check_int(name: str, value: Any, minimum: int) -> int:
     """``int(value)`` if it is an integer >= ``minimum``, else a ValueError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_integer(value, minimum):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
 

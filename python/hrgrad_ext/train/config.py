@@ -17,6 +17,7 @@ from typing import Any
 # METHODS: the aggregation methods accepted by ``method``, i.e. the registry of
 # hrgrad_ext.aggregators (see hrgrad_ext.aggregators.make_aggregator); re-exported here.
 from ..aggregators import METHODS
+from .._checks import is_finite_number, is_integer, is_number
 
 __all__ = ["DISTRIBUTED_MODES", "DistributedConfig", "LBFGSConfig", "METHODS", "NONFINITE_POLICIES", "PROBLEMS", "DivergenceConfig", "TrainConfig", "default_config_path", "default_config", "presets", "load_config", "apply_overrides", "to_toml"]
 
@@ -309,7 +310,7 @@ class TrainConfig:
         """Checks the BGK-only Kn threshold ``name`` (a finite number >= 0, 0 = off); whether
         it is on."""
         value = getattr(self, name)
-        if not (_is_finite_number(value) and value >= 0):
+        if not (is_finite_number(value) and value >= 0):
             raise ValueError(f"{name}: must be a finite number >= 0 (0 = off), got {value!r}")
         if value > 0 and self.problem != "bgk":
             raise ValueError(f"{name}: {what_is} BGK's; {self.problem} has none")
@@ -324,6 +325,8 @@ class TrainConfig:
         if not isinstance(self.eps, (list, tuple)) or len(self.eps) == 0:
             raise ValueError("eps: the task set is empty; give at least one eps value, e.g. eps = [1.0, 1e-3]")
         try:
+            if any(isinstance(e, bool) for e in self.eps):
+                raise TypeError("a bool is not an eps")
             eps = [float(e) for e in self.eps]
         except (TypeError, ValueError):
             raise ValueError(f"eps: values must be numbers, got {self.eps!r}") from None
@@ -333,7 +336,7 @@ class TrainConfig:
         if len(set(eps)) != len(eps):
             raise ValueError(f"eps: duplicate values in {eps}")
         self.eps = eps
-        if not _is_integer(self.iters, 1):
+        if not is_integer(self.iters, 1):
             raise ValueError(f"iters: must be an integer >= 1, got {self.iters!r}")
         if self.tasks not in ("eps", "eps_group"):
             raise ValueError(f"tasks: expected 'eps' or 'eps_group', got {self.tasks!r}")
@@ -348,7 +351,7 @@ class TrainConfig:
         if self.compile != "off" and self.grad_mode != "segmented":
             raise ValueError("compile: only the segmented gradient path is compiled; set grad_mode = 'segmented'")
         self.t_final = _check_windows(self.t_final, eps)
-        if not isinstance(self.loss_weights, dict) or not all(map(_is_finite_number, self.loss_weights.values())):
+        if not isinstance(self.loss_weights, dict) or not all(map(is_finite_number, self.loss_weights.values())):
             raise ValueError(f"loss_weights: expected a table name -> finite number, e.g. loss_weights = {{ bc = 10.0 }}; "
                              f"got {self.loss_weights!r}")
         self.group_weights = _check_group_weights(self.group_weights, self.problem, self.loss_weights)
@@ -359,23 +362,35 @@ class TrainConfig:
                         raise ValueError(f"group_weights.{g}: weight 0 at eps = {e:g} makes that (eps, group) task "
                                          f"of tasks = 'eps_group' a zero task (MGDA's update is then 0); leave "
                                          f"the group out with tasks = 'eps', or give it a weight > 0")
-        if self.nv < 0 or self.threads < 0:
-            raise ValueError("nv and threads must be >= 0")
+        for key in ("nv", "threads"):
+            if not is_integer(getattr(self, key), 0):
+                raise ValueError(f"{key}: must be an integer >= 0, got {getattr(self, key)!r}")
         o = self.optim
         if o.name not in ("adam", "adamw", "sgd"):
             raise ValueError(f"optim.name: expected 'adam', 'adamw' or 'sgd', got {o.name!r}")
-        if not o.lr > 0:
-            raise ValueError(f"optim.lr: must be > 0, got {o.lr}")
+        if not (is_finite_number(o.lr) and o.lr > 0):
+            raise ValueError(f"optim.lr: must be a finite number > 0, got {o.lr!r}")
         if o.schedule not in ("constant", "cosine", "exponential", "step"):
             raise ValueError(f"optim.schedule: expected constant, cosine, exponential or step, got {o.schedule!r}")
-        if o.warmup < 0 or o.step_size < 1 or not 0 < o.gamma <= 1 or not 0 <= o.min_factor <= 1:
-            raise ValueError("optim: need warmup >= 0, step_size >= 1, 0 < gamma <= 1, 0 <= min_factor <= 1")
-        if not (math.isfinite(o.clip_norm) and o.clip_norm >= 0):
-            raise ValueError(f"optim.clip_norm: must be a finite number >= 0 (0 = off), got {o.clip_norm}")
-        if not 0.0 <= o.ema < 1.0:
-            raise ValueError(f"optim.ema: the decay must be in [0, 1) (0 = off), got {o.ema}")
+        # the bool test matters here: TOML's `true` is the int 1 to Python, and a decay of 1 or a
+        # clip of 1 taken from a typo is a silently different run
+        if not (is_integer(o.warmup, 0) and is_integer(o.step_size, 1) and is_number(o.gamma) and 0 < o.gamma <= 1
+                and is_number(o.min_factor) and 0 <= o.min_factor <= 1):
+            raise ValueError("optim: need integers warmup >= 0 and step_size >= 1, numbers 0 < gamma <= 1 and "
+                             f"0 <= min_factor <= 1; got warmup = {o.warmup!r}, step_size = {o.step_size!r}, "
+                             f"gamma = {o.gamma!r}, min_factor = {o.min_factor!r}")
+        if not (isinstance(o.betas, (list, tuple)) and len(o.betas) == 2
+                and all(is_number(b) and 0 <= b < 1 for b in o.betas)):
+            raise ValueError(f"optim.betas: expected two numbers in [0, 1), e.g. [0.9, 0.999]; got {o.betas!r}")
+        for key in ("momentum", "weight_decay"):
+            if not (is_finite_number(getattr(o, key)) and getattr(o, key) >= 0):
+                raise ValueError(f"optim.{key}: must be a finite number >= 0, got {getattr(o, key)!r}")
+        if not (is_finite_number(o.clip_norm) and o.clip_norm >= 0):
+            raise ValueError(f"optim.clip_norm: must be a finite number >= 0 (0 = off), got {o.clip_norm!r}")
+        if not (is_number(o.ema) and 0.0 <= o.ema < 1.0):
+            raise ValueError(f"optim.ema: the decay must be a number in [0, 1) (0 = off), got {o.ema!r}")
         if not isinstance(o.lr_factors, dict) or not all(
-                _is_finite_number(f) and f > 0 for f in o.lr_factors.values()):
+                is_finite_number(f) and f > 0 for f in o.lr_factors.values()):
             raise ValueError(f"optim.lr_factors: expected a table network -> finite number > 0, e.g. "
                              f"lr_factors = {{ rho_net = 0.5 }}; got {o.lr_factors!r}")
         if not isinstance(self.aggregator, dict) or any(not isinstance(v, dict) for v in self.aggregator.values()):
@@ -395,9 +410,9 @@ class TrainConfig:
                              f"got {self.causal!r}")
         if self.causal:
             bins, tol = self.causal.get("bins"), self.causal.get("tol")
-            if not _is_integer(bins, 2):
+            if not is_integer(bins, 2):
                 raise ValueError(f"causal.bins: the number of time bins must be an integer >= 2, got {bins!r}")
-            if not (_is_number(tol) and tol > 0):
+            if not (is_number(tol) and tol > 0):
                 raise ValueError(f"causal.tol: the causality tolerance must be > 0, got {tol!r}")
         if not isinstance(self.compression, dict) or set(self.compression) - {"k", "knee"}:
             raise ValueError("compression: expected a table with 'k' and optionally 'knee', e.g. "
@@ -407,7 +422,7 @@ class TrainConfig:
                 raise ValueError(f"compression: the compression weights are BGK's (shocks); {self.problem} has none")
             for key, positive in (("k", True), ("knee", False)):
                 v = self.compression.get(key, 0.0)
-                if not (_is_finite_number(v) and (v > 0 if positive else v >= 0)):
+                if not (is_finite_number(v) and (v > 0 if positive else v >= 0)):
                     raise ValueError(f"compression.{key}: must be a finite number {'> 0' if positive else '>= 0'}, "
                                      f"got {v!r}")
         self._check_bgk_knee("kinetic_knee", "the kinetic residual's Kn weights are")
@@ -430,11 +445,11 @@ class TrainConfig:
                              "which is off: set loss_weights.weak > 0")
         for key in ("every", "pool"):
             v = self.adaptive.get(key, 1)
-            if not _is_integer(v, 1):
+            if not is_integer(v, 1):
                 raise ValueError(f"adaptive.{key}: must be an integer >= 1, got {v!r}")
         for key in ("k", "c"):
             v = self.adaptive.get(key, 1.0)
-            if not (_is_finite_number(v) and v >= 0):
+            if not (is_finite_number(v) and v >= 0):
                 raise ValueError(f"adaptive.{key}: must be a finite number >= 0, got {v!r}")
         lg = self.log
         for k in ("log_every", "eval_every", "checkpoint_every"):
@@ -445,29 +460,29 @@ class TrainConfig:
             raise ValueError(f"distributed.mode: expected one of {DISTRIBUTED_MODES}, got {ds.mode!r}")
         if ds.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"distributed.backend: expected 'auto', 'gloo' or 'nccl', got {ds.backend!r}")
-        if not _is_integer(ds.shards, 0):
+        if not is_integer(ds.shards, 0):
             raise ValueError(f"distributed.shards: must be an integer >= 0 (0: one per rank), got {ds.shards!r}")
         for k in ("timeout_s", "bucket_mb"):
             v = getattr(ds, k)
-            if not (_is_finite_number(v) and v > 0):
+            if not (is_finite_number(v) and v > 0):
                 raise ValueError(f"distributed.{k}: must be a number > 0, got {v!r}")
         dv = self.divergence
         if dv.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"divergence.on_nonfinite: expected one of {NONFINITE_POLICIES}, got {dv.on_nonfinite!r}")
         for k in ("max_skips", "max_rollbacks"):
             v = getattr(dv, k)
-            if not _is_integer(v, 1):
+            if not is_integer(v, 1):
                 raise ValueError(f"divergence.{k}: must be an integer >= 1, got {v!r}")
-        if not (_is_number(dv.lr_factor) and 0 < dv.lr_factor < 1):
+        if not (is_number(dv.lr_factor) and 0 < dv.lr_factor < 1):
             raise ValueError(f"divergence.lr_factor: the learning rate factor of a rollback must be in (0, 1), "
                              f"got {dv.lr_factor!r}")
         lb = self.lbfgs
         for k in ("steps", "inner", "points", "history", "resample_every", "eval_every"):
             v = getattr(lb, k)
             low = 0 if k in ("steps", "resample_every") else 1
-            if not _is_integer(v, low):
+            if not is_integer(v, low):
                 raise ValueError(f"lbfgs.{k}: must be an integer >= {low}, got {v!r}")
-        if not (_is_number(lb.min_weight) and 0 < lb.min_weight <= 1):
+        if not (is_number(lb.min_weight) and 0 < lb.min_weight <= 1):
             raise ValueError(f"lbfgs.min_weight: the weights' floor, relative to the mean of their positive parts, must be in (0, 1], "
                              f"got {lb.min_weight!r}")
         if self.causal and self.distributed.shards > 1:
@@ -482,20 +497,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _is_number(v) -> bool:
-    """A real number as TOML gives one (``true`` is an int to Python, not a number here)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_finite_number(v) -> bool:
-    return _is_number(v) and math.isfinite(v)
-
-
-def _is_integer(v, low: int) -> bool:
-    """An integer (not a bool) >= ``low``."""
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
 def _check_windows(t_final, eps: list[float]):
@@ -560,7 +561,7 @@ def _check_group_weights(group_weights, problem: str, loss_weights: dict) -> dic
             if e in seen:
                 raise ValueError(f"group_weights.{g}: the keys {seen[e]!r} and {k!r} are the same eps")
             seen[e] = k
-            if not (_is_finite_number(w) and w >= 0):
+            if not (is_finite_number(w) and w >= 0):
                 raise ValueError(f"group_weights.{g}: weights must be finite numbers >= 0, got {w!r}")
         out[g] = {str(k): float(w) for k, w in val.items()} if isinstance(val, dict) else float(val)
     return out

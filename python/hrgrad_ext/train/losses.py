@@ -27,6 +27,7 @@ from torch.func import functional_call, jvp, vmap
 
 from ..nn import BGKAPNN, EpsEncoding, TimeWindows, TransportAPNN, maxwellian_exp_derivatives
 from .. import ops as kinetic
+from .._checks import is_finite_number
 from ..reference import bgk as bgk_reference
 
 __all__ = ["BGKFormulation", "Formulation", "TransportFormulation", "value_and_derivatives"]
@@ -185,8 +186,7 @@ class Formulation:
             if eps is None or len(val) != len(eps):
                 raise ValueError(f"{self.name}: group_weights[{g!r}]: give one number or one per task eps "
                                  f"({len(eps) if eps else 0}), got {len(val)}")
-            if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0)
-                   for v in val):
+            if not all(is_finite_number(v) and v >= 0 for v in val):
                 raise ValueError(f"{self.name}: group_weights[{g!r}]: every weight must be a finite number >= 0, "
                                  f"got {list(val)}")
             if any(v != 1 for v in val):
